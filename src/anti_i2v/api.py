@@ -1,0 +1,231 @@
+"""`protect()`: one photo in, a protected photo and its measured budget out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anti_i2v import __version__
+from anti_i2v.config import DEFAULT_PRESET, ProtectConfig
+from anti_i2v.engine import PGDResult, StepReport, fingerprint, run_pgd
+from anti_i2v.errors import ConfigError, OutputError
+from anti_i2v.models.base import VideoModel
+from anti_i2v.models.registry import get_spec, load_model
+from anti_i2v.objectives.anti_i2v import AntiI2VObjective
+from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity
+from anti_i2v.photo import (
+    BudgetReport,
+    Photo,
+    carry_perturbation,
+    load_photo,
+    measure_budget,
+    output_path_for,
+    resize_for_model,
+    save_protected,
+)
+from anti_i2v.spaces import build_space
+
+logger = logging.getLogger(__name__)
+
+LOSSY_FORMATS = {"jpg", "jpeg", "webp"}
+CHECKPOINT_DIR = ".anti-i2v-checkpoints"
+
+
+def sample_photo() -> Path:
+    """Path of the bundled sample portrait (used by the Quickstart)."""
+    return Path(str(resources.files("anti_i2v") / "assets" / "sample.jpg"))
+
+
+@dataclass
+class ProtectResult:
+    """What `protect` returns: the protected photo and the figures measured on it."""
+
+    image: Image.Image
+    budget: BudgetReport
+    path: Path | None
+    sidecar: Path | None
+    model: str
+    config: ProtectConfig
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _sha256(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def sidecar_path(output: Path) -> Path:
+    """``<stem>_protected.json`` beside ``<stem>_protected.<ext>``."""
+    return output.with_suffix(".json")
+
+
+def _read_image(path: Path) -> Image.Image:
+    with Image.open(path) as saved:
+        saved.load()
+        return saved.copy()
+
+
+def _budget_in_memory(photo: Photo, protected: torch.Tensor, eps: float) -> tuple[Image.Image, BudgetReport]:
+    """Measure the budget as it would be on a saved PNG, without keeping the file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_protected(photo, protected, Path(tmp) / "protected.png", eps)
+        return _read_image(path), measure_budget(photo, path, eps)
+
+
+def _optimise(
+    model: VideoModel,
+    photo: Photo,
+    config: ProtectConfig,
+    callback: Callable[[StepReport], None] | None,
+    checkpoint_path: Path | None,
+) -> tuple[torch.Tensor, PGDResult]:
+    """Run the Anti-I2V optimisation at model resolution; returns the full-size protected RGB."""
+    x = resize_for_model(photo.rgb, *model.resolution).to(model.device)
+    target = None
+    if config.target is not None:
+        target = load_photo(config.target).rgb.unsqueeze(0)
+    aux = None
+    if config.weight_aux > 0:
+        if config.aux_model is None:
+            raise ConfigError("weight_aux > 0 needs aux_model: a hub id or folder of a CLIP vision model")
+        aux = ClipEmbeddingSimilarity.from_pretrained(config.aux_model, model.device, model.dtype)
+    objective = AntiI2VObjective(model, config, target=target, aux=aux)
+    objective.prepare(model, x)
+    if model.device.type == "cuda":
+        model.release_text_encoder()
+    space = build_space(
+        config.space, dct_band=config.dct_band, dct_block=config.dct_block, dual_period=config.dual_period
+    )
+    t_range = (min(config.t_min, model.num_train_timesteps - 1), min(config.t_max, model.num_train_timesteps - 1))
+    result = run_pgd(
+        objective,
+        space,
+        x,
+        config,
+        t_range=t_range,
+        run_id=fingerprint(x, config, model.name),
+        keep_gray=photo.is_gray,
+        callback=callback,
+        checkpoint_path=checkpoint_path,
+    )
+    protected = carry_perturbation(photo.rgb, x.float().cpu(), result.x_adv.float().cpu(), config.eps)
+    return protected, result
+
+
+def protect(
+    image: str | Path | Image.Image | np.ndarray | torch.Tensor,
+    model: str | VideoModel = "tiny-cogvideox",
+    *,
+    out: str | Path | None = None,
+    model_path: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    preset: str = DEFAULT_PRESET,
+    fmt: str = "png",
+    overwrite: bool = False,
+    callback: Callable[[StepReport], None] | None = None,
+    **config: Any,
+) -> ProtectResult:
+    """Protect one photo against an image-to-video model with Anti-I2V.
+
+    Args:
+        image: a path, PIL image, HxWx3 array or (3, H, W) tensor in [0, 1].
+        model: a registry name (see `anti-i2v models`) or a loaded `VideoModel`.
+        out: output folder; the photo is saved there as ``<stem>_protected.<fmt>``
+            with a JSON sidecar. None keeps everything in memory.
+        model_path: local folder of released weights (instead of the hub id).
+        device, dtype: where and in which precision the model runs (defaults: the
+            GPU in bf16 when present, else the CPU in fp32).
+        preset: "fast", "balanced" or "strong" (eps and steps; overridable).
+        fmt: "png" (default, lossless) or "jpg"/"webp" (lossy; weakens protection).
+        overwrite: replace an existing output file.
+        callback: called after each optimisation step with a `StepReport`.
+        **config: any `ProtectConfig` field, e.g. ``eps=8/255, steps=100, seed=1``.
+
+    Returns:
+        `ProtectResult` with the protected image and the budget measured on the saved
+        (or, without ``out``, the quantised) pixels: L-inf in [0, 1] units, PSNR, SSIM.
+
+    Example:
+        >>> result = protect("me.jpg", model="tiny-cogvideox", out="protected", steps=20)
+        >>> result.budget.linf <= 8 / 255
+        True
+    """
+    began = time.perf_counter()
+    cfg = ProtectConfig.from_preset(preset, **config)
+    fmt = fmt.lower().lstrip(".")
+    if fmt in LOSSY_FORMATS:
+        logger.warning("lossy %s output changes pixels after optimisation and weakens the protection", fmt)
+    photo = load_photo(image)
+    vm = model if isinstance(model, VideoModel) else load_model(model, model_path, device, dtype, seed=cfg.seed)
+    out_path = checkpoint_path = None
+    if out is not None:
+        out_dir = Path(out)
+        out_path = output_path_for(photo.path, out_dir, fmt)
+        if out_path.exists() and not overwrite:
+            raise OutputError(f"'{out_path}' already exists; delete it or pass overwrite=True (--overwrite)")
+        if cfg.checkpoint_every:
+            checkpoint_path = out_dir / CHECKPOINT_DIR / f"{out_path.stem}.pt"
+    protected, result = _optimise(vm, photo, cfg, callback, checkpoint_path)
+
+    if out_path is None:
+        image_out, budget = _budget_in_memory(photo, protected, cfg.eps)
+        return ProtectResult(image_out, budget, None, None, vm.name, cfg, time.perf_counter() - began, result.history)
+
+    save_protected(photo, protected, out_path, cfg.eps, overwrite=overwrite)
+    budget = measure_budget(photo, out_path, cfg.eps)
+    seconds = time.perf_counter() - began
+    spec = get_spec(vm.name) if not isinstance(model, VideoModel) else None
+    record = {
+        "anti_i2v_version": __version__,
+        "input": str(photo.path) if photo.path else None,
+        "input_sha256": _sha256(photo.path),
+        "output": str(out_path),
+        "output_sha256": _sha256(out_path),
+        "model": {
+            "name": vm.name,
+            "source": str(model_path) if model_path else (spec.hub_id if spec else None),
+            "resolution": list(vm.resolution),
+            "frames": vm.num_frames,
+            "device": str(vm.device),
+            "dtype": str(vm.dtype).removeprefix("torch."),
+        },
+        "method": "anti-i2v",
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "budget": budget.to_dict(),
+        "loss_first": result.history[0] if result.history else None,
+        "loss_last": result.history[-1] if result.history else None,
+        "resumed_from_step": result.resumed_from,
+        "seconds": round(seconds, 3),
+    }
+    sidecar = sidecar_path(out_path)
+    _write_json_atomic(sidecar, record)
+    if checkpoint_path is not None and checkpoint_path.exists():
+        checkpoint_path.unlink()
+    return ProtectResult(_read_image(out_path), budget, out_path, sidecar, vm.name, cfg, seconds, result.history)

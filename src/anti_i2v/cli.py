@@ -1,0 +1,190 @@
+"""The `anti-i2v` command line: `protect` and `models`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from anti_i2v.config import DEFAULT_PRESET, PRESETS, format_eps, parse_eps
+from anti_i2v.errors import AntiI2VError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Protect photos of people from image-to-video diffusion models (Anti-I2V).",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+_PRESET_HELP = "; ".join(f"{name}: eps {format_eps(p['eps'])}, {p['steps']} steps" for name, p in PRESETS.items())
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _fail(err: AntiI2VError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=err.exit_code)
+
+
+def _budget_line(budget) -> str:
+    mark = "[green]within[/]" if budget.within_budget else "[red]OVER[/]"
+    return (
+        f"L-inf {budget.linf_255:.2f}/255 ({budget.linf:.4f}) {mark} eps {format_eps(budget.eps)}, "
+        f"PSNR {budget.psnr:.2f} dB, SSIM {budget.ssim:.4f}"
+    )
+
+
+@app.command()
+def protect(
+    photos: Annotated[Optional[list[Path]], typer.Argument(help="Photos or folders of photos.", show_default=False)] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to protect against (`anti-i2v models`).")] = "cogvideox",
+    model_path: Annotated[Optional[Path], typer.Option(help="Local folder of the model's weights.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("protected"),
+    preset: Annotated[str, typer.Option(help=f"Strength preset ({_PRESET_HELP}).")] = DEFAULT_PRESET,
+    eps: Annotated[Optional[str], typer.Option(help="L-inf budget in [0,1] pixel units, e.g. 8/255 (default 8/255).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps (overrides the preset).")] = None,
+    space: Annotated[str, typer.Option(help="Perturbation space: dual | lab | dct | rgb.")] = "dual",
+    prompt: Annotated[Optional[str], typer.Option(help="Text prompt the attacker is assumed to use.")] = None,
+    target: Annotated[Optional[Path], typer.Option(help="IRA target image (default: a generated pattern).")] = None,
+    reference: Annotated[str, typer.Option(help="Reference video of the diffusion loss: repeat | generate | FILE.")] = "repeat",
+    seed: Annotated[int, typer.Option(help="Seed of every random draw: same photo, config and seed give the same file.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: GPU if present).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="png (lossless, default), or jpg / webp (lossy: weakens protection).")] = "png",
+    checkpoint_every: Annotated[int, typer.Option(help="Save optimisation state every N steps, to resume after a crash.")] = 0,
+    sample: Annotated[bool, typer.Option("--sample", help="Protect the bundled sample portrait.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo photos already protected in --out.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Protect photos: each is saved as <stem>_protected.png with a JSON sidecar of its figures."""
+    _setup_logging(verbose)
+    from anti_i2v.api import sample_photo
+    from anti_i2v.batch import protect_batch
+    from anti_i2v.config import ProtectConfig
+    from anti_i2v.models.registry import get_spec, load_model, weights_present
+
+    sources: list[Path] = list(photos or [])
+    if sample:
+        sources.append(sample_photo())
+    if not sources:
+        raise _fail(AntiI2VError("no photo given: pass PHOTO or FOLDER paths, or --sample"))
+    options = dict(
+        preset=preset,
+        eps=parse_eps(eps) if eps is not None else None,
+        steps=steps,
+        space=space,
+        prompt=prompt,
+        target=str(target) if target else None,
+        reference=reference,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    try:
+        cfg = ProtectConfig.from_preset(preset, **{k: v for k, v in options.items() if k != "preset"})
+        spec = get_spec(model)
+        if spec.is_tiny:
+            console.print(f"[yellow]{model}[/] has random weights: it demonstrates the pipeline and protects against nothing.")
+        elif model_path is None and not weights_present(spec) and os.environ.get("HF_HUB_OFFLINE"):
+            raise AntiI2VError(
+                f"no weights for '{model}' in the local cache and the hub is offline; "
+                f"download {spec.hub_id} and pass --model-path DIR"
+            )
+        with console.status(f"loading {model}"):
+            video_model = load_model(model, model_path, device, dtype, seed=seed)
+    except AntiI2VError as err:
+        raise _fail(err) from None
+
+    console.print(
+        f"protecting {len(sources)} input(s) against [bold]{model}[/] "
+        f"({video_model.resolution[0]}x{video_model.resolution[1]}, {video_model.num_frames} frames, "
+        f"{video_model.device}); eps {format_eps(cfg.eps)}, {cfg.steps} steps, space {cfg.space}"
+    )
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    task_ids: dict[str, int] = {}
+
+    def on_start(index: int, total: int, source: Path) -> None:
+        task_ids["current"] = progress.add_task(f"[{index + 1}/{total}] {source.name}", total=cfg.steps, loss="-")
+
+    def on_step(report) -> None:
+        progress.update(
+            task_ids["current"], completed=report.step, loss=f"{report.parts.get('total', float('nan')):+.4f}"
+        )
+
+    def on_done(item) -> None:
+        task = task_ids.get("current")
+        if task is not None:
+            progress.remove_task(task)
+        if item.status == "done":
+            progress.console.print(f"[green]saved[/] {item.output}: {_budget_line(item.result.budget)}", highlight=False)
+        elif item.status == "skipped":
+            progress.console.print(f"[dim]skipped[/] {item.source}: already protected as {item.output}", highlight=False)
+        else:
+            progress.console.print(f"[red]failed[/] {item.source}: {item.error}", highlight=False)
+
+    try:
+        with progress:
+            items = protect_batch(
+                sources,
+                video_model,
+                out,
+                fmt=fmt,
+                overwrite=overwrite,
+                on_start=on_start,
+                on_done=on_done,
+                callback=on_step,
+                **options,
+            )
+    except AntiI2VError as err:
+        raise _fail(err) from None
+    failed = [i for i in items if i.status == "failed"]
+    done = sum(i.status == "done" for i in items)
+    skipped = sum(i.status == "skipped" for i in items)
+    console.print(f"{done} protected, {skipped} skipped, {len(failed)} failed; outputs in {out}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def models() -> None:
+    """List the models, their hub ids, and whether their weights are present locally."""
+    from anti_i2v.models.registry import MODELS, weights_present
+
+    table = Table("name", "hub id", "weights here", "description")
+    for spec in MODELS.values():
+        present = "built in code" if spec.is_tiny else ("yes" if weights_present(spec) else "no")
+        table.add_row(spec.name, spec.hub_id or "-", present, spec.description)
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point of the `anti-i2v` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

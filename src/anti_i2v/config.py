@@ -1,0 +1,141 @@
+"""`ProtectConfig`: every hyper-parameter of a protection run, and the presets.
+
+Every budget and RGB step size is in [0, 1] pixel units: ``eps=8/255`` means a pixel
+may move by at most 8 levels of 255. Where the paper leaves a value unknown, the
+default below is ours and is marked "(ours)".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from anti_i2v.errors import ConfigError
+
+DEFAULT_PROMPT = "a person moving naturally, looking at the camera, high quality video"
+
+# eps and steps of each preset, in [0, 1] units; shown verbatim in `anti-i2v protect --help`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"eps": 8 / 255, "steps": 50},
+    "balanced": {"eps": 8 / 255, "steps": 200},
+    "strong": {"eps": 8 / 255, "steps": 1000},
+}
+DEFAULT_PRESET = "balanced"
+
+
+def parse_eps(value: str | float) -> float:
+    """Parse a budget such as ``"8/255"``, ``"0.03"`` or ``0.03`` into [0, 1] units."""
+    if isinstance(value, (int, float)):
+        eps = float(value)
+    else:
+        try:
+            eps = float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError) as err:
+            raise ConfigError(f"cannot read eps '{value}': write it like 8/255 or 0.031") from err
+    if not 0 < eps <= 64 / 255:
+        raise ConfigError(
+            f"eps {eps:.4f} is outside (0, 64/255]: budgets are in [0, 1] pixel units, "
+            "so 8/255 (about 0.031) is the usual choice"
+        )
+    return eps
+
+
+def format_eps(eps: float) -> str:
+    """Format a budget as ``"8/255 (0.0314)"``."""
+    return f"{eps * 255:g}/255 ({eps:.4f})"
+
+
+@dataclass
+class ProtectConfig:
+    """All settings of one protection; `to_dict` is the reproducible record.
+
+    Attributes:
+        eps: L-infinity budget in [0, 1] units, checked on the saved file.
+        steps: sign-PGD steps.
+        space: where the perturbation lives: "dual" (Lab a*b* and DCT low band,
+            alternating; the paper's), "lab", "dct" or "rgb".
+        step_size, lab_step_size, dct_step_size: step of each stage in its own units
+            (RGB in [0, 1]; None picks the calibrated default of the space).
+        dct_band: share of the lowest DCT frequencies that may change, per axis (ours: 0.25).
+        dct_block: 8 for JPEG-like 8x8 tiles, None for one global DCT (ours: 8).
+        dual_period: steps per stage before Dual switches (ours: 1).
+        t_min, t_max: range of diffusion timesteps sampled uniformly each step.
+        seed: seeds every random draw (timesteps, noise, posterior samples).
+        prompt: text condition used while optimising.
+        weight_irc, weight_ira, weight_dm, weight_aux: loss weights (unit weights, as
+            the paper writes the sum); the auxiliary CLIP term is off by default because
+            its feature model is not bundled.
+        irc_shallow, irc_deep: IRC pulls the deep blocks' features to the shallow block's.
+        ira_blocks: denoiser blocks pulled toward the target image (None: irc_deep).
+        ira_vae_layers: VAE-encoder layers pulled toward the target (None: all encoder blocks).
+        target: path of the IRA target image psi (None: a pattern generated in code).
+        reference: reference video of the diffusion loss: "repeat" (the photo over all
+            frames), "generate" (one clean generation, cached) or a video file path.
+        reference_steps: sampling steps when reference == "generate".
+        aux_model: hub id or folder of a CLIP vision model for the auxiliary term.
+        checkpoint_every: save optimisation state every N steps (0: never).
+    """
+
+    eps: float = PRESETS[DEFAULT_PRESET]["eps"]
+    steps: int = PRESETS[DEFAULT_PRESET]["steps"]
+    space: str = "dual"
+    step_size: float | None = None
+    lab_step_size: float | None = None
+    dct_step_size: float | None = None
+    dct_band: float = 0.25
+    dct_block: int | None = 8
+    dual_period: int = 1
+    t_min: int = 0
+    t_max: int = 999
+    seed: int = 0
+    prompt: str = DEFAULT_PROMPT
+    weight_irc: float = 1.0
+    weight_ira: float = 1.0
+    weight_dm: float = 1.0
+    weight_aux: float = 0.0
+    irc_shallow: int = 3
+    irc_deep: tuple[int, ...] = (-3, -2, -1)
+    ira_blocks: tuple[int, ...] | None = None
+    ira_vae_layers: tuple[str, ...] | None = None
+    target: str | None = None
+    reference: str = "repeat"
+    reference_steps: int = 50
+    aux_model: str | None = None
+    checkpoint_every: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.eps = parse_eps(self.eps)
+        if self.steps < 1:
+            raise ConfigError(f"steps must be at least 1 (got {self.steps})")
+        if not 0 <= self.t_min <= self.t_max:
+            raise ConfigError(f"need 0 <= t_min <= t_max (got {self.t_min}, {self.t_max})")
+        if not 0 < self.dct_band <= 1:
+            raise ConfigError(f"dct_band is a share of frequencies in (0, 1] (got {self.dct_band})")
+        if self.dual_period < 1:
+            raise ConfigError(f"dual_period must be at least 1 (got {self.dual_period})")
+        self.irc_deep = tuple(self.irc_deep)
+        if self.ira_blocks is not None:
+            self.ira_blocks = tuple(self.ira_blocks)
+        if self.ira_vae_layers is not None:
+            self.ira_vae_layers = tuple(self.ira_vae_layers)
+
+    @classmethod
+    def from_preset(cls, preset: str = DEFAULT_PRESET, **overrides: Any) -> ProtectConfig:
+        """A config from a named preset, with explicit values taking precedence."""
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        values = dict(PRESETS[preset])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {sorted(unknown)}; see ProtectConfig for the list")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data record of every setting (for the JSON sidecar and checkpoints)."""
+        record = dataclasses.asdict(self)
+        record["eps_255"] = self.eps * 255
+        return record

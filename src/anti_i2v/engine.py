@@ -1,0 +1,158 @@
+"""The sign-PGD loop: schedule, progress callbacks, checkpoints and resume.
+
+The engine knows neither backbones nor losses: it moves the coordinates of the
+active perturbation space against the gradient of an `Objective`, and projects to
+the RGB L-infinity ball after every step (the space does that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from anti_i2v.config import ProtectConfig
+from anti_i2v.objectives.base import Objective, draw_step
+from anti_i2v.spaces import PerturbationSpace, project
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepReport:
+    """Progress of the loop after one step (fed to callbacks)."""
+
+    step: int  # steps done, 1-based
+    total: int
+    stage: str
+    parts: dict[str, float]
+    elapsed: float  # seconds since this run (or resume) started
+    resumed_from: int = 0
+
+    @property
+    def eta(self) -> float:
+        """Seconds left at the average pace so far."""
+        return self.elapsed / max(self.step - self.resumed_from, 1) * (self.total - self.step)
+
+
+@dataclass
+class PGDResult:
+    """The optimised image at model resolution and the loss history."""
+
+    x_adv: torch.Tensor
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def fingerprint(x: torch.Tensor, config: ProtectConfig, model_name: str) -> str:
+    """Identity of a run: the clean image, every setting and the model."""
+    digest = hashlib.sha256(x.detach().float().cpu().numpy().tobytes())
+    record = {k: v for k, v in config.to_dict().items() if k != "checkpoint_every"}
+    digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+    digest.update(model_name.encode())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write the loop state atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | None, run_id: str) -> dict | None:
+    """The saved state for this exact run, or None (missing, other run, unreadable)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError) as err:
+        logger.warning("ignoring unreadable checkpoint %s (%s)", path, err)
+        return None
+    if state.get("run_id") != run_id:
+        logger.warning("ignoring checkpoint %s: it belongs to another photo or configuration", path)
+        return None
+    return state
+
+
+def step_sizes(space: PerturbationSpace, config: ProtectConfig) -> dict[str, float]:
+    """Step size of each stage, in the stage's own units (config overrides defaults)."""
+    explicit = {"rgb": config.step_size, "lab": config.lab_step_size, "dct": config.dct_step_size}
+    stages = {space.stage(i) for i in range(min(config.steps, 2 * config.dual_period))}
+    return {
+        s: explicit[s] if explicit[s] is not None else space.default_step_size(config.eps, config.steps, s)
+        for s in stages
+    }
+
+
+def run_pgd(
+    objective: Objective,
+    space: PerturbationSpace,
+    x: torch.Tensor,
+    config: ProtectConfig,
+    *,
+    t_range: tuple[int, int],
+    run_id: str = "",
+    keep_gray: bool = False,
+    callback: Callable[[StepReport], None] | None = None,
+    checkpoint_path: Path | None = None,
+) -> PGDResult:
+    """Minimise ``objective`` over images in the eps-ball around ``x`` with sign-PGD.
+
+    Args:
+        objective: prepared objective (its `latent_shape` sizes the noise).
+        space: perturbation space whose active stage moves at each step.
+        x: clean image (1, 3, H, W) in [0, 1] at model resolution.
+        config: eps, steps, step sizes, seed, checkpoint period.
+        t_range: inclusive timestep range to sample from.
+        run_id: identity of the run; a checkpoint is resumed only if it matches.
+        keep_gray: keep the image gray (all channels equal) for gray photos.
+        callback: called after every step with a `StepReport`.
+        checkpoint_path: where to save state every ``config.checkpoint_every`` steps.
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    x = x.detach()
+    x_adv = x.clone()
+    history: list[dict[str, float]] = []
+    start = 0
+    state = load_checkpoint(checkpoint_path, run_id)
+    if state is not None:
+        x_adv = state["x_adv"].to(x.device, x.dtype)
+        start = int(state["step"])
+        generator.set_state(state["generator"])
+        history = [dict(h) for h in state["history"]]
+        logger.info("resuming from step %d of %d", start, config.steps)
+    sizes = step_sizes(space, config)
+    began = time.perf_counter()
+    for i in range(start, config.steps):
+        draw = draw_step(generator, objective.latent_shape(), t_range)
+        stage = space.stage(i)
+        param = space.parametrise(x_adv, x, config.eps, i)
+        output = objective(param.to_rgb(), draw)
+        (grad,) = torch.autograd.grad(output.loss, param.params)
+        x_adv = param.step(grad, sizes[stage])
+        if keep_gray:
+            x_adv = project(x_adv.mean(dim=1, keepdim=True).expand_as(x_adv), x, config.eps)
+        history.append(output.parts)
+        if callback is not None:
+            callback(StepReport(i + 1, config.steps, stage, output.parts, time.perf_counter() - began, start))
+        if checkpoint_path is not None and config.checkpoint_every and (i + 1) % config.checkpoint_every == 0:
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "run_id": run_id,
+                    "step": i + 1,
+                    "x_adv": x_adv.detach().cpu(),
+                    "generator": generator.get_state(),
+                    "history": history,
+                },
+            )
+    return PGDResult(x_adv=x_adv.detach(), history=history, resumed_from=start)

@@ -1,0 +1,240 @@
+"""The seam between attacks and backbones: the `VideoModel` interface and `FeatureTaps`.
+
+The engine and the objectives only ever see a `VideoModel`. Each backbone is one
+adapter that implements it (see `cogvideox.py`); nothing outside the adapter knows
+how a backbone conditions on the image or what it was trained to predict.
+
+Layer names are plain strings: denoiser blocks are ``"denoiser.<i>"`` in forward
+order and VAE-encoder blocks ``"vae.<name>"``; `VideoModel.layers()` lists them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+DENOISER_PREFIX = "denoiser."
+VAE_PREFIX = "vae."
+
+
+class _StopForward(Exception):
+    """Raised from a hook to abandon a forward pass once the deepest tap has fired."""
+
+
+@dataclass
+class ModelLayers:
+    """Ordered layer names a model exposes for feature taps."""
+
+    denoiser: list[str]
+    vae_encoder: list[str]
+
+    def resolve_denoiser(self, indices: Sequence[int]) -> list[str]:
+        """Map block indices (negative counts from the end) to denoiser layer names."""
+        n = len(self.denoiser)
+        names = []
+        for i in indices:
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                from anti_i2v.errors import ConfigError
+
+                raise ConfigError(
+                    f"block index {i} is out of range: this model has {n} denoiser blocks "
+                    f"(0..{n - 1}); pick indices in that range"
+                )
+            names.append(self.denoiser[j])
+        return names
+
+
+@dataclass
+class DenoiserResult:
+    """What one denoiser pass returns: tapped features, and the loss when it was asked for."""
+
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+
+
+@dataclass
+class EncodedImage:
+    """The condition image as the denoiser sees it, plus tapped VAE-encoder features."""
+
+    latents: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class FeatureTaps:
+    """Forward hooks that record chosen modules' outputs and can stop the forward early.
+
+    ``stop_after`` names the module after which the forward pass is abandoned (the
+    deepest tapped block when the prediction is not needed). Hooks only fire while
+    the taps are armed (inside `capture`), so gradient-checkpoint recomputation in
+    the backward pass neither records nor stops anything.
+
+    Example:
+        >>> taps = FeatureTaps({"denoiser.3": model.blocks[3]})
+        >>> with taps.capture(stop_after="denoiser.3") as feats:
+        ...     taps.run(lambda: model(x))
+        >>> feats["denoiser.3"].shape
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self._armed = False
+        self._stop_after: str | None = None
+        self._store: dict[str, torch.Tensor] = {}
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            if not self._armed:
+                return
+            tensor = output[0] if isinstance(output, (tuple, list)) else output
+            self._store[name] = tensor
+            if name == self._stop_after:
+                raise _StopForward
+
+        return hook
+
+    @contextlib.contextmanager
+    def capture(self, stop_after: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Arm the hooks for one forward pass; yields the dict that fills with features."""
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        self._store = {}
+        self._stop_after = stop_after
+        self._armed = True
+        try:
+            yield self._store
+        finally:
+            self._armed = False
+            for h in handles:
+                h.remove()
+
+    @staticmethod
+    def run(forward) -> object | None:
+        """Call ``forward()``; returns its output, or None when a tap stopped it early."""
+        try:
+            return forward()
+        except _StopForward:
+            return None
+
+
+class VideoModel(ABC):
+    """One image-to-video backbone, as the attack sees it.
+
+    Images at this boundary are float tensors (B, 3, H, W) in [0, 1] at
+    `resolution`; each adapter converts to its own range.
+    """
+
+    name: str
+    resolution: tuple[int, int]
+    num_frames: int
+    num_train_timesteps: int = 1000
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Device the denoiser runs on."""
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the denoiser."""
+
+    @abstractmethod
+    def layers(self) -> ModelLayers:
+        """Ordered names of the denoiser blocks and of the VAE-encoder blocks."""
+
+    @abstractmethod
+    def condition(self, prompt: str) -> None:
+        """Compute and cache the text conditioning used by later passes."""
+
+    @abstractmethod
+    def encode_image(
+        self,
+        x: torch.Tensor,
+        taps: Sequence[str] = (),
+        generator: torch.Generator | None = None,
+    ) -> EncodedImage:
+        """Differentiable VAE encoding of the condition image ``x`` in [0, 1]."""
+
+    @abstractmethod
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """VAE latents of a reference video ``frames`` (F, 3, H, W) in [0, 1] (no grad)."""
+
+    @abstractmethod
+    def denoise(
+        self,
+        image: EncodedImage,
+        video_latents: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        taps: Sequence[str] = (),
+        with_loss: bool = False,
+    ) -> DenoiserResult:
+        """One denoiser pass on the noised reference video conditioned on ``image``.
+
+        Returns the tapped block outputs; when ``with_loss`` is False the pass stops
+        after the deepest tap. With ``with_loss`` the model's own training loss
+        is returned as well.
+        """
+
+    @abstractmethod
+    def generate(
+        self,
+        image: torch.Tensor,
+        prompt: str,
+        steps: int = 50,
+        seed: int = 0,
+        guidance_scale: float = 6.0,
+    ) -> torch.Tensor:
+        """Sample a video with the real pipeline; returns frames (F, 3, H, W) in [0, 1]."""
+
+    # Convenience wrappers over the two primitives above.
+
+    def features(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        taps: Sequence[str],
+        video_latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Tapped features (denoiser and VAE encoder) for condition image ``x``.
+
+        Without ``video_latents`` the clean image repeated over all frames is the
+        noised video, as in the default reference of the diffusion loss.
+        """
+        vae_taps = [n for n in taps if n.startswith(VAE_PREFIX)]
+        den_taps = [n for n in taps if n.startswith(DENOISER_PREFIX)]
+        encoded = self.encode_image(x, vae_taps, generator)
+        if video_latents is None:
+            video_latents = self.encode_video(self.repeat_frames(x.detach()))
+        out = dict(encoded.features)
+        if den_taps:
+            out.update(self.denoise(encoded, video_latents, t, noise, den_taps).features)
+        return out
+
+    def training_loss(
+        self,
+        x: torch.Tensor,
+        video_latents: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The model's own diffusion training loss with ``x`` as the condition image."""
+        encoded = self.encode_image(x, (), generator)
+        loss = self.denoise(encoded, video_latents, t, noise, (), with_loss=True).loss
+        assert loss is not None
+        return loss
+
+    def repeat_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """The image (1, 3, H, W) repeated as a still video (F, 3, H, W)."""
+        return x[0].unsqueeze(0).expand(self.num_frames, -1, -1, -1).contiguous()
+
+    def release_text_encoder(self) -> None:
+        """Free the text encoder once the conditioning is cached (no-op by default)."""

@@ -1,0 +1,417 @@
+"""CogVideoX image-to-video (the paper's main backbone), backed by diffusers.
+
+Conditioning, as `CogVideoXImageToVideoPipeline` does it: the condition image is
+VAE-encoded (posterior sample, scaled), zero-padded over the remaining latent
+frames and concatenated on channels to the noisy video latents. The transformer
+is trained with v-prediction, so the training loss is the MSE between its output
+and ``v = sqrt(a_t) * noise - sqrt(1 - a_t) * x0`` (the x0-space loss with the
+``1 / (1 - a_t)`` weighting used in CogVideoX fine-tuning is the same quantity).
+
+Block mapping: ``denoiser.<i>`` is ``transformer.transformer_blocks[i]`` (42 for
+CogVideoX-5B-I2V), tapped on its video-token output. ``vae.down_blocks.<i>`` and
+``vae.mid_block`` are the VAE encoder's blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXImageToVideoPipeline,
+    CogVideoXTransformer3DModel,
+)
+from PIL import Image
+
+from anti_i2v.errors import ModelError
+from anti_i2v.models.base import (
+    DENOISER_PREFIX,
+    VAE_PREFIX,
+    DenoiserResult,
+    EncodedImage,
+    FeatureTaps,
+    ModelLayers,
+    VideoModel,
+)
+from anti_i2v.models.tiny_text import tiny_t5_encoder, tiny_t5_tokenizer
+
+logger = logging.getLogger(__name__)
+
+HUB_ID = "THUDM/CogVideoX-5b-I2V"
+
+# Scheduler of the released CogVideoX-5b-I2V (scheduler/scheduler_config.json).
+_SCHEDULER = dict(
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    set_alpha_to_one=True,
+    snr_shift_scale=1.0,
+    timestep_spacing="trailing",
+)
+
+# Full-size CogVideoX-5b-I2V configs (from its transformer/ and vae/ config.json), used to
+# build random-weight models of the real size for speed and memory measurements.
+FULL_TRANSFORMER = dict(
+    activation_fn="gelu-approximate",
+    attention_bias=True,
+    attention_head_dim=64,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=32,
+    max_text_seq_length=226,
+    norm_elementwise_affine=True,
+    norm_eps=1e-5,
+    num_attention_heads=48,
+    num_layers=42,
+    out_channels=16,
+    patch_size=2,
+    sample_frames=49,
+    sample_height=60,
+    sample_width=90,
+    spatial_interpolation_scale=1.875,
+    temporal_compression_ratio=4,
+    temporal_interpolation_scale=1.0,
+    text_embed_dim=4096,
+    time_embed_dim=512,
+    timestep_activation_fn="silu",
+    use_learned_positional_embeddings=True,
+    use_rotary_positional_embeddings=True,
+)
+FULL_VAE = dict(scaling_factor=0.7)  # the other defaults of AutoencoderKLCogVideoX are the released ones
+
+# Tiny variant: the 5b-I2V layout (learned positional embeddings, 2:3 frame) shrunk.
+TINY_HEIGHT, TINY_WIDTH, TINY_FRAMES = 64, 96, 9
+_TINY_TRANSFORMER = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,  # the 3-D RoPE needs a multiple of 16
+    in_channels=8,
+    out_channels=4,
+    time_embed_dim=16,
+    text_embed_dim=32,
+    num_layers=8,
+    sample_height=TINY_HEIGHT // 8,
+    sample_width=TINY_WIDTH // 8,
+    sample_frames=TINY_FRAMES,
+    patch_size=2,
+    temporal_compression_ratio=4,
+    max_text_seq_length=16,
+    use_rotary_positional_embeddings=True,
+    use_learned_positional_embeddings=True,
+)
+_TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("CogVideoXDownBlock3D",) * 4,
+    up_block_types=("CogVideoXUpBlock3D",) * 4,
+    block_out_channels=(8, 8, 8, 8),
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=2,
+    temporal_compression_ratio=4,
+)
+
+
+def tiny_pipeline(seed: int = 0) -> CogVideoXImageToVideoPipeline:
+    """A complete CogVideoX-I2V pipeline with seeded random weights (no download)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = CogVideoXTransformer3DModel(**_TINY_TRANSFORMER)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLCogVideoX(**_TINY_VAE)
+        tokenizer = tiny_t5_tokenizer()
+        torch.manual_seed(seed + 2)
+        text_encoder = tiny_t5_encoder(len(tokenizer), _TINY_TRANSFORMER["text_embed_dim"])
+    return CogVideoXImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(**_SCHEDULER),
+    )
+
+
+def random_pipeline(
+    transformer_config: dict, vae_config: dict, seed: int = 0
+) -> CogVideoXImageToVideoPipeline:
+    """A pipeline of the given configs with seeded random weights and no text encoder.
+
+    Build it under ``torch.device("cuda")`` for full-size configs; condition it with
+    `CogVideoXI2V.use_prompt_embeds`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = CogVideoXTransformer3DModel(**transformer_config)
+        vae = AutoencoderKLCogVideoX(**vae_config)
+    return CogVideoXImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=CogVideoXDDIMScheduler(**_SCHEDULER)
+    )
+
+
+def load_pipeline(source: str, dtype: torch.dtype) -> CogVideoXImageToVideoPipeline:
+    """Load a released pipeline from a hub id or a local folder in the diffusers layout."""
+    try:
+        return CogVideoXImageToVideoPipeline.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelError(
+            f"no CogVideoX-I2V weights found at '{source}' ({reason}); download them with "
+            f"`hf download {HUB_ID} --local-dir DIR` on a machine with internet and pass "
+            "--model-path DIR, or use --model tiny-cogvideox to try the pipeline"
+        ) from err
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move a frozen module to ``device``, casting only when its dtype differs."""
+    module = module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype)
+    return module.eval().requires_grad_(False)
+
+
+class CogVideoXI2V(VideoModel):
+    """The `VideoModel` adapter for `CogVideoXImageToVideoPipeline`.
+
+    Args:
+        pipe: a loaded (or tiny) pipeline.
+        name: registry name, recorded in reports.
+        device: where the VAE and transformer run.
+        dtype: compute dtype (bf16 on GPU for the 5B model).
+        gradient_checkpointing: recompute transformer blocks in backward to save memory.
+        sample_posterior: encode the condition image with a posterior sample, as the
+            pipeline does (otherwise the posterior mode).
+    """
+
+    def __init__(
+        self,
+        pipe: CogVideoXImageToVideoPipeline,
+        name: str = "cogvideox",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        gradient_checkpointing: bool = False,
+        sample_posterior: bool = True,
+    ) -> None:
+        self.pipe = pipe
+        self.name = name
+        self._device = torch.device(device)
+        self._dtype = dtype
+        self.sample_posterior = sample_posterior
+        self.vae = _place(pipe.vae, self._device, dtype)
+        self.transformer = _place(pipe.transformer, self._device, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        self.scheduler = pipe.scheduler
+        if pipe.text_encoder is not None:
+            pipe.text_encoder.requires_grad_(False)
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.vae.enable_slicing()
+
+        cfg = self.transformer.config
+        if cfg.patch_size_t is not None:
+            raise ModelError(
+                f"'{name}' is a CogVideoX 1.5 checkpoint; this adapter serves the CogVideoX 1.0 "
+                f"I2V layout ({HUB_ID})"
+            )
+        scale = pipe.vae_scale_factor_spatial
+        self.resolution = (cfg.sample_height * scale, cfg.sample_width * scale)
+        self.num_frames = cfg.sample_frames
+        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self.latent_frames = (self.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        self._prompt: str | None = None
+        self._prompt_embeds: torch.Tensor | None = None
+        self._negative_embeds: torch.Tensor | None = None
+        self._rope = (
+            pipe._prepare_rotary_positional_embeddings(*self.resolution, self.latent_frames, self._device)
+            if cfg.use_rotary_positional_embeddings
+            else None
+        )
+
+    # --- construction -------------------------------------------------------------
+
+    @classmethod
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> CogVideoXI2V:
+        """The ``tiny-cogvideox`` variant: demonstrates the pipeline, protects against nothing."""
+        kwargs.setdefault("name", "tiny-cogvideox")
+        return cls(tiny_pipeline(seed), device=device, dtype=torch.float32, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str = HUB_ID,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        **kwargs,
+    ) -> CogVideoXI2V:
+        """Load released weights from a hub id or a local folder (diffusers layout)."""
+        return cls(load_pipeline(source, dtype), device=device, dtype=dtype, **kwargs)
+
+    # --- the seam -------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def layers(self) -> ModelLayers:
+        """``denoiser.0..N-1`` (transformer blocks) and the VAE encoder's blocks."""
+        n_blocks = len(self.transformer.transformer_blocks)
+        n_down = len(self.vae.encoder.down_blocks)
+        return ModelLayers(
+            denoiser=[f"{DENOISER_PREFIX}{i}" for i in range(n_blocks)],
+            vae_encoder=[f"{VAE_PREFIX}down_blocks.{i}" for i in range(n_down)] + [f"{VAE_PREFIX}mid_block"],
+        )
+
+    def _module(self, name: str) -> torch.nn.Module:
+        if name.startswith(DENOISER_PREFIX):
+            return self.transformer.transformer_blocks[int(name[len(DENOISER_PREFIX) :])]
+        if name.startswith(VAE_PREFIX):
+            return self.vae.encoder.get_submodule(name[len(VAE_PREFIX) :])
+        raise ModelError(f"unknown layer '{name}'; `layers()` lists this model's layers")
+
+    def condition(self, prompt: str) -> None:
+        """Encode ``prompt`` (and the empty negative prompt for guidance) once and cache it."""
+        if prompt == self._prompt:
+            return
+        if self.pipe.text_encoder is None:
+            raise ModelError(
+                "the text encoder was released after encoding the first prompt; "
+                "create the model again to use another prompt"
+            )
+        text_device = self._device if self._device.type == "cuda" else torch.device("cpu")
+        self.pipe.text_encoder.to(text_device)
+        with torch.no_grad():
+            pos, neg = self.pipe.encode_prompt(
+                prompt,
+                negative_prompt="",
+                do_classifier_free_guidance=True,
+                max_sequence_length=self.transformer.config.max_text_seq_length,
+                device=text_device,
+                dtype=self._dtype,
+            )
+        self._prompt = prompt
+        self._prompt_embeds = pos.to(self._device)
+        self._negative_embeds = neg.to(self._device)
+
+    def use_prompt_embeds(self, embeds: torch.Tensor, negative: torch.Tensor | None = None, label: str = "") -> None:
+        """Condition on precomputed T5 embeddings (1, L, D) instead of a prompt string."""
+        self._prompt = label
+        self._prompt_embeds = embeds.to(self._device, self._dtype)
+        self._negative_embeds = (negative if negative is not None else torch.zeros_like(embeds)).to(
+            self._device, self._dtype
+        )
+
+    def release_text_encoder(self) -> None:
+        """Drop the T5 encoder (about 9 GB in bf16 for the 5B model) once a prompt is cached."""
+        if self.pipe.text_encoder is not None:
+            self.pipe.text_encoder = None
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _require_condition(self) -> torch.Tensor:
+        if self._prompt_embeds is None:
+            raise ModelError("call condition(prompt) before running the denoiser")
+        return self._prompt_embeds
+
+    def encode_image(
+        self,
+        x: torch.Tensor,
+        taps: Sequence[str] = (),
+        generator: torch.Generator | None = None,
+    ) -> EncodedImage:
+        """Image latents as the pipeline builds them: (B, F_latent, C, h, w), frame 0 the image."""
+        pixels = (x.to(self._device, self._dtype) * 2 - 1).unsqueeze(2)  # (B, 3, 1, H, W) in [-1, 1]
+        tapper = FeatureTaps({n: self._module(n) for n in taps})
+        with tapper.capture() as feats:
+            dist = self.vae.encode(pixels).latent_dist
+        latent = dist.sample(generator) if self.sample_posterior else dist.mode()
+        latent = self._scale(latent.permute(0, 2, 1, 3, 4))  # (B, 1, C, h, w)
+        padding = latent.new_zeros(latent.shape[0], self.latent_frames - 1, *latent.shape[2:])
+        return EncodedImage(torch.cat([latent, padding], dim=1), dict(feats))
+
+    def _scale(self, latents: torch.Tensor) -> torch.Tensor:
+        factor = self.vae.config.scaling_factor
+        return latents / factor if self.vae.config.invert_scale_latents else latents * factor
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """Scaled posterior-mode latents (1, F_latent, C, h, w) of frames (F, 3, H, W) in [0, 1]."""
+        pixels = (frames.to(self._device, self._dtype) * 2 - 1).permute(1, 0, 2, 3).unsqueeze(0)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        return (latents.permute(0, 2, 1, 3, 4) * self.vae.config.scaling_factor).detach()
+
+    def denoise(
+        self,
+        image: EncodedImage,
+        video_latents: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        taps: Sequence[str] = (),
+        with_loss: bool = False,
+    ) -> DenoiserResult:
+        """One transformer pass; stops after the deepest tap unless the loss is wanted."""
+        prompt_embeds = self._require_condition()
+        batch = image.latents.shape[0]
+        t = t.to(self._device).long().reshape(-1).expand(batch)
+        video_latents = video_latents.to(self._device, self._dtype).expand(batch, -1, -1, -1, -1)
+        noise = noise.to(self._device, self._dtype).expand_as(video_latents)
+        noisy = self.scheduler.add_noise(video_latents, noise, t)
+        model_input = torch.cat([noisy, image.latents.to(self._dtype)], dim=2)
+
+        order = {n: i for i, n in enumerate(self.layers().denoiser)}
+        deepest = max(taps, key=order.__getitem__) if taps else None
+        tapper = FeatureTaps({n: self._module(n) for n in taps})
+        with tapper.capture(stop_after=None if with_loss else deepest) as feats:
+            output = tapper.run(
+                lambda: self.transformer(
+                    hidden_states=model_input,
+                    encoder_hidden_states=prompt_embeds.expand(batch, -1, -1),
+                    timestep=t,
+                    image_rotary_emb=self._rope,
+                    return_dict=False,
+                )
+            )
+        loss = None
+        if with_loss:
+            prediction = output[0].float()
+            target = self.scheduler.get_velocity(video_latents.float(), noise.float(), t)
+            loss = F.mse_loss(prediction, target)
+        return DenoiserResult(dict(feats), loss)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image: torch.Tensor,
+        prompt: str,
+        steps: int = 50,
+        seed: int = 0,
+        guidance_scale: float = 6.0,
+    ) -> torch.Tensor:
+        """Sample a video from an 8-bit copy of ``image`` with the diffusers pipeline."""
+        self.condition(prompt)
+        array = (image[0] if image.dim() == 4 else image).permute(1, 2, 0).float().cpu().numpy()
+        pil = Image.fromarray(np.round(array.clip(0, 1) * 255).astype(np.uint8))
+        height, width = self.resolution
+        output = self.pipe(
+            image=pil,
+            prompt_embeds=self._prompt_embeds,
+            negative_prompt_embeds=self._negative_embeds,
+            height=height,
+            width=width,
+            num_frames=self.num_frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pt",
+            max_sequence_length=self.transformer.config.max_text_seq_length,
+        )
+        return output.frames[0].float().cpu()

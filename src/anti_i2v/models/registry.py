@@ -1,0 +1,128 @@
+"""Model names -> adapters: hub ids, local folders and the tiny variants.
+
+A name either builds a tiny variant in code (seeded random weights, offline) or
+loads released weights from its hub id, or from ``path`` when given (a local folder
+in the diffusers layout).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from anti_i2v.errors import ConfigError, ModelError
+from anti_i2v.models.base import VideoModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the registry."""
+
+    name: str
+    family: str
+    hub_id: str | None  # None for tiny variants built in code
+    description: str
+    build: Callable[..., VideoModel]
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.hub_id is None
+
+
+def _cogvideox(source: str | None, device: torch.device, dtype: torch.dtype, seed: int) -> VideoModel:
+    from anti_i2v.models.cogvideox import CogVideoXI2V
+
+    return CogVideoXI2V.from_pretrained(
+        source, device=device, dtype=dtype, gradient_checkpointing=device.type == "cuda"
+    )
+
+
+def _tiny_cogvideox(source: str | None, device: torch.device, dtype: torch.dtype, seed: int) -> VideoModel:
+    from anti_i2v.models.cogvideox import CogVideoXI2V
+
+    return CogVideoXI2V.tiny(seed=seed, device=device)
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "cogvideox",
+            "cogvideox",
+            "THUDM/CogVideoX-5b-I2V",
+            "CogVideoX-5B image-to-video, 480x720, 49 frames (the paper's main backbone)",
+            _cogvideox,
+        ),
+        ModelSpec(
+            "tiny-cogvideox",
+            "cogvideox",
+            None,
+            "CogVideoX-I2V layout with random weights, 64x96, 9 frames: demonstrates the pipeline, protects against nothing",
+            _tiny_cogvideox,
+        ),
+    )
+}
+
+
+def default_device() -> torch.device:
+    """The first CUDA device if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``bf16``/``fp16``/``fp32`` -> dtype; None picks bf16 on GPU and fp32 on CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise ConfigError(f"unknown dtype '{name}'; choose bf16, fp16 or fp32")
+    return table[name]
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name`` or a ModelError listing the known names."""
+    if name not in MODELS:
+        raise ModelError(f"unknown model '{name}'; `anti-i2v models` lists them: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def weights_present(spec: ModelSpec, path: str | Path | None = None) -> bool:
+    """Whether weights for ``spec`` can be loaded without a download."""
+    if spec.is_tiny:
+        return True
+    if path is not None:
+        return (Path(path) / "model_index.json").is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(spec.hub_id, "model_index.json")
+    return isinstance(found, str)
+
+
+def load_model(
+    name: str,
+    path: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+) -> VideoModel:
+    """Build the adapter for ``name``: tiny in code, or released weights (hub id or ``path``)."""
+    spec = get_spec(name)
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    torch_dtype = parse_dtype(dtype, device)
+    if path is not None:
+        if spec.is_tiny:
+            raise ConfigError(f"'{name}' is built in code and takes no --model-path")
+        if not Path(path).is_dir():
+            raise ModelError(f"--model-path '{path}' is not a folder; point it at the downloaded weights")
+    source = str(path) if path is not None else spec.hub_id
+    logger.info("loading %s from %s on %s (%s)", name, source or "code", device, torch_dtype)
+    return spec.build(source, device, torch_dtype, seed)
