@@ -121,6 +121,13 @@ def _optimise(
     space = build_space(
         config.space, dct_band=config.dct_band, dct_block=config.dct_block, dual_period=config.dual_period
     )
+    view = None
+    if config.through_resize and photo.size != tuple(model.resolution):
+        full = photo.rgb.to(model.device)
+
+        def view(x_adv: torch.Tensor) -> torch.Tensor:
+            return resize_for_model(carry_perturbation(full, x, x_adv, config.eps), *model.resolution)
+
     t_range = (min(config.t_min, model.num_train_timesteps - 1), min(config.t_max, model.num_train_timesteps - 1))
     result = run_pgd(
         objective,
@@ -130,6 +137,7 @@ def _optimise(
         t_range=t_range,
         run_id=fingerprint(x, config, model.name),
         keep_gray=photo.is_gray,
+        view=view,
         callback=callback,
         checkpoint_path=checkpoint_path,
     )

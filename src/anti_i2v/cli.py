@@ -21,8 +21,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Protect photos of people from image-to-video diffusion models (Anti-I2V).",
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # keep paths whole, never wrapped mid-name
+err_console = Console(stderr=True, soft_wrap=True)
 
 _PRESET_HELP = "; ".join(f"{name}: eps {format_eps(p['eps'])}, {p['steps']} steps" for name, p in PRESETS.items())
 
@@ -79,25 +79,27 @@ def protect(
     from anti_i2v.batch import protect_batch
     from anti_i2v.config import ProtectConfig
     from anti_i2v.models.registry import get_spec, load_model, weights_present
+    from anti_i2v.spaces import build_space
 
     sources: list[Path] = list(photos or [])
     if sample:
         sources.append(sample_photo())
     if not sources:
         raise _fail(AntiI2VError("no photo given: pass PHOTO or FOLDER paths, or --sample"))
-    options = dict(
-        preset=preset,
-        eps=parse_eps(eps) if eps is not None else None,
-        steps=steps,
-        space=space,
-        prompt=prompt,
-        target=str(target) if target else None,
-        reference=reference,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
     try:
+        options = dict(
+            preset=preset,
+            eps=parse_eps(eps) if eps is not None else None,
+            steps=steps,
+            space=space,
+            prompt=prompt,
+            target=str(target) if target else None,
+            reference=reference,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+        )
         cfg = ProtectConfig.from_preset(preset, **{k: v for k, v in options.items() if k != "preset"})
+        build_space(cfg.space, dct_band=cfg.dct_band, dct_block=cfg.dct_block, dual_period=cfg.dual_period)
         spec = get_spec(model)
         if spec.is_tiny:
             console.print(f"[yellow]{model}[/] has random weights: it demonstrates the pipeline and protects against nothing.")
@@ -174,7 +176,10 @@ def models() -> None:
     """List the models, their hub ids, and whether their weights are present locally."""
     from anti_i2v.models.registry import MODELS, weights_present
 
-    table = Table("name", "hub id", "weights here", "description")
+    table = Table()
+    for column in ("name", "hub id", "weights here"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("description")
     for spec in MODELS.values():
         present = "built in code" if spec.is_tiny else ("yes" if weights_present(spec) else "no")
         table.add_row(spec.name, spec.hub_id or "-", present, spec.description)

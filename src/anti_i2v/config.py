@@ -8,7 +8,7 @@ default below is ours and is marked "(ours)".
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -75,6 +75,9 @@ class ProtectConfig:
             frames), "generate" (one clean generation, cached) or a video file path.
         reference_steps: sampling steps when reference == "generate".
         aux_model: hub id or folder of a CLIP vision model for the auxiliary term.
+        through_resize: optimise what the model sees after the perturbation is carried
+            to the full-size photo and that photo is resized to the model's input, rather
+            than the model-resolution image itself (ours; see docs/method.md).
         checkpoint_every: save optimisation state every N steps (0: never).
     """
 
@@ -103,8 +106,8 @@ class ProtectConfig:
     reference: str = "repeat"
     reference_steps: int = 50
     aux_model: str | None = None
+    through_resize: bool = True
     checkpoint_every: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.eps = parse_eps(self.eps)

@@ -102,6 +102,7 @@ def run_pgd(
     t_range: tuple[int, int],
     run_id: str = "",
     keep_gray: bool = False,
+    view: Callable[[torch.Tensor], torch.Tensor] | None = None,
     callback: Callable[[StepReport], None] | None = None,
     checkpoint_path: Path | None = None,
 ) -> PGDResult:
@@ -115,6 +116,8 @@ def run_pgd(
         t_range: inclusive timestep range to sample from.
         run_id: identity of the run; a checkpoint is resumed only if it matches.
         keep_gray: keep the image gray (all channels equal) for gray photos.
+        view: differentiable map from the optimised image to what the model sees
+            (e.g. carried to the full-size photo and resized back); identity if None.
         callback: called after every step with a `StepReport`.
         checkpoint_path: where to save state every ``config.checkpoint_every`` steps.
     """
@@ -136,7 +139,8 @@ def run_pgd(
         draw = draw_step(generator, objective.latent_shape(), t_range)
         stage = space.stage(i)
         param = space.parametrise(x_adv, x, config.eps, i)
-        output = objective(param.to_rgb(), draw)
+        x_in = param.to_rgb()
+        output = objective(view(x_in) if view is not None else x_in, draw)
         (grad,) = torch.autograd.grad(output.loss, param.params)
         x_adv = param.step(grad, sizes[stage])
         if keep_gray:

@@ -108,8 +108,11 @@ class BudgetReport:
     within_budget: bool
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the report as a plain dict (``psnr`` is ``inf`` for identical images)."""
-        return asdict(self)
+        """Return the report as a plain, JSON-safe dict (``psnr`` is None for identical images)."""
+        record = asdict(self)
+        if math.isinf(record["psnr"]):
+            record["psnr"] = None
+        return record
 
 
 # --------------------------------------------------------------------------- #
@@ -825,6 +828,11 @@ def measure_budget(photo: Photo, saved_path: Path, eps: float) -> BudgetReport:
         d = (b[:, r0 : r0 + rows] - a[:, r0 : r0 + rows]).to(torch.float64)
         linf = max(linf, float(d.abs().max()))
         sq_sum += float((d * d).sum())
+    # Both images hold whole levels; float32 storage adds ~1e-8 noise, so snap to the grid.
+    levels = float(2 ** min(photo.bit_depth, saved.bit_depth) - 1)
+    snapped = round(linf * levels) / levels
+    if abs(snapped - linf) < 1e-4 / levels:
+        linf = snapped
     mse = sq_sum / a.numel()
     psnr = math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
     ssim_value = _ssim_mean(a, b)

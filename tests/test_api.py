@@ -1,0 +1,94 @@
+"""`anti_i2v.protect` end to end on tiny-cogvideox: budget on the saved file,
+reproducibility, metadata, and nothing lost on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import anti_i2v
+from anti_i2v.errors import ConfigError, InputError, OutputError
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def photo_path(tmp_path_factory, portrait):
+    path = tmp_path_factory.mktemp("in") / "face.jpg"
+    array = (portrait[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).resize((150, 120)).save(path, quality=95)
+    return path
+
+
+def test_saved_file_respects_the_budget_and_keeps_the_size(tmp_path, photo_path, tiny_model):
+    result = anti_i2v.protect(photo_path, tiny_model, out=tmp_path, steps=STEPS, eps="6/255")
+    assert result.path == tmp_path / "face_protected.png"
+    original = np.asarray(Image.open(photo_path).convert("RGB"), dtype=np.int16)
+    saved = np.asarray(Image.open(result.path).convert("RGB"), dtype=np.int16)
+    assert saved.shape == original.shape
+    assert np.abs(saved - original).max() <= 6
+    assert (saved != original).any()
+    assert result.budget.within_budget and result.budget.linf <= 6 / 255 + 1e-9
+
+
+def test_same_photo_config_and_seed_give_identical_bytes(tmp_path, photo_path):
+    first = anti_i2v.protect(photo_path, "tiny-cogvideox", out=tmp_path / "a", steps=STEPS, seed=7)
+    second = anti_i2v.protect(photo_path, "tiny-cogvideox", out=tmp_path / "b", steps=STEPS, seed=7)
+    other = anti_i2v.protect(photo_path, "tiny-cogvideox", out=tmp_path / "c", steps=STEPS, seed=8)
+    assert first.path.read_bytes() == second.path.read_bytes()
+    assert first.path.read_bytes() != other.path.read_bytes()
+
+
+def test_sidecar_records_model_config_seed_and_figures(tmp_path, photo_path, tiny_model):
+    result = anti_i2v.protect(photo_path, tiny_model, out=tmp_path, steps=STEPS, seed=3)
+    record = json.loads(result.sidecar.read_text())
+    assert result.sidecar == tmp_path / "face_protected.json"
+    assert record["model"]["name"] == "tiny-cogvideox" and record["seed"] == 3
+    assert record["config"]["steps"] == STEPS and record["config"]["space"] == "dual"
+    assert record["budget"]["linf"] == pytest.approx(result.budget.linf)
+    assert record["budget"]["within_budget"] is True
+    assert set(record["budget"]) >= {"linf", "linf_255", "psnr", "ssim"}
+
+
+def test_in_memory_protection_returns_image_and_figures(photo_path, tiny_model):
+    result = anti_i2v.protect(Image.open(photo_path), tiny_model, steps=STEPS)
+    assert result.path is None and result.image.size == (150, 120)
+    assert result.budget.within_budget and result.budget.psnr > 30
+
+
+def test_alpha_channel_is_kept_unchanged(tmp_path, photo_path, tiny_model):
+    rgba = Image.open(photo_path).convert("RGBA")
+    alpha = np.tile(np.linspace(0, 255, 150, dtype=np.uint8), (120, 1))
+    rgba.putalpha(Image.fromarray(alpha))
+    rgba.save(tmp_path / "cutout.png")
+    result = anti_i2v.protect(tmp_path / "cutout.png", tiny_model, out=tmp_path / "out", steps=2)
+    saved = Image.open(result.path)
+    assert saved.mode == "RGBA"
+    assert np.array_equal(np.asarray(saved)[..., 3], alpha)
+
+
+def test_existing_output_and_the_input_itself_are_never_overwritten(tmp_path, photo_path, tiny_model):
+    before = photo_path.read_bytes()
+    anti_i2v.protect(photo_path, tiny_model, out=tmp_path, steps=1)
+    with pytest.raises(OutputError, match="already exists"):
+        anti_i2v.protect(photo_path, tiny_model, out=tmp_path, steps=1)
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    (trap / "face_protected.png").symlink_to(photo_path)  # output name leads back to the input
+    with pytest.raises(OutputError):
+        anti_i2v.protect(photo_path, tiny_model, out=trap, steps=1, overwrite=True)
+    assert photo_path.read_bytes() == before
+
+
+def test_bad_settings_fail_before_any_work(photo_path, tiny_model):
+    with pytest.raises(ConfigError, match="eps"):
+        anti_i2v.protect(photo_path, tiny_model, eps="80/255")
+    with pytest.raises(ConfigError, match="preset"):
+        anti_i2v.protect(photo_path, tiny_model, preset="max")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        anti_i2v.protect(photo_path, tiny_model, stepz=3)
+    with pytest.raises(InputError):
+        anti_i2v.protect(photo_path.with_name("missing.jpg"), tiny_model)

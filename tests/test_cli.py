@@ -1,0 +1,100 @@
+"""The `anti-i2v` command line end to end, and every bad input it must survive."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from anti_i2v.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    result.text = " ".join(result.output.replace("│", " ").split())  # rich wraps and boxes long lines
+    return result
+
+
+@pytest.fixture()
+def photos(tmp_path, portrait):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    array = (portrait[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).resize((128, 128)).save(folder / "alice.jpg")
+    Image.fromarray(array[::-1]).resize((100, 140)).save(folder / "bob.png")
+    (folder / "notes.jpg").write_text("not a photo")
+    Image.fromarray(array).resize((20, 20)).save(folder / "thumb.png")
+    return folder
+
+
+def test_protects_the_bundled_photo_and_prints_where_and_the_budget(tmp_path):
+    result = run("protect", "--sample", "--model", "tiny-cogvideox", "--steps", "3", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    saved = tmp_path / "sample_protected.png"
+    assert saved.is_file() and (tmp_path / "sample_protected.json").is_file()
+    assert f"saved {saved}" in result.text
+    assert "within eps 8/255" in result.text and "PSNR" in result.text
+    assert "protects against nothing" in result.text
+
+
+def test_folder_batch_keeps_going_past_bad_photos_and_a_rerun_skips_finished_ones(tmp_path, photos):
+    out = tmp_path / "out"
+    args = ("protect", photos, tmp_path / "missing.jpg", "--model", "tiny-cogvideox", "--steps", "2", "--out", out)
+    first = run(*args)
+    assert first.exit_code == 1
+    assert (out / "alice_protected.png").is_file() and (out / "bob_protected.png").is_file()
+    assert "failed" in first.text and "notes.jpg" in first.text and "thumb.png" in first.text
+    assert "missing.jpg" in first.text
+    assert "2 protected, 0 skipped, 3 failed" in first.text
+    before = (out / "alice_protected.png").stat().st_mtime_ns
+    second = run(*args)
+    assert "0 protected, 2 skipped, 3 failed" in second.text
+    assert (out / "alice_protected.png").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("--model", "sora-9000"), 3, "unknown model 'sora-9000'"),
+        (("--model", "cogvideox"), 1, "no weights for 'cogvideox'"),
+        (("--model", "cogvideox", "--model-path", "/nonexistent/weights"), 3, "is not a folder"),
+        (("--model", "tiny-cogvideox", "--eps", "eight"), 2, "cannot read eps"),
+        (("--model", "tiny-cogvideox", "--preset", "max"), 2, "unknown preset"),
+        (("--model", "tiny-cogvideox", "--space", "hsv"), 2, "rgb, lab, dct, dual"),
+    ],
+)
+def test_bad_options_end_with_one_clear_line(args, code, message):
+    result = run("protect", "--sample", *args)
+    assert result.exit_code == code, result.output
+    assert message in result.text
+    assert "Traceback" not in result.output
+
+
+def test_unwritable_output_is_reported_and_nothing_is_written(tmp_path, photos):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the output folder should be")
+    result = run("protect", photos / "alice.jpg", "--model", "tiny-cogvideox", "--steps", "1", "--out", blocker)
+    assert result.exit_code == 4
+    assert "cannot write to output folder" in result.text
+    assert blocker.read_text().startswith("a file")
+
+
+def test_no_photo_given_says_what_to_do():
+    result = run("protect", "--model", "tiny-cogvideox")
+    assert result.exit_code != 0 and "--sample" in result.text
+
+
+def test_models_lists_names_hub_ids_and_local_weights():
+    result = run("models")
+    assert result.exit_code == 0
+    assert "tiny-cogvideox" in result.text and "THUDM/CogVideoX-5b-I2V" in result.text
+    assert "built in code" in result.text
+
+
+def test_help_states_presets_in_unit_range():
+    result = run("protect", "--help")
+    assert "fast: eps 8/255 (0.0314), 50 steps" in result.text
+    assert "[0,1] pixel units" in result.text
