@@ -64,6 +64,8 @@ def test_folder_batch_keeps_going_past_bad_photos_and_a_rerun_skips_finished_one
         (("--model", "tiny-cogvideox", "--eps", "eight"), 2, "cannot read eps"),
         (("--model", "tiny-cogvideox", "--preset", "max"), 2, "unknown preset"),
         (("--model", "tiny-cogvideox", "--space", "hsv"), 2, "rgb, lab, dct, dual"),
+        (("--model", "tiny-cogvideox", "--weights", "irc=1,lpips=2"), 2, "--weights takes"),
+        (("--model", "tiny-cogvideox", "--irc-deep", "last"), 2, "--irc-deep takes"),
     ],
 )
 def test_bad_options_end_with_one_clear_line(args, code, message):
@@ -98,3 +100,16 @@ def test_help_states_presets_in_unit_range():
     result = run("protect", "--help")
     assert "fast: eps 8/255 (0.0314), 50 steps" in result.text
     assert "[0,1] pixel units" in result.text
+
+
+def test_method_options_reach_the_sidecar(tmp_path):
+    result = run("protect", "--sample", "--model", "tiny-cogvideox", "--steps", "2", "--out", tmp_path,
+                 "--space", "dct", "--dct-block", "0", "--dct-band", "0.1", "--weights", "irc=2,dm=0",
+                 "--irc-deep", "-2,-1", "--eps", "4/255", "--seed", "5")
+    assert result.exit_code == 0, result.output
+    import json
+
+    config = json.loads((tmp_path / "sample_protected.json").read_text())["config"]
+    assert config["space"] == "dct" and config["dct_block"] == 0 and config["dct_band"] == 0.1
+    assert config["weight_irc"] == 2 and config["weight_dm"] == 0 and config["weight_aux"] == 0
+    assert config["irc_deep"] == [-2, -1] and config["eps_255"] == 4 and config["seed"] == 5

@@ -9,7 +9,7 @@ import torch
 from anti_i2v.config import ProtectConfig
 from anti_i2v.engine import fingerprint, run_pgd
 from anti_i2v.objectives import AntiI2VObjective, draw_step
-from anti_i2v.spaces import build_space, project
+from anti_i2v.spaces import project, space_from_config
 
 PROMPT = "a person talking to the camera"
 
@@ -18,7 +18,7 @@ def _setup(model, x, **overrides):
     config = ProtectConfig(prompt=PROMPT, **overrides)
     objective = AntiI2VObjective(model, config)
     objective.prepare(model, x)
-    space = build_space(config.space, dct_band=config.dct_band, dct_block=config.dct_block)
+    space = space_from_config(config)
     return config, objective, space
 
 

@@ -15,7 +15,7 @@ from anti_i2v.objectives.base import relative_sq_distance
 from anti_i2v.objectives.diffusion import fit_frames, read_video_file, reference_latents
 from anti_i2v.objectives.ira import default_target_image, ira_loss
 from anti_i2v.objectives.irc import irc_loss
-from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity
+from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity, resolve_aux_weight
 
 
 def test_relative_distance_is_scale_free_and_zero_at_the_target():
@@ -116,3 +116,10 @@ def test_anti_i2v_objective_reports_every_term(tmp_path, tiny_model, portrait_sm
     expected = out.parts["irc"] + out.parts["ira"] + out.parts["aux"] - out.parts["dm"]
     assert out.parts["total"] == pytest.approx(expected, rel=1e-5)
     assert objective.deep == ["denoiser.5", "denoiser.6", "denoiser.7"] and objective.shallow == "denoiser.3"
+
+
+def test_aux_term_is_on_only_when_its_weights_are_local(tmp_path):
+    _tiny_clip(tmp_path / "clip")
+    assert resolve_aux_weight(ProtectConfig(aux_model=str(tmp_path / "clip"))).weight_aux == 1.0
+    assert resolve_aux_weight(ProtectConfig()).weight_aux == 0.0  # default CLIP is not bundled
+    assert resolve_aux_weight(ProtectConfig(weight_aux=0.5)).weight_aux == 0.5

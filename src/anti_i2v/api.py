@@ -21,11 +21,11 @@ from PIL import Image
 from anti_i2v import __version__
 from anti_i2v.config import DEFAULT_PRESET, ProtectConfig
 from anti_i2v.engine import PGDResult, StepReport, fingerprint, run_pgd
-from anti_i2v.errors import ConfigError, OutputError
+from anti_i2v.errors import OutputError
 from anti_i2v.models.base import VideoModel
 from anti_i2v.models.registry import get_spec, load_model
 from anti_i2v.objectives.anti_i2v import AntiI2VObjective
-from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity
+from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity, resolve_aux_weight
 from anti_i2v.photo import (
     BudgetReport,
     Photo,
@@ -36,7 +36,7 @@ from anti_i2v.photo import (
     resize_for_model,
     save_protected,
 )
-from anti_i2v.spaces import build_space
+from anti_i2v.spaces import space_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -110,17 +110,13 @@ def _optimise(
     if config.target is not None:
         target = load_photo(config.target).rgb.unsqueeze(0)
     aux = None
-    if config.weight_aux > 0:
-        if config.aux_model is None:
-            raise ConfigError("weight_aux > 0 needs aux_model: a hub id or folder of a CLIP vision model")
+    if config.weight_aux:
         aux = ClipEmbeddingSimilarity.from_pretrained(config.aux_model, model.device, model.dtype)
     objective = AntiI2VObjective(model, config, target=target, aux=aux)
     objective.prepare(model, x)
     if model.device.type == "cuda":
         model.release_text_encoder()
-    space = build_space(
-        config.space, dct_band=config.dct_band, dct_block=config.dct_block, dual_period=config.dual_period
-    )
+    space = space_from_config(config)
     view = None
     if config.through_resize and photo.size != tuple(model.resolution):
         full = photo.rgb.to(model.device)
@@ -185,7 +181,7 @@ def protect(
         True
     """
     began = time.perf_counter()
-    cfg = ProtectConfig.from_preset(preset, **config)
+    cfg = resolve_aux_weight(ProtectConfig.from_preset(preset, **config))
     fmt = fmt.lower().lstrip(".")
     if fmt in LOSSY_FORMATS:
         logger.warning("lossy %s output changes pixels after optimisation and weakens the protection", fmt)

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from anti_i2v.config import DEFAULT_PRESET, PRESETS, format_eps, parse_eps
-from anti_i2v.errors import AntiI2VError
+from anti_i2v.errors import AntiI2VError, ConfigError
 
 app = typer.Typer(
     add_completion=False,
@@ -43,6 +43,28 @@ def _fail(err: AntiI2VError) -> typer.Exit:
     return typer.Exit(code=err.exit_code)
 
 
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as err:
+        raise ConfigError(f"{option} takes comma-separated block indices such as -3,-2,-1 (got '{text}')") from err
+
+
+def _weights(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    weights = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in {"irc", "ira", "dm", "aux"} or not value:
+            raise ConfigError(f"--weights takes irc=, ira=, dm=, aux= entries such as irc=1,dm=0.5 (got '{item}')")
+        try:
+            weights[f"weight_{name.strip()}"] = float(value)
+        except ValueError as err:
+            raise ConfigError(f"weight '{item}' is not a number") from err
+    return weights
+
+
 def _budget_line(budget) -> str:
     mark = "[green]within[/]" if budget.within_budget else "[red]OVER[/]"
     return (
@@ -68,6 +90,15 @@ def protect(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: GPU if present).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="png (lossless, default), or jpg / webp (lossy: weakens protection).")] = "png",
+    step_size: Annotated[Optional[float], typer.Option(help="RGB step in [0,1] units (default max(0.5/255, 2.5*eps/steps)).")] = None,
+    dct_band: Annotated[float, typer.Option(help="Share of the lowest DCT frequencies per axis that may change.")] = 0.25,
+    dct_block: Annotated[int, typer.Option(help="DCT tile size; 0 for one global DCT.")] = 8,
+    dual_period: Annotated[int, typer.Option(help="Steps per stage before the dual space switches Lab <-> DCT.")] = 1,
+    weights: Annotated[Optional[str], typer.Option(help="Loss weights, e.g. irc=1,ira=1,dm=1,aux=0 (default: unit weights; aux on only if its CLIP weights are local).")] = None,
+    irc_shallow: Annotated[int, typer.Option(help="IRC anchor block (the paper's block 3).")] = 3,
+    irc_deep: Annotated[str, typer.Option(help="IRC deep blocks, negative from the end.")] = "-3,-2,-1",
+    ira_blocks: Annotated[Optional[str], typer.Option(help="IRA denoiser blocks (default: the IRC deep blocks).")] = None,
+    aux_model: Annotated[Optional[str], typer.Option(help="Hub id or folder of the CLIP vision model of the auxiliary term.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save optimisation state every N steps, to resume after a crash.")] = 0,
     sample: Annotated[bool, typer.Option("--sample", help="Protect the bundled sample portrait.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo photos already protected in --out.")] = False,
@@ -79,7 +110,7 @@ def protect(
     from anti_i2v.batch import protect_batch
     from anti_i2v.config import ProtectConfig
     from anti_i2v.models.registry import get_spec, load_model, weights_present
-    from anti_i2v.spaces import build_space
+    from anti_i2v.spaces import space_from_config
 
     sources: list[Path] = list(photos or [])
     if sample:
@@ -97,9 +128,18 @@ def protect(
             reference=reference,
             seed=seed,
             checkpoint_every=checkpoint_every,
+            step_size=step_size,
+            dct_band=dct_band,
+            dct_block=dct_block,
+            dual_period=dual_period,
+            irc_shallow=irc_shallow,
+            irc_deep=_int_list(irc_deep, "--irc-deep"),
+            ira_blocks=_int_list(ira_blocks, "--ira-blocks") if ira_blocks else None,
+            aux_model=aux_model,
+            **_weights(weights),
         )
         cfg = ProtectConfig.from_preset(preset, **{k: v for k, v in options.items() if k != "preset"})
-        build_space(cfg.space, dct_band=cfg.dct_band, dct_block=cfg.dct_block, dual_period=cfg.dual_period)
+        space_from_config(cfg)
         spec = get_spec(model)
         if spec.is_tiny:
             console.print(f"[yellow]{model}[/] has random weights: it demonstrates the pipeline and protects against nothing.")

@@ -14,6 +14,7 @@ from typing import Any
 
 from anti_i2v.errors import ConfigError
 
+DEFAULT_AUX_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_PROMPT = "a person moving naturally, looking at the camera, high quality video"
 
 # eps and steps of each preset, in [0, 1] units; shown verbatim in `anti-i2v protect --help`.
@@ -59,14 +60,15 @@ class ProtectConfig:
         step_size, lab_step_size, dct_step_size: step of each stage in its own units
             (RGB in [0, 1]; None picks the calibrated default of the space).
         dct_band: share of the lowest DCT frequencies that may change, per axis (ours: 0.25).
-        dct_block: 8 for JPEG-like 8x8 tiles, None for one global DCT (ours: 8).
+        dct_block: 8 for JPEG-like 8x8 tiles, 0 for one global DCT (ours: 8).
         dual_period: steps per stage before Dual switches (ours: 1).
         t_min, t_max: range of diffusion timesteps sampled uniformly each step.
         seed: seeds every random draw (timesteps, noise, posterior samples).
         prompt: text condition used while optimising.
         weight_irc, weight_ira, weight_dm, weight_aux: loss weights (unit weights, as
-            the paper writes the sum); the auxiliary CLIP term is off by default because
-            its feature model is not bundled.
+            the paper writes the sum). ``weight_aux=None`` (default) turns the auxiliary
+            CLIP term on with weight 1 when ``aux_model``'s weights are present locally,
+            and off (with a log line saying so) when they are not: none are bundled.
         irc_shallow, irc_deep: IRC pulls the deep blocks' features to the shallow block's.
         ira_blocks: denoiser blocks pulled toward the target image (None: irc_deep).
         ira_vae_layers: VAE-encoder layers pulled toward the target (None: all encoder blocks).
@@ -74,7 +76,7 @@ class ProtectConfig:
         reference: reference video of the diffusion loss: "repeat" (the photo over all
             frames), "generate" (one clean generation, cached) or a video file path.
         reference_steps: sampling steps when reference == "generate".
-        aux_model: hub id or folder of a CLIP vision model for the auxiliary term.
+        aux_model: hub id or local folder of the CLIP vision model of the auxiliary term.
         through_resize: optimise what the model sees after the perturbation is carried
             to the full-size photo and that photo is resized to the model's input, rather
             than the model-resolution image itself (ours; see docs/method.md).
@@ -88,7 +90,7 @@ class ProtectConfig:
     lab_step_size: float | None = None
     dct_step_size: float | None = None
     dct_band: float = 0.25
-    dct_block: int | None = 8
+    dct_block: int = 8
     dual_period: int = 1
     t_min: int = 0
     t_max: int = 999
@@ -97,7 +99,7 @@ class ProtectConfig:
     weight_irc: float = 1.0
     weight_ira: float = 1.0
     weight_dm: float = 1.0
-    weight_aux: float = 0.0
+    weight_aux: float | None = None
     irc_shallow: int = 3
     irc_deep: tuple[int, ...] = (-3, -2, -1)
     ira_blocks: tuple[int, ...] | None = None
@@ -105,7 +107,7 @@ class ProtectConfig:
     target: str | None = None
     reference: str = "repeat"
     reference_steps: int = 50
-    aux_model: str | None = None
+    aux_model: str = DEFAULT_AUX_MODEL
     through_resize: bool = True
     checkpoint_every: int = 0
 

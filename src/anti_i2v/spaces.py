@@ -33,12 +33,16 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 from kornia.color import lab_to_rgb, rgb_to_lab
 from torch import Tensor
 
 from anti_i2v.errors import ConfigError
+
+if TYPE_CHECKING:
+    from anti_i2v.config import ProtectConfig
 
 __all__ = [
     "DCT_STEP_GAIN",
@@ -57,6 +61,7 @@ __all__ = [
     "low_band_mask",
     "project",
     "rgb_step_size",
+    "space_from_config",
 ]
 
 SPACE_NAMES: tuple[str, ...] = ("rgb", "lab", "dct", "dual")
@@ -632,3 +637,10 @@ def build_space(
     if key == "dual":
         return DualSpace(LabSpace(), DCTSpace(band=dct_band, block=dct_block), period=dual_period)
     raise ConfigError(f"unknown perturbation space {name!r}; choose one of {', '.join(SPACE_NAMES)}")
+
+
+def space_from_config(config: ProtectConfig) -> PerturbationSpace:
+    """The space a `ProtectConfig` asks for (its space, DCT band and block, dual period)."""
+    return build_space(
+        config.space, dct_band=config.dct_band, dct_block=config.dct_block, dual_period=config.dual_period
+    )

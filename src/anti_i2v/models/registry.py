@@ -93,16 +93,23 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
+def available_locally(source: str | Path, index_file: str) -> bool:
+    """Whether ``source`` (a folder, or a hub id in the local cache) holds ``index_file``."""
+    if Path(source).is_dir():
+        return (Path(source) / index_file).is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(str(source), index_file), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
 def weights_present(spec: ModelSpec, path: str | Path | None = None) -> bool:
     """Whether weights for ``spec`` can be loaded without a download."""
     if spec.is_tiny:
         return True
-    if path is not None:
-        return (Path(path) / "model_index.json").is_file()
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(spec.hub_id, "model_index.json")
-    return isinstance(found, str)
+    return available_locally(path if path is not None else spec.hub_id, "model_index.json")
 
 
 def load_model(

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from anti_i2v.config import ProtectConfig
+from anti_i2v.errors import ConfigError
 from anti_i2v.models.base import VAE_PREFIX, VideoModel
 from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw
 from anti_i2v.objectives.diffusion import reference_latents
@@ -29,7 +30,7 @@ class AntiI2VObjective(Objective):
         model: the backbone, seen only through the `VideoModel` seam.
         config: weights, layer choices, prompt, reference video and seed.
         target: IRA target psi (1, 3, H, W) in [0, 1]; None uses `default_target_image`.
-        aux: the auxiliary CLIP term, required when ``config.weight_aux > 0``.
+        aux: the auxiliary CLIP term, required when ``config.weight_aux`` is non-zero.
     """
 
     def __init__(
@@ -42,7 +43,9 @@ class AntiI2VObjective(Objective):
         self.model = model
         self.config = config
         self.target = target
-        self.aux = aux if config.weight_aux > 0 else None
+        if config.weight_aux and aux is None:
+            raise ConfigError("weight_aux > 0 needs the auxiliary CLIP model (see resolve_aux_weight)")
+        self.aux = aux if config.weight_aux else None
         layers = model.layers()
         self.shallow = layers.resolve_denoiser([config.irc_shallow])[0]
         self.deep = layers.resolve_denoiser(config.irc_deep)

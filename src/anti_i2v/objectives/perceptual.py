@@ -4,17 +4,26 @@ The paper adds CLIP-feature and LPIPS distances, with an ambiguous role. Here th
 term is the cosine similarity between the CLIP image embeddings of the protected
 and the clean photo, minimised (pushed apart). LPIPS needs a pretrained network that
 is not bundled, so it is not offered. The term needs a CLIP vision model from a hub
-id or a local folder (``aux_model``); it is off by default (weight 0) because no
-such weights ship with anti-i2v.
+id or a local folder (``aux_model``); by default it is on when those weights are
+present locally and off otherwise (see `resolve_aux_weight`), since none ship with
+anti-i2v.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import logging
 
 import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionModelWithProjection
 
+from anti_i2v.config import ProtectConfig
+
 from anti_i2v.errors import ModelError
+from anti_i2v.models.registry import available_locally
+
+logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,3 +71,15 @@ class ClipEmbeddingSimilarity:
         """Mean cosine similarity to the clean embedding (minimise to push apart)."""
         assert self.reference is not None, "call prepare() first"
         return F.cosine_similarity(self.embed(x_adv), self.reference, dim=-1).mean()
+
+
+def resolve_aux_weight(config: ProtectConfig) -> ProtectConfig:
+    """Turn ``weight_aux=None`` into 1 when the CLIP weights are local, else 0 (logged)."""
+    if config.weight_aux is not None:
+        return config
+    if available_locally(config.aux_model, "config.json"):
+        return dataclasses.replace(config, weight_aux=1.0)
+    logger.info(
+        "auxiliary CLIP term off: no local weights for '%s' (pass --aux-model DIR to enable it)", config.aux_model
+    )
+    return dataclasses.replace(config, weight_aux=0.0)
