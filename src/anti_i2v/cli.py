@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from anti_i2v.config import DEFAULT_PRESET, PRESETS, format_eps, parse_eps
-from anti_i2v.errors import AntiI2VError, ConfigError
+from anti_i2v.errors import AntiI2VError, ConfigError, ModelError
 
 app = typer.Typer(
     add_completion=False,
@@ -106,10 +106,13 @@ def protect(
 ) -> None:
     """Protect photos: each is saved as <stem>_protected.png with a JSON sidecar of its figures."""
     _setup_logging(verbose)
+    import torch
+
     from anti_i2v.api import sample_photo
-    from anti_i2v.batch import protect_batch
+    from anti_i2v.batch import check_output_dir, protect_batch
     from anti_i2v.config import ProtectConfig
     from anti_i2v.models.registry import get_spec, load_model, weights_present
+    from anti_i2v.photo import load_photo
     from anti_i2v.spaces import space_from_config
 
     sources: list[Path] = list(photos or [])
@@ -140,11 +143,14 @@ def protect(
         )
         cfg = ProtectConfig.from_preset(preset, **{k: v for k, v in options.items() if k != "preset"})
         space_from_config(cfg)
+        if target is not None:
+            load_photo(target)
+        check_output_dir(out)  # before a model load that can take minutes
         spec = get_spec(model)
         if spec.is_tiny:
             console.print(f"[yellow]{model}[/] has random weights: it demonstrates the pipeline and protects against nothing.")
         elif model_path is None and not weights_present(spec) and os.environ.get("HF_HUB_OFFLINE"):
-            raise AntiI2VError(
+            raise ModelError(
                 f"no weights for '{model}' in the local cache and the hub is offline; "
                 f"download {spec.hub_id} and pass --model-path DIR"
             )
@@ -203,6 +209,13 @@ def protect(
             )
     except AntiI2VError as err:
         raise _fail(err) from None
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        raise _fail(
+            ModelError(
+                f"out of memory ({str(err).splitlines()[0][:80]}); use a GPU with more memory, "
+                "--dtype bf16, or fewer photos at once; finished photos are saved and a rerun skips them"
+            )
+        ) from None
     failed = [i for i in items if i.status == "failed"]
     done = sum(i.status == "done" for i in items)
     skipped = sum(i.status == "skipped" for i in items)
