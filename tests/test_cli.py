@@ -114,3 +114,20 @@ def test_method_options_reach_the_sidecar(tmp_path):
     assert config["space"] == "dct" and config["dct_block"] == 0 and config["dct_band"] == 0.1
     assert config["weight_irc"] == 2 and config["weight_dm"] == 0 and config["weight_aux"] == 0
     assert config["irc_deep"] == [-2, -1] and config["eps_255"] == 4 and config["seed"] == 5
+
+
+def test_photos_with_the_same_name_each_get_their_own_output(tmp_path, photos):
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.open(photos / "alice.jpg").save(photos / "alice.png")
+    Image.open(photos / "bob.png").save(other / "alice.jpg")
+    out = tmp_path / "out"
+    args = ("protect", photos / "alice.jpg", photos / "alice.png", other / "alice.jpg",
+            "--model", "tiny-cogvideox", "--steps", "1", "--out", out)
+    first = run(*args)
+    assert "3 protected, 0 skipped, 0 failed" in first.text, first.output
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["alice-jpg_protected.png", "alice-png_protected.png", "alice_protected.png"]
+    assert "0 protected, 3 skipped" in run(*args).text
+    Image.open(photos / "bob.png").save(photos / "alice.png")  # the photo itself changed
+    assert "1 protected, 2 skipped" in run(*args).text

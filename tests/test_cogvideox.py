@@ -92,13 +92,32 @@ def test_gradients_of_features_and_loss_reach_the_photo(tiny_model, portrait_sma
     assert (grad != 0).float().mean() > 0.99
 
 
-def test_feature_taps_do_not_fire_outside_capture():
+def test_feature_taps_stop_the_forward_and_leave_no_hooks_behind():
     layer = torch.nn.Linear(2, 2)
     taps = FeatureTaps({"l": layer})
     with taps.capture(stop_after="l") as feats:
         assert taps.run(lambda: layer(torch.ones(1, 2))) is None
-    assert "l" in feats
-    layer(torch.ones(1, 2))  # disarmed: no exception, nothing recorded anew
+    assert feats["l"].shape == (1, 2)
+    assert not layer._forward_hooks
+    assert layer(torch.ones(1, 2)).shape == (1, 2)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_photo_gradient(portrait_small):
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        model = CogVideoXI2V.tiny(seed=0, gradient_checkpointing=checkpointing)
+        model.condition("a person")
+        video, noise, t = _draw(model)
+        x = portrait_small.clone().requires_grad_(True)
+        encoded = model.encode_image(x, ["vae.mid_block"], torch.Generator().manual_seed(0))
+        result = model.denoise(encoded, video, t, noise, ["denoiser.3", "denoiser.6"], with_loss=True)
+        early = model.denoise(encoded, video, t, noise, ["denoiser.4"])
+        loss = result.loss + result.features["denoiser.6"].pow(2).mean() + early.features["denoiser.4"].mean()
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, x)[0])
+    assert model.transformer.gradient_checkpointing
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_generate_returns_the_models_frame_count(tiny_model, portrait_small):
@@ -131,6 +150,17 @@ def test_real_loading_path_reads_a_local_folder(tmp_path, portrait_small):
     torch.testing.assert_close(out[0], out[1])
 
 
+def test_a_text_to_video_checkpoint_is_refused(tmp_path):
+    from diffusers import CogVideoXTransformer3DModel
+
+    pipe = tiny_pipeline(seed=0)
+    config = dict(pipe.transformer.config)
+    config["in_channels"] = 4  # a text-to-video transformer takes only the noisy latents
+    pipe.transformer = CogVideoXTransformer3DModel.from_config(config)
+    with pytest.raises(ModelError, match="not an image-to-video"):
+        CogVideoXI2V(pipe)
+
+
 def test_missing_weights_and_unknown_models_fail_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no CogVideoX-I2V weights"):
@@ -139,5 +169,7 @@ def test_missing_weights_and_unknown_models_fail_clearly(tmp_path):
         load_model("cogvideox", path=tmp_path / "nope", device="cpu")
     with pytest.raises(ModelError, match="unknown model"):
         load_model("sora-9000", device="cpu")
+    with pytest.raises(ConfigError, match="unknown device"):
+        load_model("tiny-cogvideox", device="tpu9")
     with pytest.raises(ModelError, match="no CogVideoX-I2V weights"):
         load_model("cogvideox", device="cpu")  # hub id, offline, not cached

@@ -84,7 +84,7 @@ def test_every_space_runs_and_respects_the_budget(tiny_model, portrait_small):
 
 def test_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path, tiny_model, portrait_small):
     config, objective, space = _setup(tiny_model, portrait_small, steps=6, checkpoint_every=2)
-    run_id = fingerprint(portrait_small, config, tiny_model.name)
+    run_id = fingerprint(portrait_small, config, tiny_model.identity)
     ckpt = tmp_path / "run.pt"
     reference = run_pgd(objective, space, portrait_small, config, t_range=(0, 999)).x_adv
 

@@ -123,3 +123,14 @@ def test_aux_term_is_on_only_when_its_weights_are_local(tmp_path):
     assert resolve_aux_weight(ProtectConfig(aux_model=str(tmp_path / "clip"))).weight_aux == 1.0
     assert resolve_aux_weight(ProtectConfig()).weight_aux == 0.0  # default CLIP is not bundled
     assert resolve_aux_weight(ProtectConfig(weight_aux=0.5)).weight_aux == 0.5
+
+
+def test_configurations_that_cannot_optimise_are_refused(tiny_model):
+    from anti_i2v.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="every loss weight is 0"):
+        ProtectConfig(weight_irc=0, weight_ira=0, weight_dm=0, weight_aux=0)
+    with pytest.raises(ConfigError, match="neither 'repeat'"):
+        ProtectConfig(reference="somewhere/clip.mp4")
+    with pytest.raises(ConfigError, match="other than that one"):
+        AntiI2VObjective(tiny_model, ProtectConfig(irc_deep=(3,)))

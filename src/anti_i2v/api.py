@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,11 +19,12 @@ import torch
 from PIL import Image
 
 from anti_i2v import __version__
+from anti_i2v.atomic import write_json_atomic
 from anti_i2v.config import DEFAULT_PRESET, ProtectConfig
 from anti_i2v.engine import PGDResult, StepReport, fingerprint, run_pgd
 from anti_i2v.errors import OutputError
 from anti_i2v.models.base import VideoModel
-from anti_i2v.models.registry import get_spec, load_model
+from anti_i2v.models.registry import load_model
 from anti_i2v.objectives.anti_i2v import AntiI2VObjective
 from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity, resolve_aux_weight
 from anti_i2v.photo import (
@@ -40,7 +41,6 @@ from anti_i2v.spaces import space_from_config
 
 logger = logging.getLogger(__name__)
 
-LOSSY_FORMATS = {"jpg", "jpeg", "webp"}
 CHECKPOINT_DIR = ".anti-i2v-checkpoints"
 
 
@@ -63,7 +63,7 @@ class ProtectResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _sha256(path: Path | None) -> str | None:
+def file_sha256(path: Path | None) -> str | None:
     if path is None:
         return None
     digest = hashlib.sha256()
@@ -73,15 +73,25 @@ def _sha256(path: Path | None) -> str | None:
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def sidecar_path(output: Path) -> Path:
     """``<stem>_protected.json`` beside ``<stem>_protected.<ext>``."""
     return output.with_suffix(".json")
+
+
+@functools.lru_cache(maxsize=1)
+def _auxiliary_model(source: str, device: torch.device, dtype: torch.dtype) -> ClipEmbeddingSimilarity:
+    """Load the auxiliary CLIP model once per batch, not once per photo."""
+    return ClipEmbeddingSimilarity.from_pretrained(source, device, dtype)
+
+
+def _environment(model: VideoModel) -> dict[str, Any]:
+    """What bit-identical results also depend on: versions, device and thread count."""
+    return {
+        "torch": torch.__version__,
+        "device": str(model.device),
+        "cuda": torch.version.cuda if model.device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _read_image(path: Path) -> Image.Image:
@@ -111,7 +121,7 @@ def _optimise(
         target = load_photo(config.target).rgb.unsqueeze(0)
     aux = None
     if config.weight_aux:
-        aux = ClipEmbeddingSimilarity.from_pretrained(config.aux_model, model.device, model.dtype)
+        aux = _auxiliary_model(config.aux_model, model.device, model.dtype)
     objective = AntiI2VObjective(model, config, target=target, aux=aux)
     objective.prepare(model, x)
     if model.device.type == "cuda":
@@ -131,7 +141,7 @@ def _optimise(
         x,
         config,
         t_range=t_range,
-        run_id=fingerprint(x, config, model.name),
+        run_id=fingerprint(x, config, model.identity),
         keep_gray=photo.is_gray,
         view=view,
         callback=callback,
@@ -152,6 +162,7 @@ def protect(
     preset: str = DEFAULT_PRESET,
     fmt: str = "png",
     overwrite: bool = False,
+    stem: str | None = None,
     callback: Callable[[StepReport], None] | None = None,
     **config: Any,
 ) -> ProtectResult:
@@ -168,6 +179,7 @@ def protect(
         preset: "fast", "balanced" or "strong" (eps and steps; overridable).
         fmt: "png" (default, lossless) or "jpg"/"webp" (lossy; weakens protection).
         overwrite: replace an existing output file.
+        stem: output name stem (default: the photo's file stem).
         callback: called after each optimisation step with a `StepReport`.
         **config: any `ProtectConfig` field, e.g. ``eps=8/255, steps=100, seed=1``.
 
@@ -183,14 +195,12 @@ def protect(
     began = time.perf_counter()
     cfg = resolve_aux_weight(ProtectConfig.from_preset(preset, **config))
     fmt = fmt.lower().lstrip(".")
-    if fmt in LOSSY_FORMATS:
-        logger.warning("lossy %s output changes pixels after optimisation and weakens the protection", fmt)
     photo = load_photo(image)
-    vm = model if isinstance(model, VideoModel) else load_model(model, model_path, device, dtype, seed=cfg.seed)
+    vm = model if isinstance(model, VideoModel) else load_model(model, model_path, device, dtype)
     out_path = checkpoint_path = None
     if out is not None:
         out_dir = Path(out)
-        out_path = output_path_for(photo.path, out_dir, fmt)
+        out_path = output_path_for(photo.path, out_dir, fmt, stem)
         if out_path.exists() and not overwrite:
             raise OutputError(f"'{out_path}' already exists; delete it or pass overwrite=True (--overwrite)")
         if cfg.checkpoint_every:
@@ -204,16 +214,17 @@ def protect(
     save_protected(photo, protected, out_path, cfg.eps, overwrite=overwrite)
     budget = measure_budget(photo, out_path, cfg.eps)
     seconds = time.perf_counter() - began
-    spec = get_spec(vm.name) if not isinstance(model, VideoModel) else None
     record = {
         "anti_i2v_version": __version__,
         "input": str(photo.path) if photo.path else None,
-        "input_sha256": _sha256(photo.path),
+        "input_sha256": file_sha256(photo.path),
+        "input_format": photo.source_format,
+        "input_size": list(photo.size),
         "output": str(out_path),
-        "output_sha256": _sha256(out_path),
+        "output_sha256": file_sha256(out_path),
         "model": {
             "name": vm.name,
-            "source": str(model_path) if model_path else (spec.hub_id if spec else None),
+            "source": vm.source,
             "resolution": list(vm.resolution),
             "frames": vm.num_frames,
             "device": str(vm.device),
@@ -226,10 +237,11 @@ def protect(
         "loss_first": result.history[0] if result.history else None,
         "loss_last": result.history[-1] if result.history else None,
         "resumed_from_step": result.resumed_from,
+        "environment": _environment(vm),
         "seconds": round(seconds, 3),
     }
     sidecar = sidecar_path(out_path)
-    _write_json_atomic(sidecar, record)
+    write_json_atomic(sidecar, record)
     if checkpoint_path is not None and checkpoint_path.exists():
         checkpoint_path.unlink()
     return ProtectResult(_read_image(out_path), budget, out_path, sidecar, vm.name, cfg, seconds, result.history)

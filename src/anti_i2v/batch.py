@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -10,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anti_i2v.api import ProtectResult, protect, sidecar_path
+import torch
+
+from anti_i2v.api import ProtectResult, file_sha256, protect, sidecar_path
 from anti_i2v.engine import StepReport
 from anti_i2v.errors import AntiI2VError, InputError, OutputError
 from anti_i2v.models.base import VideoModel
@@ -60,10 +63,33 @@ def check_output_dir(out_dir: Path) -> None:
         raise OutputError(f"output folder '{out_dir}' is not writable; pick another --out")
 
 
-def is_done(source: Path, out_dir: Path, fmt: str) -> Path | None:
-    """The finished output for ``source`` (image and sidecar both present), if any."""
-    output = output_path_for(source, out_dir, fmt)
-    return output if output.is_file() and sidecar_path(output).is_file() else None
+def output_stems(sources: list[Path]) -> dict[Path, str]:
+    """A distinct output stem per source: ``face.jpg`` and ``face.png`` must not share one.
+
+    The first photo with a stem keeps it; later ones get the extension, then a
+    counter, appended. Sources are in a stable order, so reruns pick the same names.
+    """
+    stems: dict[Path, str] = {}
+    taken: set[str] = set()
+    for source in sources:
+        candidates = [source.stem, f"{source.stem}-{source.suffix.lstrip('.').lower()}"]
+        candidates += [f"{candidates[1]}-{n}" for n in range(2, len(sources) + 2)]
+        stem = next(c for c in candidates if c not in taken)
+        taken.add(stem)
+        stems[source] = stem
+    return stems
+
+
+def is_done(source: Path, output: Path) -> bool:
+    """Whether ``output`` and its sidecar exist and were made from this very ``source`` file."""
+    sidecar = sidecar_path(output)
+    if not (output.is_file() and sidecar.is_file() and source.is_file()):
+        return False
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("input_sha256") == file_sha256(source)
 
 
 def protect_batch(
@@ -80,28 +106,34 @@ def protect_batch(
 ) -> list[BatchItem]:
     """Protect each photo in turn, saving each as soon as it is done.
 
-    A photo whose output and sidecar already exist is skipped (unless ``overwrite``),
-    so a rerun resumes an interrupted batch; a bad photo is reported and the batch
-    goes on.
+    A photo whose output and sidecar already exist, made from the same input bytes,
+    is skipped (unless ``overwrite``), so a rerun resumes an interrupted batch. A bad
+    photo, or one that runs out of memory, is reported and the batch goes on.
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     sources = expand_inputs(inputs)
+    stems = output_stems(sources)
     items: list[BatchItem] = []
     for index, source in enumerate(sources):
         if on_start is not None:
             on_start(index, len(sources), source)
-        done = None if overwrite else is_done(source, out_dir, fmt)
-        if done is not None:
-            item = BatchItem(source, "skipped", output=done)
+        output = output_path_for(source, out_dir, fmt, stems[source])
+        if not overwrite and is_done(source, output):
+            item = BatchItem(source, "skipped", output=output)
         else:
             try:
                 if not source.exists():
                     raise InputError(f"'{source}' does not exist; check the path")
-                result = protect(source, model, out=out_dir, fmt=fmt, callback=callback, overwrite=True, **options)
+                result = protect(
+                    source, model, out=out_dir, fmt=fmt, stem=stems[source], callback=callback, overwrite=True, **options
+                )
                 item = BatchItem(source, "done", output=result.path, result=result)
             except (InputError, OutputError) as err:
                 item = BatchItem(source, "failed", error=str(err))
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                item = BatchItem(source, "failed", error="out of GPU memory for this photo; try a smaller copy")
             except AntiI2VError:
                 raise  # model or configuration errors concern every photo: stop the batch
         items.append(item)

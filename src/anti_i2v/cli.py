@@ -86,7 +86,7 @@ def protect(
     prompt: Annotated[Optional[str], typer.Option(help="Text prompt the attacker is assumed to use.")] = None,
     target: Annotated[Optional[Path], typer.Option(help="IRA target image (default: a generated pattern).")] = None,
     reference: Annotated[str, typer.Option(help="Reference video of the diffusion loss: repeat | generate | FILE.")] = "repeat",
-    seed: Annotated[int, typer.Option(help="Seed of every random draw: same photo, config and seed give the same file.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of every random draw: same photo, config and seed give the same file on this machine.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: GPU if present).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="png (lossless, default), or jpg / webp (lossy: weakens protection).")] = "png",
@@ -112,7 +112,7 @@ def protect(
     from anti_i2v.batch import check_output_dir, protect_batch
     from anti_i2v.config import ProtectConfig
     from anti_i2v.models.registry import get_spec, load_model, weights_present
-    from anti_i2v.photo import load_photo
+    from anti_i2v.photo import load_photo, output_path_for
     from anti_i2v.spaces import space_from_config
 
     sources: list[Path] = list(photos or [])
@@ -145,6 +145,7 @@ def protect(
         space_from_config(cfg)
         if target is not None:
             load_photo(target)
+        output_path_for(None, out, fmt)  # checks the format
         check_output_dir(out)  # before a model load that can take minutes
         spec = get_spec(model)
         if spec.is_tiny:
@@ -155,9 +156,11 @@ def protect(
                 f"download {spec.hub_id} and pass --model-path DIR"
             )
         with console.status(f"loading {model}"):
-            video_model = load_model(model, model_path, device, dtype, seed=seed)
+            video_model = load_model(model, model_path, device, dtype)
     except AntiI2VError as err:
         raise _fail(err) from None
+    except torch.OutOfMemoryError:
+        raise _fail(ModelError(f"'{model}' does not fit in this GPU's memory; try --dtype bf16 or a larger GPU")) from None
 
     console.print(
         f"protecting {len(sources)} input(s) against [bold]{model}[/] "
@@ -209,13 +212,6 @@ def protect(
             )
     except AntiI2VError as err:
         raise _fail(err) from None
-    except (MemoryError, torch.OutOfMemoryError) as err:
-        raise _fail(
-            ModelError(
-                f"out of memory ({str(err).splitlines()[0][:80]}); use a GPU with more memory, "
-                "--dtype bf16, or fewer photos at once; finished photos are saved and a rerun skips them"
-            )
-        ) from None
     failed = [i for i in items if i.status == "failed"]
     done = sum(i.status == "done" for i in items)
     skipped = sum(i.status == "skipped" for i in items)

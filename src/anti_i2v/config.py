@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from anti_i2v.errors import ConfigError
@@ -121,6 +122,12 @@ class ProtectConfig:
             raise ConfigError(f"dct_band is a share of frequencies in (0, 1] (got {self.dct_band})")
         if self.dual_period < 1:
             raise ConfigError(f"dual_period must be at least 1 (got {self.dual_period})")
+        if not (self.weight_irc or self.weight_ira or self.weight_dm or self.weight_aux):
+            raise ConfigError("every loss weight is 0, so there is nothing to optimise; keep at least one non-zero")
+        if self.reference not in ("repeat", "generate") and not Path(self.reference).is_file():
+            raise ConfigError(
+                f"reference '{self.reference}' is neither 'repeat', 'generate' nor an existing video file"
+            )
         self.irc_deep = tuple(self.irc_deep)
         if self.ira_blocks is not None:
             self.ira_blocks = tuple(self.ira_blocks)

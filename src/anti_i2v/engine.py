@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from anti_i2v.atomic import write_atomic
 from anti_i2v.config import ProtectConfig
 from anti_i2v.objectives.base import Objective, draw_step
 from anti_i2v.spaces import PerturbationSpace, project
@@ -51,21 +51,18 @@ class PGDResult:
     resumed_from: int = 0
 
 
-def fingerprint(x: torch.Tensor, config: ProtectConfig, model_name: str) -> str:
-    """Identity of a run: the clean image, every setting and the model."""
+def fingerprint(x: torch.Tensor, config: ProtectConfig, model_id: str) -> str:
+    """Identity of a run: the clean image, every setting and the model (name, weights, dtype)."""
     digest = hashlib.sha256(x.detach().float().cpu().numpy().tobytes())
     record = {k: v for k, v in config.to_dict().items() if k != "checkpoint_every"}
     digest.update(json.dumps(record, sort_keys=True, default=str).encode())
-    digest.update(model_name.encode())
+    digest.update(model_id.encode())
     return digest.hexdigest()
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write the loop state atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path | None, run_id: str) -> dict | None:
@@ -74,10 +71,14 @@ def load_checkpoint(path: Path | None, run_id: str) -> dict | None:
         return None
     try:
         state = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError) as err:
-        logger.warning("ignoring unreadable checkpoint %s (%s)", path, err)
+    except Exception as err:  # noqa: BLE001 - any unreadable file means: start afresh
+        logger.warning("ignoring unreadable checkpoint %s (%s)", path, type(err).__name__)
         return None
-    if state.get("run_id") != run_id:
+    expected = {"run_id", "step", "x_adv", "generator", "history"}
+    if not isinstance(state, dict) or not expected <= state.keys():
+        logger.warning("ignoring checkpoint %s: not an anti-i2v checkpoint", path)
+        return None
+    if state["run_id"] != run_id:
         logger.warning("ignoring checkpoint %s: it belongs to another photo or configuration", path)
         return None
     return state

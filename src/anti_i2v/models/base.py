@@ -70,9 +70,9 @@ class FeatureTaps:
     """Forward hooks that record chosen modules' outputs and can stop the forward early.
 
     ``stop_after`` names the module after which the forward pass is abandoned (the
-    deepest tapped block when the prediction is not needed). Hooks only fire while
-    the taps are armed (inside `capture`), so gradient-checkpoint recomputation in
-    the backward pass neither records nor stops anything.
+    deepest tapped block when the prediction is not needed). Hooks exist only inside
+    `capture`, so gradient-checkpoint recomputation in the backward pass (which runs
+    after it) neither records nor stops anything.
 
     Example:
         >>> taps = FeatureTaps({"denoiser.3": model.blocks[3]})
@@ -83,14 +83,11 @@ class FeatureTaps:
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
-        self._armed = False
         self._stop_after: str | None = None
         self._store: dict[str, torch.Tensor] = {}
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            if not self._armed:
-                return
             tensor = output[0] if isinstance(output, (tuple, list)) else output
             self._store[name] = tensor
             if name == self._stop_after:
@@ -100,15 +97,13 @@ class FeatureTaps:
 
     @contextlib.contextmanager
     def capture(self, stop_after: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Arm the hooks for one forward pass; yields the dict that fills with features."""
+        """Hook the modules for one forward pass; yields the dict that fills with features."""
         handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
         self._store = {}
         self._stop_after = stop_after
-        self._armed = True
         try:
             yield self._store
         finally:
-            self._armed = False
             for h in handles:
                 h.remove()
 
@@ -129,6 +124,7 @@ class VideoModel(ABC):
     """
 
     name: str
+    source: str = "built in code"  # hub id or folder the weights came from
     resolution: tuple[int, int]
     num_frames: int
     num_train_timesteps: int = 1000
@@ -191,6 +187,11 @@ class VideoModel(ABC):
         guidance_scale: float = 6.0,
     ) -> torch.Tensor:
         """Sample a video with the real pipeline; returns frames (F, 3, H, W) in [0, 1]."""
+
+    @property
+    def identity(self) -> str:
+        """Name, weights and precision: what makes two models give the same results."""
+        return f"{self.name}|{self.source}|{self.dtype}"
 
     # Convenience wrappers over the two primitives above.
 

@@ -219,6 +219,11 @@ class CogVideoXI2V(VideoModel):
                 f"'{name}' is a CogVideoX 1.5 checkpoint; this adapter serves the CogVideoX 1.0 "
                 f"I2V layout ({HUB_ID})"
             )
+        if cfg.in_channels != 2 * self.vae.config.latent_channels:
+            raise ModelError(
+                f"'{name}' is not an image-to-video CogVideoX checkpoint (its transformer takes "
+                f"{cfg.in_channels} channels, not noisy + image latents); use {HUB_ID} or a copy of it"
+            )
         scale = pipe.vae_scale_factor_spatial
         self.resolution = (cfg.sample_height * scale, cfg.sample_width * scale)
         self.num_frames = cfg.sample_frames
@@ -347,7 +352,7 @@ class CogVideoXI2V(VideoModel):
         """Scaled posterior-mode latents (1, F_latent, C, h, w) of frames (F, 3, H, W) in [0, 1]."""
         pixels = (frames.to(self._device, self._dtype) * 2 - 1).permute(1, 0, 2, 3).unsqueeze(0)
         latents = self.vae.encode(pixels).latent_dist.mode()
-        return (latents.permute(0, 2, 1, 3, 4) * self.vae.config.scaling_factor).detach()
+        return self._scale(latents.permute(0, 2, 1, 3, 4)).detach()
 
     def denoise(
         self,

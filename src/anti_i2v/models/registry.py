@@ -25,7 +25,6 @@ class ModelSpec:
     """One entry of the registry."""
 
     name: str
-    family: str
     hub_id: str | None  # None for tiny variants built in code
     description: str
     build: Callable[..., VideoModel]
@@ -35,7 +34,7 @@ class ModelSpec:
         return self.hub_id is None
 
 
-def _cogvideox(source: str | None, device: torch.device, dtype: torch.dtype, seed: int) -> VideoModel:
+def _cogvideox(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
     from anti_i2v.models.cogvideox import CogVideoXI2V
 
     return CogVideoXI2V.from_pretrained(
@@ -43,10 +42,11 @@ def _cogvideox(source: str | None, device: torch.device, dtype: torch.dtype, see
     )
 
 
-def _tiny_cogvideox(source: str | None, device: torch.device, dtype: torch.dtype, seed: int) -> VideoModel:
+def _tiny_cogvideox(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
     from anti_i2v.models.cogvideox import CogVideoXI2V
 
-    return CogVideoXI2V.tiny(seed=seed, device=device)
+    # fixed weights: the tiny model is one model, whatever seed the protection uses
+    return CogVideoXI2V.tiny(seed=0, device=device)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -54,14 +54,12 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec(
             "cogvideox",
-            "cogvideox",
             "THUDM/CogVideoX-5b-I2V",
             "CogVideoX-5B image-to-video, 480x720, 49 frames (the paper's main backbone)",
             _cogvideox,
         ),
         ModelSpec(
             "tiny-cogvideox",
-            "cogvideox",
             None,
             "CogVideoX-I2V layout with random weights, 64x96, 9 frames: demonstrates the pipeline, protects against nothing",
             _tiny_cogvideox,
@@ -117,11 +115,13 @@ def load_model(
     path: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: str | None = None,
-    seed: int = 0,
 ) -> VideoModel:
     """Build the adapter for ``name``: tiny in code, or released weights (hub id or ``path``)."""
     spec = get_spec(name)
-    device = torch.device(device) if device is not None else default_device()
+    try:
+        device = torch.device(device) if device is not None else default_device()
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     torch_dtype = parse_dtype(dtype, device)
@@ -132,4 +132,6 @@ def load_model(
             raise ModelError(f"--model-path '{path}' is not a folder; point it at the downloaded weights")
     source = str(path) if path is not None else spec.hub_id
     logger.info("loading %s from %s on %s (%s)", name, source or "code", device, torch_dtype)
-    return spec.build(source, device, torch_dtype, seed)
+    model = spec.build(source, device, torch_dtype)
+    model.source = source or "built in code"
+    return model

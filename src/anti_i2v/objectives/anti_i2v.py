@@ -49,6 +49,10 @@ class AntiI2VObjective(Objective):
         layers = model.layers()
         self.shallow = layers.resolve_denoiser([config.irc_shallow])[0]
         self.deep = layers.resolve_denoiser(config.irc_deep)
+        if config.weight_irc and not set(self.deep) - {self.shallow}:
+            raise ConfigError(
+                f"IRC pulls deep blocks to block {config.irc_shallow}: give --irc-deep blocks other than that one"
+            )
         self.ira_blocks = layers.resolve_denoiser(config.ira_blocks if config.ira_blocks is not None else config.irc_deep)
         self.vae_layers = [
             n if n.startswith(VAE_PREFIX) else VAE_PREFIX + n

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageSequence
 
+from anti_i2v.atomic import write_atomic
 from anti_i2v.errors import ConfigError, InputError
 from anti_i2v.models.base import VideoModel
 
@@ -34,28 +35,31 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _read_frames(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix.lower() in {".mp4", ".mov", ".mkv", ".avi", ".webm"}:
+        import imageio.v3 as iio
+
+        return iio.imread(path)
+    with Image.open(path) as im:
+        return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+
+
 def read_video_file(path: Path) -> torch.Tensor:
     """Frames (F, 3, H, W) in [0, 1] from an animation, a .npy array or a video file."""
     if not path.is_file():
         raise InputError(f"reference video '{path}' does not exist; pass an existing file or 'repeat'")
-    if path.suffix.lower() == ".npy":
-        array = np.load(path, allow_pickle=False)
-    elif path.suffix.lower() in {".mp4", ".mov", ".mkv", ".avi", ".webm"}:
-        try:
-            import imageio.v3 as iio
-        except ImportError as err:
-            raise InputError(
-                "reading video files needs imageio: pip install 'imageio[ffmpeg]', "
-                "or pass an animated GIF/WebP or a .npy array"
-            ) from err
-        array = iio.imread(path)
-    else:
-        try:
-            with Image.open(path) as im:
-                array = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
-        except OSError as err:
-            raise InputError(f"cannot read reference video '{path}': {err}") from err
-    if array.ndim != 4 or array.shape[-1] != 3:
+    try:
+        array = _read_frames(path)
+    except ImportError as err:
+        raise InputError(
+            "reading video files needs imageio: pip install 'imageio[ffmpeg]', "
+            "or pass an animated GIF/WebP or a .npy array"
+        ) from err
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read reference video '{path}': {str(err).splitlines()[0]}") from err
+    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype.kind not in "uif":
         raise InputError(f"reference video '{path}' must hold RGB frames (F, H, W, 3), got {array.shape}")
     frames = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
     return frames.float() / 255 if array.dtype == np.uint8 else frames.float().clamp(0, 1)
@@ -81,7 +85,7 @@ def reference_latents(
         return model.encode_video(model.repeat_frames(x))
     if reference == "generate":
         key = hashlib.sha256()
-        for part in (model.name, prompt, str(seed), str(steps), str(tuple(x.shape))):
+        for part in (model.identity, prompt, str(seed), str(steps), str(tuple(x.shape))):
             key.update(part.encode())
         key.update(x.detach().float().cpu().numpy().tobytes())
         path = cache_dir() / "reference" / f"{key.hexdigest()[:32]}.pt"
@@ -90,10 +94,7 @@ def reference_latents(
         else:
             logger.info("generating the clean reference video (cached at %s)", path)
             frames = model.generate(x, prompt, steps=steps, seed=seed)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(frames, tmp)
-            os.replace(tmp, path)
+            write_atomic(path, lambda tmp: torch.save(frames, tmp))
         return model.encode_video(fit_frames(frames, model.num_frames, model.resolution))
     path = Path(reference)
     if not path.suffix:

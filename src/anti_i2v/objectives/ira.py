@@ -42,4 +42,4 @@ def ira_loss(
     features: dict[str, torch.Tensor], target_features: dict[str, torch.Tensor], names: list[str]
 ) -> torch.Tensor:
     """Sum over ``names`` of the relative squared distance to the target's features."""
-    return sum(relative_sq_distance(features[n], target_features[n].detach()) for n in names)
+    return torch.stack([relative_sq_distance(features[n], target_features[n].detach()) for n in names]).sum()

@@ -20,4 +20,7 @@ from anti_i2v.objectives.base import relative_sq_distance
 def irc_loss(features: dict[str, torch.Tensor], shallow: str, deep: list[str]) -> torch.Tensor:
     """Sum over ``deep`` of the relative squared distance to the (detached) ``shallow`` features."""
     anchor = features[shallow].detach()
-    return sum(relative_sq_distance(features[name], anchor) for name in deep if name != shallow)
+    terms = [relative_sq_distance(features[name], anchor) for name in deep if name != shallow]
+    if not terms:
+        raise ValueError("IRC needs at least one deep block other than the shallow one")
+    return torch.stack(terms).sum()
