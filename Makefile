@@ -31,7 +31,7 @@ test: install-test
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
 
 bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_protect.py
+	cd benchmarks && HF_HUB_OFFLINE=1 ../$(BIN)/python bench_protect.py
 
 clean:
 	rm -rf $(VENV) protected

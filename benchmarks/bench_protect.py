@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from anti_i2v.config import ProtectConfig  # noqa: E402
+from anti_i2v.config import DEFAULT_PROMPT, ProtectConfig  # noqa: E402
 from anti_i2v.engine import run_pgd  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
 from anti_i2v.models.cogvideox import FULL_TRANSFORMER, FULL_VAE, CogVideoXI2V, random_pipeline  # noqa: E402
@@ -38,7 +38,7 @@ def _peak_rss_mb() -> float:
 def time_steps(model: VideoModel, steps: int, warmup: int = 2) -> dict:
     """Run warm-up steps, then time ``steps`` steps of the full Anti-I2V objective."""
     x = torch.rand(1, 3, *model.resolution, generator=torch.Generator().manual_seed(0)).to(model.device)
-    config = ProtectConfig(steps=warmup, prompt="a person talking")
+    config = ProtectConfig(steps=warmup)
     objective = AntiI2VObjective(model, config)
     objective.prepare(model, x)
     space = build_space("dual")
@@ -48,7 +48,7 @@ def time_steps(model: VideoModel, steps: int, warmup: int = 2) -> dict:
         torch.cuda.synchronize()
         prepare_peak = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    config = ProtectConfig(steps=steps, prompt="a person talking")
+    config = ProtectConfig(steps=steps)
     began = time.perf_counter()
     run_pgd(objective, space, x, config, t_range=(0, 999))
     if cuda:
@@ -81,7 +81,7 @@ def full_size_cogvideox(gradient_checkpointing: bool) -> CogVideoXI2V:
         gradient_checkpointing=gradient_checkpointing,
     )
     embeds = torch.randn(1, FULL_TRANSFORMER["max_text_seq_length"], FULL_TRANSFORMER["text_embed_dim"])
-    model.use_prompt_embeds(embeds, label="a person talking")
+    model.use_prompt_embeds(embeds, label=DEFAULT_PROMPT)  # stands in for the encoded default prompt
     return model
 
 

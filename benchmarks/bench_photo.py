@@ -1,0 +1,72 @@
+"""End to end: one photo through `anti_i2v.protect` (load, optimise, carry, save, re-measure).
+
+Prints JSON: wall seconds, seconds per step, peak memory and the budget measured on
+the saved file, for ``tiny-cogvideox`` on every available device and, with a CUDA
+GPU, for the full-size CogVideoX-5B-I2V configuration with random weights.
+
+    python benchmarks/bench_photo.py [--steps 4] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import anti_i2v  # noqa: E402
+from anti_i2v.models.base import VideoModel  # noqa: E402
+from bench_protect import full_size_cogvideox  # noqa: E402
+
+
+def run_photo(model: str | VideoModel, device: str, steps: int) -> dict:
+    """Protect the bundled sample photo once and report time, memory and budget."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as out:
+        began = time.perf_counter()
+        result = anti_i2v.protect(anti_i2v.sample_photo(), model, out=out, device=device, steps=steps)
+        seconds = time.perf_counter() - began
+    record = {
+        "model": result.model,
+        "device": device,
+        "steps": steps,
+        "wall_seconds": round(seconds, 2),
+        "photo_size": list(result.image.size),
+        "budget": result.budget.to_dict(),
+        "loss_first": result.history[0],
+        "loss_last": result.history[-1],
+    }
+    if device == "cuda":
+        record["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    else:
+        record["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return record
+
+
+def main() -> None:
+    """Print one JSON document with every run this machine allows."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    runs = [run_photo("tiny-cogvideox", "cpu", args.steps)]
+    if torch.cuda.is_available():
+        runs.append(run_photo("tiny-cogvideox", "cuda", args.steps))
+        runs.append(run_photo(full_size_cogvideox(gradient_checkpointing=True), "cuda", args.steps))
+    text = json.dumps({"torch": torch.__version__, "runs": runs}, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
