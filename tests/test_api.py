@@ -92,3 +92,19 @@ def test_bad_settings_fail_before_any_work(photo_path, tiny_model):
         anti_i2v.protect(photo_path, tiny_model, stepz=3)
     with pytest.raises(InputError):
         anti_i2v.protect(photo_path.with_name("missing.jpg"), tiny_model)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "P", "CMYK"])
+def test_other_photo_modes_are_protected_within_budget(tmp_path, photo_path, tiny_model, mode):
+    source = Image.open(photo_path)
+    if mode == "I;16":
+        gray = np.asarray(source.convert("L"), dtype=np.uint16) * 257
+        Image.fromarray(gray).save(tmp_path / "photo.png")
+    else:
+        source.convert(mode).save(tmp_path / ("photo.jpg" if mode == "CMYK" else "photo.png"))
+    path = next(tmp_path.glob("photo.*"))
+    result = anti_i2v.protect(path, tiny_model, out=tmp_path / "out", steps=2)
+    assert result.budget.within_budget and result.image.size == (150, 120)
+    saved = Image.open(result.path)
+    if mode in ("L", "I;16"):
+        assert saved.mode == mode  # gray stays gray, 16-bit stays 16-bit
