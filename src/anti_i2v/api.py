@@ -115,6 +115,7 @@ def _optimise(
     checkpoint_path: Path | None,
 ) -> tuple[torch.Tensor, PGDResult]:
     """Run the Anti-I2V optimisation at model resolution; returns the full-size protected RGB."""
+    space = space_from_config(config)  # fails fast on a bad space, before any model work
     x = resize_for_model(photo.rgb, *model.resolution).to(model.device)
     target = None
     if config.target is not None:
@@ -126,7 +127,6 @@ def _optimise(
     objective.prepare(model, x)
     if model.device.type == "cuda":
         model.release_text_encoder()
-    space = space_from_config(config)
     view = None
     if config.through_resize and photo.size != tuple(model.resolution):
         full = photo.rgb.to(model.device)
