@@ -173,3 +173,15 @@ def test_missing_weights_and_unknown_models_fail_clearly(tmp_path):
         load_model("tiny-cogvideox", device="tpu9")
     with pytest.raises(ModelError, match="no CogVideoX-I2V weights"):
         load_model("cogvideox", device="cpu")  # hub id, offline, not cached
+
+
+def test_noise_prediction_is_the_v_prediction_in_noise_space(tiny_model, portrait_small):
+    video, noise, t = _draw(tiny_model, t=300)
+    encoded = tiny_model.encode_image(portrait_small, (), torch.Generator().manual_seed(0))
+    result = tiny_model.denoise(encoded, video, t, noise, with_loss=True, with_eps=True)
+    a = tiny_model.scheduler.alphas_cumprod[300]
+    noisy = a.sqrt() * video + (1 - a).sqrt() * noise
+    v_pred = (result.eps - (1 - a).sqrt() * noisy) / a.sqrt()
+    v_target = a.sqrt() * noise - (1 - a).sqrt() * video
+    torch.testing.assert_close(torch.nn.functional.mse_loss(v_pred, v_target), result.loss, rtol=1e-4, atol=1e-6)
+    assert tiny_model.image_embedding(portrait_small) is None

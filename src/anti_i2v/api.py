@@ -25,7 +25,7 @@ from anti_i2v.engine import PGDResult, StepReport, fingerprint, run_pgd
 from anti_i2v.errors import OutputError
 from anti_i2v.models.base import VideoModel
 from anti_i2v.models.registry import load_model
-from anti_i2v.objectives.anti_i2v import AntiI2VObjective
+from anti_i2v.methods import get_method
 from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity, resolve_aux_weight
 from anti_i2v.photo import (
     BudgetReport,
@@ -107,6 +107,14 @@ def _budget_in_memory(photo: Photo, protected: torch.Tensor, eps: float) -> tupl
         return _read_image(path), measure_budget(photo, path, eps)
 
 
+def random_protection(photo: Photo, config: ProtectConfig) -> torch.Tensor:
+    """The photo plus uniform noise in [-eps, eps] at full resolution (gray stays gray)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    channels = 1 if photo.is_gray else 3
+    noise = (torch.rand((channels, *photo.size), generator=generator) * 2 - 1) * config.eps
+    return (photo.rgb + noise.expand_as(photo.rgb)).clamp(0, 1)
+
+
 def _optimise(
     model: VideoModel,
     photo: Photo,
@@ -116,14 +124,17 @@ def _optimise(
 ) -> tuple[torch.Tensor, PGDResult]:
     """Run the Anti-I2V optimisation at model resolution; returns the full-size protected RGB."""
     space = space_from_config(config)  # fails fast on a bad space, before any model work
+    method = get_method(config.method)
     x = resize_for_model(photo.rgb, *model.resolution).to(model.device)
+    if method.build is None:
+        return random_protection(photo, config), PGDResult(x_adv=x)
     target = None
     if config.target is not None:
         target = load_photo(config.target).rgb.unsqueeze(0)
     aux = None
     if config.weight_aux:
         aux = _auxiliary_model(config.aux_model, model.device, model.dtype)
-    objective = AntiI2VObjective(model, config, target=target, aux=aux)
+    objective = method.build(model, config, target, aux)
     objective.prepare(model, x)
     if model.device.type == "cuda":
         model.release_text_encoder()
@@ -181,7 +192,8 @@ def protect(
         overwrite: replace an existing output file.
         stem: output name stem (default: the photo's file stem).
         callback: called after each optimisation step with a `StepReport`.
-        **config: any `ProtectConfig` field, e.g. ``eps=8/255, steps=100, seed=1``.
+        **config: any `ProtectConfig` field, e.g. ``eps=8/255, steps=100, seed=1``, or
+            ``method="advdm"`` for a baseline or ablation (see `anti_i2v.methods`).
 
     Returns:
         `ProtectResult` with the protected image and the budget measured on the saved
@@ -230,7 +242,7 @@ def protect(
             "device": str(vm.device),
             "dtype": str(vm.dtype).removeprefix("torch."),
         },
-        "method": "anti-i2v",
+        "method": cfg.method,
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "budget": budget.to_dict(),

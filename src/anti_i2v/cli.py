@@ -82,7 +82,8 @@ def protect(
     preset: Annotated[str, typer.Option(help=f"Strength preset ({_PRESET_HELP}).")] = DEFAULT_PRESET,
     eps: Annotated[Optional[str], typer.Option(help="L-inf budget in [0,1] pixel units, e.g. 8/255 (default 8/255).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimisation steps (overrides the preset).")] = None,
-    space: Annotated[str, typer.Option(help="Perturbation space: dual | lab | dct | rgb.")] = "dual",
+    method: Annotated[str, typer.Option(help="anti-i2v (default), an ablation (anti-i2v-rgb, -lab, -dct, -irc, -ira) or a baseline (advdm, mist, photoguard, sds, clip-embed, random).")] = "anti-i2v",
+    space: Annotated[Optional[str], typer.Option(help="Perturbation space: dual | lab | dct | rgb (default: the method's, dual for anti-i2v).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Text prompt the attacker is assumed to use.")] = None,
     target: Annotated[Optional[Path], typer.Option(help="IRA target image (default: a generated pattern).")] = None,
     reference: Annotated[str, typer.Option(help="Reference video of the diffusion loss: repeat | generate | FILE.")] = "repeat",
@@ -125,6 +126,7 @@ def protect(
     try:
         options = dict(
             preset=preset,
+            method=method,
             eps=parse_eps(eps) if eps is not None else None,
             steps=steps,
             space=space,

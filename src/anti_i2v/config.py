@@ -54,6 +54,7 @@ class ProtectConfig:
     """All settings of one protection; `to_dict` is the reproducible record.
 
     Attributes:
+        method: protection method (see `anti_i2v.methods`): "anti-i2v", an ablation or a baseline.
         eps: L-infinity budget in [0, 1] units, checked on the saved file.
         steps: sign-PGD steps.
         space: where the perturbation lives: "dual" (Lab a*b* and DCT low band,
@@ -84,6 +85,7 @@ class ProtectConfig:
         checkpoint_every: save optimisation state every N steps (0: never).
     """
 
+    method: str = "anti-i2v"
     eps: float = PRESETS[DEFAULT_PRESET]["eps"]
     steps: int = PRESETS[DEFAULT_PRESET]["steps"]
     space: str = "dual"
@@ -136,11 +138,19 @@ class ProtectConfig:
 
     @classmethod
     def from_preset(cls, preset: str = DEFAULT_PRESET, **overrides: Any) -> ProtectConfig:
-        """A config from a named preset, with explicit values taking precedence."""
+        """A config from a named preset and method, with explicit values taking precedence.
+
+        The method's own settings (e.g. the space of an ablation) sit between the
+        preset and the explicit values.
+        """
+        from anti_i2v.methods import get_method
+
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        explicit = {k: v for k, v in overrides.items() if v is not None}
         values = dict(PRESETS[preset])
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update(get_method(explicit.get("method", "anti-i2v")).overrides)
+        values.update(explicit)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown setting(s) {sorted(unknown)}; see ProtectConfig for the list")

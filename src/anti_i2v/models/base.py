@@ -52,10 +52,15 @@ class ModelLayers:
 
 @dataclass
 class DenoiserResult:
-    """What one denoiser pass returns: tapped features, and the loss when it was asked for."""
+    """What one denoiser pass returns: tapped features, and what else was asked for.
+
+    ``loss`` is the model's own training loss; ``eps`` the prediction converted to
+    noise space (whatever the model predicts), for score-based attacks such as SDS.
+    """
 
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None
+    eps: torch.Tensor | None = None
 
 
 @dataclass
@@ -169,12 +174,12 @@ class VideoModel(ABC):
         noise: torch.Tensor,
         taps: Sequence[str] = (),
         with_loss: bool = False,
+        with_eps: bool = False,
     ) -> DenoiserResult:
         """One denoiser pass on the noised reference video conditioned on ``image``.
 
-        Returns the tapped block outputs; when ``with_loss`` is False the pass stops
-        after the deepest tap. With ``with_loss`` the model's own training loss
-        is returned as well.
+        Returns the tapped block outputs; unless the loss or the noise prediction
+        (``with_loss``, ``with_eps``) is asked for, the pass stops after the deepest tap.
         """
 
     @abstractmethod
@@ -239,3 +244,8 @@ class VideoModel(ABC):
 
     def release_text_encoder(self) -> None:
         """Free the text encoder once the conditioning is cached (no-op by default)."""
+
+    def image_embedding(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The model's own image-encoder embedding of ``x`` (e.g. CLIP), differentiable;
+        None for models that condition on the image through the VAE only."""
+        return None

@@ -362,8 +362,9 @@ class CogVideoXI2V(VideoModel):
         noise: torch.Tensor,
         taps: Sequence[str] = (),
         with_loss: bool = False,
+        with_eps: bool = False,
     ) -> DenoiserResult:
-        """One transformer pass; stops after the deepest tap unless the loss is wanted."""
+        """One transformer pass; stops after the deepest tap unless the output is wanted."""
         prompt_embeds = self._require_condition()
         batch = image.latents.shape[0]
         t = t.to(self._device).long().reshape(-1).expand(batch)
@@ -375,7 +376,8 @@ class CogVideoXI2V(VideoModel):
         order = {n: i for i, n in enumerate(self.layers().denoiser)}
         deepest = max(taps, key=order.__getitem__) if taps else None
         tapper = FeatureTaps({n: self._module(n) for n in taps})
-        with tapper.capture(stop_after=None if with_loss else deepest) as feats:
+        need_output = with_loss or with_eps
+        with tapper.capture(stop_after=None if need_output else deepest) as feats:
             output = tapper.run(
                 lambda: self.transformer(
                     hidden_states=model_input,
@@ -385,12 +387,16 @@ class CogVideoXI2V(VideoModel):
                     return_dict=False,
                 )
             )
-        loss = None
-        if with_loss:
+        result = DenoiserResult(dict(feats))
+        if need_output:
             prediction = output[0].float()
-            target = self.scheduler.get_velocity(video_latents.float(), noise.float(), t)
-            loss = F.mse_loss(prediction, target)
-        return DenoiserResult(dict(feats), loss)
+            if with_loss:
+                target = self.scheduler.get_velocity(video_latents.float(), noise.float(), t)
+                result.loss = F.mse_loss(prediction, target)
+            if with_eps:
+                alpha = self.scheduler.alphas_cumprod.to(prediction.device, prediction.dtype)[t].view(-1, 1, 1, 1, 1)
+                result.eps = alpha.sqrt() * prediction + (1 - alpha).sqrt() * noisy.float()
+        return result
 
     @torch.no_grad()
     def generate(
