@@ -132,3 +132,31 @@ def test_photos_with_the_same_name_each_get_their_own_output(tmp_path, photos):
     assert "0 protected, 3 skipped" in run(*args).text
     Image.open(photos / "bob.png").save(photos / "alice.png")  # the photo itself changed
     assert "1 protected, 2 skipped" in run(*args).text
+
+
+def test_verify_and_evaluate_run_from_the_command_line(tmp_path, photos):
+    protected = tmp_path / "p"
+    assert run("protect", photos / "alice.jpg", "--model", "tiny-cogvideox", "--steps", "2", "--out", protected).exit_code == 0
+    result = run("verify", photos / "alice.jpg", protected / "alice_protected.png", "--model", "tiny-cogvideox",
+                 "--steps", "2", "--purify", "jpeg75", "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    assert "protected+jpeg75" in result.text and "worst case" in result.text and "random weights" in result.text
+    assert (tmp_path / "report" / "report.md").is_file()
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    (photos / "alice.jpg").rename(dataset / "alice.jpg")
+    result = run("evaluate", dataset, "--model", "tiny-cogvideox", "--methods", "anti-i2v,random", "--steps", "2",
+                 "--generation-steps", "2", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "eval" / "tiny-cogvideox" / "table.md").is_file()
+
+
+def test_verify_and_evaluate_refuse_bad_input_in_one_line(tmp_path, photos):
+    result = run("verify", photos / "alice.jpg", photos / "bob.png", "--model", "tiny-cogvideox", "--steps", "1",
+                 "--purify", "none", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "compare a photo with its own protected copy" in result.text
+    result = run("verify", photos / "alice.jpg", photos / "alice.jpg", "--model", "tiny-cogvideox", "--purify", "sharpen")
+    assert result.exit_code == 2 and "unknown purification" in result.text
+    result = run("evaluate", photos, "--model", "tiny-cogvideox", "--methods", "anti-i2v,glaze")
+    assert result.exit_code == 2 and "unknown method 'glaze'" in result.text
+    assert "Traceback" not in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a hidden temp file beside ``path``, fsync it, rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keep the suffix: some writers pick formats by it
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
@@ -24,7 +25,18 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every inf/nan float replaced by None, so that it is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, record: dict[str, Any]) -> Path:
-    """Write ``record`` as indented, standard JSON (no NaN/Infinity) atomically."""
-    text = json.dumps(record, indent=2, default=str, allow_nan=False) + "\n"
+    """Write ``record`` as indented, standard JSON (inf/nan become null) atomically."""
+    text = json.dumps(json_safe(record), indent=2, default=str, allow_nan=False) + "\n"
     return write_atomic(path, lambda tmp: tmp.write_text(text))

@@ -109,12 +109,9 @@ def protect(
 ) -> None:
     """Protect photos: each is saved as <stem>_protected.png with a JSON sidecar of its figures."""
     _setup_logging(verbose)
-    import torch
-
     from anti_i2v.api import sample_photo
     from anti_i2v.batch import check_output_dir, protect_batch
     from anti_i2v.config import ProtectConfig
-    from anti_i2v.models.registry import get_spec, load_model, weights_present
     from anti_i2v.photo import load_photo, output_path_for
     from anti_i2v.spaces import space_from_config
 
@@ -153,20 +150,9 @@ def protect(
             load_photo(target)
         output_path_for(None, out, fmt)  # checks the format
         check_output_dir(out)  # before a model load that can take minutes
-        spec = get_spec(model)
-        if spec.is_tiny:
-            console.print(f"[yellow]{model}[/] has random weights: it demonstrates the pipeline and protects against nothing.")
-        elif model_path is None and not weights_present(spec) and os.environ.get("HF_HUB_OFFLINE"):
-            raise ModelError(
-                f"no weights for '{model}' in the local cache and the hub is offline; "
-                f"download {spec.hub_id} and pass --model-path DIR"
-            )
-        with console.status(f"loading {model}"):
-            video_model = load_model(model, model_path, device, dtype)
     except AntiI2VError as err:
         raise _fail(err) from None
-    except torch.OutOfMemoryError:
-        raise _fail(ModelError(f"'{model}' does not fit in this GPU's memory; try --dtype bf16 or a larger GPU")) from None
+    video_model = _load_for_cli(model, model_path, device, dtype)
 
     console.print(
         f"protecting {len(sources)} input(s) against [bold]{model}[/] "
@@ -224,6 +210,185 @@ def protect(
     console.print(f"{done} protected, {skipped} skipped, {len(failed)} failed; outputs in {out}")
     if failed:
         raise typer.Exit(code=1)
+
+
+def _require_eval_extras() -> None:
+    """End with one line when the evaluation extras are not installed."""
+    import importlib.util
+
+    missing = [m for m in ("cv2", "dlib", "skimage", "imageio") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _fail(AntiI2VError(f"this command needs the evaluation extras (missing {', '.join(missing)}): "
+                                 "pip install 'anti-i2v[eval]'"))
+
+
+def _load_for_cli(model: str, model_path: Path | None, device: str | None, dtype: str | None):
+    """Load a model for a command, or end with one line saying why not."""
+    import torch
+
+    from anti_i2v.models.registry import get_spec, load_model, weights_present
+
+    try:
+        spec = get_spec(model)
+        if spec.is_tiny:
+            console.print(f"[yellow]{model}[/] has random weights: it demonstrates the pipeline and protects against nothing.")
+        elif model_path is None and not weights_present(spec) and os.environ.get("HF_HUB_OFFLINE"):
+            raise ModelError(
+                f"no weights for '{model}' in the local cache and the hub is offline; "
+                f"download {spec.hub_id} and pass --model-path DIR"
+            )
+        with console.status(f"loading {model}"):
+            return load_model(model, model_path, device, dtype)
+    except AntiI2VError as err:
+        raise _fail(err) from None
+    except torch.OutOfMemoryError:
+        raise _fail(ModelError(f"'{model}' does not fit in this GPU's memory; try --dtype bf16 or a larger GPU")) from None
+
+
+_TINY_NOTE = (
+    "This report used a model with random weights: it shows the pipeline works, and says nothing about "
+    "how well the photo is protected against real models."
+)
+
+
+@app.command()
+def verify(
+    original: Annotated[Path, typer.Argument(help="The original photo.")],
+    protected: Annotated[Path, typer.Argument(help="Its protected copy.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to generate with (`anti-i2v models`).")] = "cogvideox",
+    model_path: Annotated[Optional[Path], typer.Option(help="Local folder of the model's weights.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt of the generations (default: the protection's default).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed, the same for every video.")] = 0,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 6.0,
+    purify: Annotated[str, typer.Option(help="Purifications to test, comma-separated, 'default' or 'none'.")] = "default",
+    dino_model: Annotated[Optional[str], typer.Option(help="DINO model for the DINO score (hub id or folder).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("report"),
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Generate videos from the original, the protected photo and purified copies; report whether protection holds."""
+    _setup_logging(verbose)
+    _require_eval_extras()
+    from anti_i2v.config import DEFAULT_PROMPT
+    from anti_i2v.evaluation.generate import GenerationSettings
+    from anti_i2v.evaluation.metrics.dino import DEFAULT_DINO
+    from anti_i2v.evaluation.purify import DEFAULT_BATTERY, PURIFIER_NAMES, diffpure_available
+    from anti_i2v.evaluation.scoring import VideoScorer
+    from anti_i2v.evaluation.verify import TABLE_METRICS, verify as run_verify
+    from anti_i2v.photo import load_photo
+
+    try:
+        names = {"default": list(DEFAULT_BATTERY), "none": []}.get(purify)
+        if names is None:
+            names = [n.strip() for n in purify.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(PURIFIER_NAMES))
+        if unknown:
+            raise ConfigError(f"unknown purification(s) {', '.join(unknown)}; choose from {', '.join(PURIFIER_NAMES)}")
+        if "diffpure" in names and not diffpure_available():
+            raise ModelError("diffpure needs an image diffusion model's weights locally; drop it from --purify")
+        load_photo(original), load_photo(protected)
+    except AntiI2VError as err:
+        raise _fail(err) from None
+    video_model = _load_for_cli(model, model_path, device, dtype)
+    settings = GenerationSettings(prompt=prompt or DEFAULT_PROMPT, seed=seed, steps=steps, guidance_scale=guidance)
+    total = 2 + len(names)
+    with console.status("generating") as status:
+        done = []
+
+        def on_video(name: str) -> None:
+            done.append(name)
+            status.update(f"generating video {len(done)}/{total}: {name}")
+
+        try:
+            report = run_verify(
+                original, protected, video_model, out, settings, names,
+                scorer=VideoScorer(dino=dino_model or DEFAULT_DINO, device=video_model.device),
+                on_video=on_video,
+                note=_TINY_NOTE if video_model.source == "built in code" else None,
+            )
+        except AntiI2VError as err:
+            raise _fail(err) from None
+
+    metrics = [m for m in TABLE_METRICS if any(m in r["scores"] for r in report["runs"].values())]
+    table = Table(title=f"{protected.name} against {model}")
+    table.add_column("video", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    headers = {"warp_error": "warp", "psnr_to_clean_video": "PSNR→clean", "qalign_video": "Q-Align"}
+    for m in metrics:
+        table.add_column(headers.get(m, m), justify="right", no_wrap=True)
+    colours = {"protected": "green", "not protected": "red", "frozen": "yellow"}
+    for name, run in report["runs"].items():
+        colour = colours.get(run["verdict"], "white")
+        cells = [f"{run['scores'][m]:.3g}" if m in run["scores"] else "-" for m in metrics]
+        table.add_row(name, f"[{colour}]{run['verdict']}[/]", *cells)
+    console.print(table)
+    for name, why in report["skipped_metrics"].items():
+        console.print(f"[dim]{name} not computed: {why}[/]")
+    console.print(f"worst case: {report['worst_case']}; report in {out}/report.md")
+    if report.get("note"):
+        console.print(f"[yellow]{report['note']}[/]")
+
+
+@app.command()
+def evaluate(
+    dataset: Annotated[Path, typer.Argument(help="Folder of photos.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model(s) to protect against and generate with, comma-separated.")] = "cogvideox",
+    methods: Annotated[str, typer.Option(help="Methods, comma-separated (anti-i2v, ablations, advdm, mist, photoguard, sds, clip-embed, random).")] = "anti-i2v,advdm,mist,photoguard,sds,random",
+    prompts: Annotated[Optional[Path], typer.Option(help="CSV (image,prompt) or JSON-lines prompts file.")] = None,
+    eps: Annotated[str, typer.Option(help="L-inf budget in [0,1] pixel units, the same for every method.")] = "8/255",
+    steps: Annotated[int, typer.Option(help="Optimisation steps, the same for every method.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of protection and generation.")] = 0,
+    generation_steps: Annotated[int, typer.Option(help="Sampling steps of each generated video.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 6.0,
+    purify: Annotated[str, typer.Option(help="Purifications applied after protection, comma-separated, or 'none'.")] = "none",
+    model_path: Annotated[Optional[Path], typer.Option(help="Local folder of the weights (one model only).")] = None,
+    dino_model: Annotated[Optional[str], typer.Option(help="DINO model for the DINO score (hub id or folder).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path("evaluation"),
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Protect a data set with each method under one budget, generate, measure, and tabulate per model."""
+    _setup_logging(verbose)
+    _require_eval_extras()
+    from anti_i2v.evaluation.evaluate import evaluate as run_evaluate
+    from anti_i2v.evaluation.evaluate import read_dataset
+    from anti_i2v.evaluation.metrics.dino import DEFAULT_DINO
+    from anti_i2v.evaluation.purify import PURIFIER_NAMES
+    from anti_i2v.evaluation.scoring import VideoScorer
+    from anti_i2v.methods import parse_methods
+
+    try:
+        budget = parse_eps(eps)
+        chosen = parse_methods(methods)
+        samples = read_dataset(dataset, prompts)
+        purifiers = [] if purify == "none" else [p.strip() for p in purify.split(",") if p.strip()]
+        unknown = sorted(set(purifiers) - set(PURIFIER_NAMES))
+        if unknown:
+            raise ConfigError(f"unknown purification(s) {', '.join(unknown)}; choose from {', '.join(PURIFIER_NAMES)}")
+        names = [m.strip() for m in model.split(",") if m.strip()]
+        if model_path is not None and len(names) > 1:
+            raise ConfigError("--model-path serves one model; evaluate several models from the hub cache")
+    except AntiI2VError as err:
+        raise _fail(err) from None
+    for name in names:
+        video_model = _load_for_cli(name, model_path, device, dtype)
+        console.print(f"evaluating {len(samples)} photo(s) x {len(chosen)} method(s) on [bold]{name}[/]")
+        with console.status("working") as status:
+            try:
+                table = run_evaluate(
+                    samples, video_model, chosen, out, eps=budget, steps=steps, seed=seed,
+                    generation_steps=generation_steps, guidance_scale=guidance, purifiers=purifiers,
+                    scorer=VideoScorer(dino=dino_model or DEFAULT_DINO, device=video_model.device),
+                    on_item=lambda item: status.update(f"{name}: {item}"),
+                )
+            except AntiI2VError as err:
+                raise _fail(err) from None
+        console.print(f"{name}: {len(table)} rows; table in {out / name / 'table.md'}")
+        if video_model.source == "built in code":
+            console.print(f"[yellow]{_TINY_NOTE}[/]")
 
 
 @app.command()

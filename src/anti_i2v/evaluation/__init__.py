@@ -1,0 +1,1 @@
+"""Evaluation of protected photos: purification counter-attacks and protection metrics."""

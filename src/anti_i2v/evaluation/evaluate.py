@@ -1,0 +1,217 @@
+"""`evaluate`: protect a data set with several methods, generate, measure, tabulate.
+
+Layout of the output folder, per model::
+
+    <out>/<model>/protected/<method>/<stem>_protected.png (+ .json sidecar)
+    <out>/<model>/results.jsonl     one row per (photo, method, purification), appended
+    <out>/<model>/table.md, table.json   mean and worst case per method, every metric
+
+Every method runs with the same budget, steps and seed. Rows already in
+``results.jsonl`` are not computed again, so an interrupted evaluation resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from anti_i2v.api import protect
+from anti_i2v.atomic import json_safe, write_atomic, write_json_atomic
+from anti_i2v.batch import expand_inputs, is_done
+from anti_i2v.config import DEFAULT_PROMPT
+from anti_i2v.errors import AntiI2VError, InputError
+from anti_i2v.evaluation.generate import GenerationSettings, generate_video
+from anti_i2v.evaluation.metrics.fidelity import fidelity
+from anti_i2v.evaluation.purify import build_purifier
+from anti_i2v.evaluation.scoring import SCORED_METRICS, VideoScorer, verdict
+from anti_i2v.methods import Method
+from anti_i2v.models.base import VideoModel
+from anti_i2v.photo import load_photo, output_path_for
+
+logger = logging.getLogger(__name__)
+
+CLEAN = "clean"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One photo of the data set and the prompt to animate it with."""
+
+    path: Path
+    prompt: str
+
+
+def read_dataset(folder: str | Path, prompts: str | Path | None = None) -> list[Sample]:
+    """Photos of ``folder`` with their prompts.
+
+    ``prompts`` is a CSV with columns ``image,prompt`` or a JSON-lines file of
+    ``{"image": ..., "prompt": ...}``; ``image`` is a file name in the folder. Photos
+    without a prompt get the default prompt.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"data set '{folder}' is not a folder of photos")
+    table: dict[str, str] = {}
+    if prompts is not None:
+        path = Path(prompts)
+        if not path.is_file():
+            raise InputError(f"prompts file '{path}' does not exist")
+        try:
+            if path.suffix.lower() in {".jsonl", ".json"}:
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            else:
+                with open(path, newline="") as handle:
+                    rows = list(csv.DictReader(handle))
+            table = {Path(str(r["image"])).name: str(r["prompt"]) for r in rows}
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError(f"cannot read prompts from '{path}': need columns/keys image and prompt ({err})") from err
+    samples = [Sample(p, table.get(p.name, DEFAULT_PROMPT)) for p in expand_inputs([folder])]
+    if not samples:
+        raise InputError(f"data set '{folder}' holds no photos")
+    return samples
+
+
+def _load_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            logger.warning("ignoring a damaged line of %s", path)
+    return rows
+
+
+def _append_row(path: Path, rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
+    """Append one result durably; keep in memory exactly what a resumed run will read back."""
+    row = json_safe(row)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    rows.append(row)
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method (and purification): mean and worst case over photos of every metric.
+
+    The worst case of a metric is its value on the photo where protection was weakest
+    by that metric (the maximum for metrics where lower means protected).
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        name = row["method"] + (f"+{row['purify']}" if row.get("purify") else "")
+        groups.setdefault(name, []).append(row)
+    table = {}
+    for name, members in groups.items():
+        values: dict[str, list[float]] = {}
+        for row in members:
+            for metric, value in {**row["scores"], **(row.get("fidelity") or {})}.items():
+                if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                    values.setdefault(metric, []).append(float(value))
+        summary: dict[str, Any] = {"photos": len(members)}
+        for metric, vals in values.items():
+            spec = SCORED_METRICS.get(metric)
+            worst = min if spec is not None and spec.protection_direction == "higher" else max
+            finite = [v for v in vals if math.isfinite(v)]
+            summary[metric] = {"mean": sum(finite) / len(finite) if finite else None, "worst": worst(vals)}
+        verdicts = [row["verdict"] for row in members]
+        summary["protected_share"] = verdicts.count("protected") / len(verdicts)
+        summary["frozen"] = verdicts.count("frozen")
+        table[name] = summary
+    return table
+
+
+def markdown_table(model: str, table: dict[str, dict[str, Any]]) -> str:
+    """The summary as a Markdown table: mean (worst) per metric, one row per method."""
+    metrics = sorted({m for s in table.values() for m, v in s.items() if isinstance(v, dict)})
+    lines = [
+        f"# {model}: mean (worst case per photo)",
+        "",
+        "| method | photos | protected | frozen | " + " | ".join(metrics) + " |",
+        "|---|---|---|---|" + "---|" * len(metrics),
+    ]
+    for name, s in table.items():
+        cells = []
+        for m in metrics:
+            entry = s.get(m)
+            if not entry or entry["mean"] is None:
+                cells.append("-")
+            else:
+                cells.append(f"{entry['mean']:.3f} ({entry['worst']:.3f})")
+        lines.append(f"| {name} | {s['photos']} | {s['protected_share']:.0%} | {s['frozen']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    samples: Sequence[Sample],
+    model: VideoModel,
+    methods: Sequence[Method],
+    out_dir: str | Path,
+    *,
+    eps: float,
+    steps: int,
+    seed: int = 0,
+    generation_steps: int = 50,
+    guidance_scale: float = 6.0,
+    purifiers: Sequence[str] = (),
+    scorer: VideoScorer | None = None,
+    on_item: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Protect, generate and score every (photo, method[, purification]); returns the summary table."""
+    root = Path(out_dir) / model.name
+    root.mkdir(parents=True, exist_ok=True)
+    results = root / "results.jsonl"
+    rows = _load_rows(results)
+    done = {(r["image"], r["method"], r.get("purify")) for r in rows}
+    scorer = scorer if scorer is not None else VideoScorer(device=model.device)
+    cache = root / ".videos"
+    for sample in samples:
+        settings = GenerationSettings(sample.prompt, seed, generation_steps, guidance_scale)
+        original = load_photo(sample.path)
+        clean_video = generate_video(model, original.rgb, settings, cache)
+        scorer.prepare(original.rgb, clean_video)
+        clean_scores = scorer.score(clean_video)
+        if (sample.path.name, CLEAN, None) not in done:
+            row = {"image": sample.path.name, "method": CLEAN, "purify": None, "scores": clean_scores,
+                   "verdict": "reference", "fidelity": None, "settings": asdict(settings)}
+            _append_row(results, rows, row)
+        for method in methods:
+            keys = [(sample.path.name, method.name, p) for p in (None, *purifiers)]
+            if all(k in done for k in keys):
+                continue
+            if on_item is not None:
+                on_item(f"{sample.path.name} / {method.name}")
+            folder = root / "protected" / method.name
+            output = output_path_for(sample.path, folder, "png")
+            try:
+                if not is_done(sample.path, output):
+                    protect(sample.path, model, out=folder, method=method.name, eps=eps, steps=steps, seed=seed,
+                            prompt=sample.prompt, overwrite=True)
+            except AntiI2VError as err:
+                logger.warning("%s on %s: %s", method.name, sample.path.name, err)
+                continue
+            protected = load_photo(output)
+            image_fidelity = fidelity(original.rgb, protected.rgb)
+            for key in keys:
+                if key in done:
+                    continue
+                purify = key[2]
+                image = protected.rgb if purify is None else build_purifier(purify, device=model.device)(protected.rgb, seed)
+                scores = scorer.score(generate_video(model, image, settings, cache))
+                row = {"image": sample.path.name, "method": method.name, "purify": purify, "scores": scores,
+                       "verdict": verdict(scores, clean_scores), "fidelity": image_fidelity}
+                _append_row(results, rows, row)
+    table = summarise(rows)
+    write_json_atomic(root / "table.json", {"model": model.name, "eps": eps, "steps": steps, "seed": seed,
+                                             "skipped_metrics": scorer.skipped, "table": table})
+    write_atomic(root / "table.md", lambda tmp: tmp.write_text(markdown_table(model.name, table)))
+    return table

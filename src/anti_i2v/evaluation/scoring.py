@@ -1,0 +1,135 @@
+"""Score generated videos against the clean photo and the clean generation.
+
+`VideoScorer` loads each metric's model once, skips (with one line saying why) the
+metrics whose weights are not present, and returns plain dicts. `verdict` turns a
+row of scores into a short judgement, with thresholds stated in `VERDICT_RULES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from anti_i2v.errors import InputError, ModelError
+from anti_i2v.evaluation.metrics import ALL_METRICS
+from anti_i2v.evaluation.metrics.base import MetricSpec, Skipped
+from anti_i2v.evaluation.metrics.dino import DEFAULT_DINO, DinoSimilarity, dino_available
+from anti_i2v.evaluation.metrics.identity import identity_scores, shared_faces
+from anti_i2v.evaluation.metrics.quality import DEFAULT_QALIGN, FaceQuality, QAlign
+from anti_i2v.evaluation.metrics.temporal import is_frozen, motion_magnitude, warp_error
+
+logger = logging.getLogger(__name__)
+
+ISM_DROP = 0.1  # dlib scale: same person ~0.95-0.99, other people ~0.75-0.9
+DINO_DROP = 0.15
+VERDICT_RULES = (
+    f"protected: the video lost the identity (ISM at least {ISM_DROP} below the clean video's, or no face in half "
+    f"the frames) or, when the clean video shows no face, its DINO similarity fell at least {DINO_DROP} below "
+    "the clean video's; "
+    "frozen: the video hardly moves (counted apart, never as a success); "
+    "not protected: neither; unknown: no identity or DINO score could be computed"
+)
+
+
+PSNR_TO_CLEAN = MetricSpec(
+    name="psnr_to_clean_video",
+    description="PSNR in dB between this generated video and the one generated from the clean photo",
+    range=(0.0, math.inf),
+    higher_means="the video is closer to the clean generation",
+    protection_direction="lower",
+)
+SCORED_METRICS: dict[str, MetricSpec] = {**ALL_METRICS, PSNR_TO_CLEAN.name: PSNR_TO_CLEAN}
+
+
+def video_psnr(video: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR (dB, data range 1) between two videos of the same shape; inf when identical."""
+    mse = float((video.float() - reference.float()).pow(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+class VideoScorer:
+    """All available metrics of a generated video, relative to the clean photo and video.
+
+    Args:
+        dino: hub id or folder of a DINO(v2) model, or None to skip DINO.
+        qalign: hub id or folder of Q-Align, or None to skip it.
+        face_quality: path of a face-quality TorchScript model, or None for the default place.
+        device: where the feature models run.
+    """
+
+    def __init__(
+        self,
+        dino: str | None = DEFAULT_DINO,
+        qalign: str | None = DEFAULT_QALIGN,
+        face_quality: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.skipped: dict[str, str] = {}
+        self.dino = None
+        if dino is not None and dino_available(dino):
+            self.dino = DinoSimilarity.from_pretrained(dino, device=device)
+        else:
+            self.skipped["dino"] = f"no local weights for '{dino}' (download them or pass --dino-model DIR)"
+        self.qalign = self._optional("qalign", lambda: QAlign.from_pretrained(qalign, device=device), qalign)
+        self.face_quality = self._optional("face_quality", lambda: FaceQuality.from_file(face_quality, device=device), True)
+        self.clean_photo: torch.Tensor | None = None
+        self.clean_video: torch.Tensor | None = None
+
+    def _optional(self, name: str, load, wanted) -> object | None:
+        if not wanted:
+            self.skipped[name] = "turned off"
+            return None
+        try:
+            return load()
+        except (Skipped, ModelError) as reason:
+            self.skipped[name] = str(reason)
+            return None
+
+    def prepare(self, clean_photo: torch.Tensor, clean_video: torch.Tensor) -> None:
+        """Set the clean photo (3, H, W) and the clean generation (F, 3, h, w) to compare with."""
+        self.clean_photo = clean_photo
+        self.clean_video = clean_video
+        if shared_faces().embed(clean_photo) is None:
+            self.skipped["ism"] = self.skipped["fdfr"] = "no face found in the clean photo"
+        else:
+            self.skipped.pop("ism", None)
+            self.skipped.pop("fdfr", None)
+
+    def score(self, video: torch.Tensor) -> dict[str, float]:
+        """Every available metric of ``video`` (F, 3, h, w) in [0, 1]."""
+        assert self.clean_photo is not None and self.clean_video is not None, "call prepare() first"
+        scores: dict[str, float] = {}
+        if "ism" not in self.skipped:
+            try:
+                scores.update(identity_scores(video, self.clean_photo))
+            except InputError as err:
+                self.skipped["ism"] = self.skipped["fdfr"] = str(err)
+        if self.dino is not None:
+            scores["dino"] = self.dino(video, self.clean_photo)
+        if self.qalign is not None:
+            scores["qalign_frame"], scores["qalign_video"] = self.qalign(video)
+        if self.face_quality is not None:
+            try:
+                scores["face_quality"] = self.face_quality(video)
+            except (ModelError, InputError) as err:
+                self.skipped["face_quality"] = str(err)
+        scores["warp_error"] = warp_error(video)
+        scores["motion"] = motion_magnitude(video)
+        scores["frozen"] = float(is_frozen(video))
+        if video.shape == self.clean_video.shape:
+            scores["psnr_to_clean_video"] = video_psnr(video, self.clean_video)
+        return scores
+
+
+def verdict(scores: dict[str, float], clean: dict[str, float]) -> str:
+    """"protected", "frozen", "not protected" or "unknown" by `VERDICT_RULES`."""
+    if scores.get("frozen") and not clean.get("frozen"):
+        return "frozen"
+    if "ism" in scores and "ism" in clean and clean.get("fdfr", 1.0) < 1.0:  # the clean video shows the face
+        lost = scores["ism"] <= clean["ism"] - ISM_DROP or scores.get("fdfr", 0) >= max(0.5, clean.get("fdfr", 0) + 0.25)
+        return "protected" if lost else "not protected"
+    if "dino" in scores and "dino" in clean:
+        return "protected" if scores["dino"] <= clean["dino"] - DINO_DROP else "not protected"
+    return "unknown"
