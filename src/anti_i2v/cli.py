@@ -222,6 +222,21 @@ def _require_eval_extras() -> None:
                                  "pip install 'anti-i2v[eval]'"))
 
 
+def _purifier_names(text: str, diffpure_model: str | None) -> list[str]:
+    """``default``, ``none`` or a comma list -> checked purification names."""
+    from anti_i2v.evaluation.purify import DEFAULT_BATTERY, PURIFIER_NAMES, diffpure_available
+
+    names = {"default": list(DEFAULT_BATTERY), "none": []}.get(text)
+    if names is None:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(PURIFIER_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown purification(s) {', '.join(unknown)}; choose from {', '.join(PURIFIER_NAMES)}")
+    if "diffpure" in names and not diffpure_available(diffpure_model):
+        raise ModelError("diffpure needs an image diffusion model's weights locally (--diffpure-model DIR)")
+    return names
+
+
 def _load_for_cli(model: str, model_path: Path | None, device: str | None, dtype: str | None):
     """Load a model for a command, or end with one line saying why not."""
     import torch
@@ -263,6 +278,7 @@ def verify(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 6.0,
     purify: Annotated[str, typer.Option(help="Purifications to test, comma-separated, 'default' or 'none'.")] = "default",
     dino_model: Annotated[Optional[str], typer.Option(help="DINO model for the DINO score (hub id or folder).")] = None,
+    diffpure_model: Annotated[Optional[str], typer.Option(help="Image diffusion model of the diffpure purification.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("report"),
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
@@ -274,20 +290,12 @@ def verify(
     from anti_i2v.config import DEFAULT_PROMPT
     from anti_i2v.evaluation.generate import GenerationSettings
     from anti_i2v.evaluation.metrics.dino import DEFAULT_DINO
-    from anti_i2v.evaluation.purify import DEFAULT_BATTERY, PURIFIER_NAMES, diffpure_available
     from anti_i2v.evaluation.scoring import VideoScorer
     from anti_i2v.evaluation.verify import TABLE_METRICS, verify as run_verify
     from anti_i2v.photo import load_photo
 
     try:
-        names = {"default": list(DEFAULT_BATTERY), "none": []}.get(purify)
-        if names is None:
-            names = [n.strip() for n in purify.split(",") if n.strip()]
-        unknown = sorted(set(names) - set(PURIFIER_NAMES))
-        if unknown:
-            raise ConfigError(f"unknown purification(s) {', '.join(unknown)}; choose from {', '.join(PURIFIER_NAMES)}")
-        if "diffpure" in names and not diffpure_available():
-            raise ModelError("diffpure needs an image diffusion model's weights locally; drop it from --purify")
+        names = _purifier_names(purify, diffpure_model)
         load_photo(original), load_photo(protected)
     except AntiI2VError as err:
         raise _fail(err) from None
@@ -306,6 +314,7 @@ def verify(
                 original, protected, video_model, out, settings, names,
                 scorer=VideoScorer(dino=dino_model or DEFAULT_DINO, device=video_model.device),
                 on_video=on_video,
+                diffpure_model=diffpure_model,
                 note=_TINY_NOTE if video_model.source == "built in code" else None,
             )
         except AntiI2VError as err:
@@ -345,6 +354,7 @@ def evaluate(
     purify: Annotated[str, typer.Option(help="Purifications applied after protection, comma-separated, or 'none'.")] = "none",
     model_path: Annotated[Optional[Path], typer.Option(help="Local folder of the weights (one model only).")] = None,
     dino_model: Annotated[Optional[str], typer.Option(help="DINO model for the DINO score (hub id or folder).")] = None,
+    diffpure_model: Annotated[Optional[str], typer.Option(help="Image diffusion model of the diffpure purification.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path("evaluation"),
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
@@ -356,7 +366,6 @@ def evaluate(
     from anti_i2v.evaluation.evaluate import evaluate as run_evaluate
     from anti_i2v.evaluation.evaluate import read_dataset
     from anti_i2v.evaluation.metrics.dino import DEFAULT_DINO
-    from anti_i2v.evaluation.purify import PURIFIER_NAMES
     from anti_i2v.evaluation.scoring import VideoScorer
     from anti_i2v.methods import parse_methods
 
@@ -364,10 +373,7 @@ def evaluate(
         budget = parse_eps(eps)
         chosen = parse_methods(methods)
         samples = read_dataset(dataset, prompts)
-        purifiers = [] if purify == "none" else [p.strip() for p in purify.split(",") if p.strip()]
-        unknown = sorted(set(purifiers) - set(PURIFIER_NAMES))
-        if unknown:
-            raise ConfigError(f"unknown purification(s) {', '.join(unknown)}; choose from {', '.join(PURIFIER_NAMES)}")
+        purifiers = _purifier_names(purify, diffpure_model)
         names = [m.strip() for m in model.split(",") if m.strip()]
         if model_path is not None and len(names) > 1:
             raise ConfigError("--model-path serves one model; evaluate several models from the hub cache")
@@ -383,6 +389,7 @@ def evaluate(
                     generation_steps=generation_steps, guidance_scale=guidance, purifiers=purifiers,
                     scorer=VideoScorer(dino=dino_model or DEFAULT_DINO, device=video_model.device),
                     on_item=lambda item: status.update(f"{name}: {item}"),
+                    diffpure_model=diffpure_model,
                 )
             except AntiI2VError as err:
                 raise _fail(err) from None

@@ -165,6 +165,7 @@ def evaluate(
     purifiers: Sequence[str] = (),
     scorer: VideoScorer | None = None,
     on_item: Callable[[str], None] | None = None,
+    diffpure_model: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Protect, generate and score every (photo, method[, purification]); returns the summary table."""
     root = Path(out_dir) / model.name
@@ -205,7 +206,10 @@ def evaluate(
                 if key in done:
                     continue
                 purify = key[2]
-                image = protected.rgb if purify is None else build_purifier(purify, device=model.device)(protected.rgb, seed)
+                if purify is None:
+                    image = protected.rgb
+                else:
+                    image = build_purifier(purify, diffpure_model=diffpure_model, device=model.device)(protected.rgb, seed)
                 scores = scorer.score(generate_video(model, image, settings, cache))
                 row = {"image": sample.path.name, "method": method.name, "purify": purify, "scores": scores,
                        "verdict": verdict(scores, clean_scores), "fidelity": image_fidelity}

@@ -95,11 +95,13 @@ def verify(
     scorer: VideoScorer | None = None,
     on_video: Callable[[str], None] | None = None,
     note: str | None = None,
+    diffpure_model: str | None = None,
 ) -> dict[str, Any]:
     """Generate and score videos from the original, the protected photo and its purified copies.
 
     Returns the report (also written to ``out_dir/report.json``). ``on_video`` is called
-    with each video's name before it is generated (for progress display).
+    with each video's name before it is generated (for progress display);
+    ``diffpure_model`` is the image diffusion model of the "diffpure" purification.
     """
     clean_photo, protected_photo = load_photo(original), load_photo(protected)
     if clean_photo.size != protected_photo.size:
@@ -111,7 +113,9 @@ def verify(
     cache = out_dir / ".videos"
     images = {CLEAN: clean_photo.rgb, PROTECTED: protected_photo.rgb}
     for name in purifiers:
-        images[f"{PROTECTED}+{name}"] = build_purifier(name, device=model.device)(protected_photo.rgb, settings.seed)
+        images[f"{PROTECTED}+{name}"] = build_purifier(name, diffpure_model=diffpure_model, device=model.device)(
+            protected_photo.rgb, settings.seed
+        )
     videos = {}
     for name, image in images.items():
         if on_video is not None:
