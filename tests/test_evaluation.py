@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import anti_i2v
+from anti_i2v.errors import ConfigError
 from anti_i2v.evaluation.evaluate import evaluate, read_dataset, summarise
 from anti_i2v.evaluation.generate import GenerationSettings
 from anti_i2v.evaluation.scoring import VideoScorer, verdict
@@ -88,6 +89,9 @@ def test_evaluation_tabulates_resumes_and_anti_i2v_beats_random_noise(tmp_path, 
                      generation_steps=2, purifiers=["jpeg75"], scorer=scorer)
     assert calls == [] and again == table
     assert len((root / "results.jsonl").read_text().splitlines()) == len(rows)
+    with pytest.raises(ConfigError, match="other settings \\(eps\\)"):
+        evaluate(samples, tiny_model, methods, tmp_path / "eval", eps=4 / 255, steps=12, generation_steps=2,
+                 scorer=scorer)
 
 
 def test_summary_worst_case_is_the_weakest_photo():

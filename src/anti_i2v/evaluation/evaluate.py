@@ -26,7 +26,7 @@ from anti_i2v.api import protect
 from anti_i2v.atomic import json_safe, write_atomic, write_json_atomic
 from anti_i2v.batch import expand_inputs, is_done
 from anti_i2v.config import DEFAULT_PROMPT
-from anti_i2v.errors import AntiI2VError, InputError
+from anti_i2v.errors import AntiI2VError, ConfigError, InputError
 from anti_i2v.evaluation.generate import GenerationSettings, generate_video
 from anti_i2v.evaluation.metrics.fidelity import fidelity
 from anti_i2v.evaluation.purify import build_purifier
@@ -100,6 +100,20 @@ def _append_row(path: Path, rows: list[dict[str, Any]], row: dict[str, Any]) -> 
     rows.append(row)
 
 
+def _check_same_run(path: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix results of different settings in one folder; record them on first use."""
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != json.loads(json.dumps(settings)):
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise ConfigError(
+                f"'{path.parent}' holds an evaluation with other settings ({', '.join(changed)}); "
+                "pass another --out or delete that folder"
+            )
+    else:
+        write_json_atomic(path, settings)
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method (and purification): mean and worst case over photos of every metric.
 
@@ -170,6 +184,10 @@ def evaluate(
     """Protect, generate and score every (photo, method[, purification]); returns the summary table."""
     root = Path(out_dir) / model.name
     root.mkdir(parents=True, exist_ok=True)
+    _check_same_run(root / "run.json", {
+        "model": model.identity, "eps": eps, "steps": steps, "seed": seed,
+        "generation_steps": generation_steps, "guidance_scale": guidance_scale,
+    })
     results = root / "results.jsonl"
     rows = _load_rows(results)
     done = {(r["image"], r["method"], r.get("purify")) for r in rows}
@@ -216,6 +234,7 @@ def evaluate(
                 _append_row(results, rows, row)
     table = summarise(rows)
     write_json_atomic(root / "table.json", {"model": model.name, "eps": eps, "steps": steps, "seed": seed,
-                                             "skipped_metrics": scorer.skipped, "table": table})
+                                             "identity_model": scorer.identity_model, "skipped_metrics": scorer.skipped,
+                                             "table": table})
     write_atomic(root / "table.md", lambda tmp: tmp.write_text(markdown_table(model.name, table)))
     return table

@@ -16,7 +16,7 @@ from anti_i2v.errors import InputError, ModelError
 from anti_i2v.evaluation.metrics import ALL_METRICS
 from anti_i2v.evaluation.metrics.base import MetricSpec, Skipped
 from anti_i2v.evaluation.metrics.dino import DEFAULT_DINO, DinoSimilarity, dino_available
-from anti_i2v.evaluation.metrics.identity import identity_scores, shared_faces
+from anti_i2v.evaluation.metrics.identity import ArcFaceIdentity, arcface_available, identity_scores, shared_faces
 from anti_i2v.evaluation.metrics.quality import DEFAULT_QALIGN, FaceQuality, QAlign
 from anti_i2v.evaluation.metrics.temporal import is_frozen, motion_magnitude, warp_error
 
@@ -74,6 +74,9 @@ class VideoScorer:
             self.skipped["dino"] = f"no local weights for '{dino}' (download them or pass --dino-model DIR)"
         self.qalign = self._optional("qalign", lambda: QAlign.from_pretrained(qalign, device=device), qalign)
         self.face_quality = self._optional("face_quality", lambda: FaceQuality.from_file(face_quality, device=device), True)
+        # ArcFace (the paper's identity model) when it is installed with its weights, else dlib
+        self.faces = ArcFaceIdentity() if arcface_available() else shared_faces()
+        self.identity_model = "arcface" if isinstance(self.faces, ArcFaceIdentity) else "dlib"
         self.clean_photo: torch.Tensor | None = None
         self.clean_video: torch.Tensor | None = None
 
@@ -91,7 +94,7 @@ class VideoScorer:
         """Set the clean photo (3, H, W) and the clean generation (F, 3, h, w) to compare with."""
         self.clean_photo = clean_photo
         self.clean_video = clean_video
-        if shared_faces().embed(clean_photo) is None:
+        if self.faces.embed(clean_photo) is None:
             self.skipped["ism"] = self.skipped["fdfr"] = "no face found in the clean photo"
         else:
             self.skipped.pop("ism", None)
@@ -103,7 +106,7 @@ class VideoScorer:
         scores: dict[str, float] = {}
         if "ism" not in self.skipped:
             try:
-                scores.update(identity_scores(video, self.clean_photo))
+                scores.update(identity_scores(video, self.clean_photo, self.faces))
             except InputError as err:
                 self.skipped["ism"] = self.skipped["fdfr"] = str(err)
         if self.dino is not None:

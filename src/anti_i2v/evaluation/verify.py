@@ -138,6 +138,7 @@ def verify(
             for name, s in scores.items()
         },
         "worst_case": weakest_run(attacked),
+        "identity_model": scorer.identity_model,
         "skipped_metrics": dict(scorer.skipped),
         "verdict_rules": VERDICT_RULES,
         "note": note,
