@@ -84,7 +84,7 @@ def test_evaluation_tabulates_resumes_and_anti_i2v_beats_random_noise(tmp_path, 
     assert table["anti-i2v"]["psnr_to_clean_video"]["mean"] < table["random"]["psnr_to_clean_video"]["mean"] - 5
 
     calls = []
-    monkeypatch.setattr(anti_i2v.evaluation.evaluate, "protect", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(anti_i2v.evaluation.evaluate, "protect", lambda *a, **k: calls.append(k))
     again = evaluate(samples, tiny_model, methods, tmp_path / "eval", eps=8 / 255, steps=12,
                      generation_steps=2, purifiers=["jpeg75"], scorer=scorer)
     assert calls == [] and again == table
@@ -92,6 +92,26 @@ def test_evaluation_tabulates_resumes_and_anti_i2v_beats_random_noise(tmp_path, 
     with pytest.raises(ConfigError, match="other settings \\(eps\\)"):
         evaluate(samples, tiny_model, methods, tmp_path / "eval", eps=4 / 255, steps=12, generation_steps=2,
                  scorer=scorer)
+
+
+def test_evaluation_keeps_the_text_encoder_and_survives_bad_photos(tmp_path, photos, tiny_model, scorer, monkeypatch):
+    """On a GPU `protect` frees the text encoder; evaluate needs it for every photo's prompt."""
+    seen = []
+    real_protect = anti_i2v.evaluation.evaluate.protect
+    monkeypatch.setattr(anti_i2v.evaluation.evaluate, "protect",
+                        lambda *a, **k: seen.append(k) or real_protect(*a, **k))
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    for photo in photos.iterdir():
+        (dataset / photo.name).write_bytes(photo.read_bytes())
+    (dataset / "broken.png").write_text("not a photo")
+    Image.open(photos / "astronaut.png").save(dataset / "astronaut.jpg")  # same stem, other file
+    table = evaluate(read_dataset(dataset), tiny_model, parse_methods("advdm"), tmp_path / "eval", eps=8 / 255,
+                     steps=2, generation_steps=2, scorer=scorer)
+    assert seen and all(k["release_text_encoder"] is False and k["checkpoint_every"] for k in seen)
+    assert table["advdm"]["photos"] == 3  # broken.png skipped, the two astronaut files kept apart
+    outputs = sorted(p.name for p in (tmp_path / "eval" / "tiny-cogvideox" / "protected" / "advdm").glob("*.png"))
+    assert outputs == ["astronaut-png_protected.png", "astronaut_protected.png", "mirrored_protected.png"]
 
 
 def test_summary_worst_case_is_the_weakest_photo():

@@ -121,6 +121,7 @@ def _optimise(
     config: ProtectConfig,
     callback: Callable[[StepReport], None] | None,
     checkpoint_path: Path | None,
+    release_text_encoder: bool = True,
 ) -> tuple[torch.Tensor, PGDResult]:
     """Run the Anti-I2V optimisation at model resolution; returns the full-size protected RGB."""
     space = space_from_config(config)  # fails fast on a bad space, before any model work
@@ -136,7 +137,7 @@ def _optimise(
         aux = _auxiliary_model(config.aux_model, model.device, model.dtype)
     objective = method.build(model, config, target, aux)
     objective.prepare(model, x)
-    if model.device.type == "cuda":
+    if release_text_encoder and model.device.type == "cuda":
         model.release_text_encoder()
     view = None
     if config.through_resize and photo.size != tuple(model.resolution):
@@ -175,6 +176,7 @@ def protect(
     overwrite: bool = False,
     stem: str | None = None,
     callback: Callable[[StepReport], None] | None = None,
+    release_text_encoder: bool = True,
     **config: Any,
 ) -> ProtectResult:
     """Protect one photo against an image-to-video model with Anti-I2V.
@@ -191,6 +193,9 @@ def protect(
         fmt: "png" (default, lossless) or "jpg"/"webp" (lossy; weakens protection).
         overwrite: replace an existing output file.
         stem: output name stem (default: the photo's file stem).
+        release_text_encoder: on a GPU, free the text encoder after encoding the prompt
+            (saves memory; later prompts then need a new model). Keep it when the same
+            model must encode other prompts, as `evaluate` does.
         callback: called after each optimisation step with a `StepReport`.
         **config: any `ProtectConfig` field, e.g. ``eps=8/255, steps=100, seed=1``, or
             ``method="advdm"`` for a baseline or ablation (see `anti_i2v.methods`).
@@ -217,7 +222,7 @@ def protect(
             raise OutputError(f"'{out_path}' already exists; delete it or pass overwrite=True (--overwrite)")
         if cfg.checkpoint_every:
             checkpoint_path = out_dir / CHECKPOINT_DIR / f"{out_path.stem}.pt"
-    protected, result = _optimise(vm, photo, cfg, callback, checkpoint_path)
+    protected, result = _optimise(vm, photo, cfg, callback, checkpoint_path, release_text_encoder)
 
     if out_path is None:
         image_out, budget = _budget_in_memory(photo, protected, cfg.eps)

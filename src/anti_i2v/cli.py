@@ -216,7 +216,8 @@ def _require_eval_extras() -> None:
     """End with one line when the evaluation extras are not installed."""
     import importlib.util
 
-    missing = [m for m in ("cv2", "dlib", "skimage", "imageio") if importlib.util.find_spec(m) is None]
+    modules = ("cv2", "dlib", "face_recognition_models", "skimage", "imageio", "imageio_ffmpeg")
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise _fail(AntiI2VError(f"this command needs the evaluation extras (missing {', '.join(missing)}): "
                                  "pip install 'anti-i2v[eval]'"))
@@ -274,7 +275,7 @@ def verify(
     model_path: Annotated[Optional[Path], typer.Option(help="Local folder of the model's weights.")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Prompt of the generations (default: the protection's default).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed, the same for every video.")] = 0,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
+    steps: Annotated[int, typer.Option(help="Sampling steps.", min=1)] = 50,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 6.0,
     purify: Annotated[str, typer.Option(help="Purifications to test, comma-separated, 'default' or 'none'.")] = "default",
     dino_model: Annotated[Optional[str], typer.Option(help="DINO model for the DINO score (hub id or folder).")] = None,
@@ -347,9 +348,9 @@ def evaluate(
     methods: Annotated[str, typer.Option(help="Methods, comma-separated (anti-i2v, ablations, advdm, mist, photoguard, sds, clip-embed, random).")] = "anti-i2v,advdm,mist,photoguard,sds,random",
     prompts: Annotated[Optional[Path], typer.Option(help="CSV (image,prompt) or JSON-lines prompts file.")] = None,
     eps: Annotated[str, typer.Option(help="L-inf budget in [0,1] pixel units, the same for every method.")] = "8/255",
-    steps: Annotated[int, typer.Option(help="Optimisation steps, the same for every method.")] = 200,
+    steps: Annotated[int, typer.Option(help="Optimisation steps, the same for every method.", min=1)] = 200,
     seed: Annotated[int, typer.Option(help="Seed of protection and generation.")] = 0,
-    generation_steps: Annotated[int, typer.Option(help="Sampling steps of each generated video.")] = 50,
+    generation_steps: Annotated[int, typer.Option(help="Sampling steps of each generated video.", min=1)] = 50,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 6.0,
     purify: Annotated[str, typer.Option(help="Purifications applied after protection, comma-separated, or 'none'.")] = "none",
     model_path: Annotated[Optional[Path], typer.Option(help="Local folder of the weights (one model only).")] = None,
@@ -393,7 +394,7 @@ def evaluate(
                 )
             except AntiI2VError as err:
                 raise _fail(err) from None
-        console.print(f"{name}: {len(table)} rows; table in {out / name / 'table.md'}")
+        console.print(f"{name}: {len(table)} table rows (methods and purifications); see {out / name / 'table.md'}")
         if video_model.source == "built in code":
             console.print(f"[yellow]{_TINY_NOTE}[/]")
 

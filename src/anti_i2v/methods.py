@@ -45,6 +45,7 @@ from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity
 ObjectiveFactory = Callable[[VideoModel, ProtectConfig, "torch.Tensor | None", "ClipEmbeddingSimilarity | None"], Objective]
 
 _DM_ONLY = {"weight_irc": 0.0, "weight_ira": 0.0, "weight_dm": 1.0, "weight_aux": 0.0}
+_BASELINE = {"space": "rgb", "weight_aux": 0.0}  # baselines never load the auxiliary CLIP model
 
 
 def _anti_i2v(model, config, target, aux) -> Objective:
@@ -74,15 +75,15 @@ METHODS: dict[str, Method] = {
             {**_DM_ONLY, "weight_irc": 1.0, "weight_ira": 1.0},
         ),
         Method("advdm", "AdvDM: maximise the diffusion loss", lambda m, c, t, a: DiffusionLossAttack(m, c),
-               {"space": "rgb"}),
+               _BASELINE),
         Method("mist", "Mist (fused): VAE latent to a textured target + 1e4 L_DM",
-               lambda m, c, t, a: MistAttack(m, c, t), {"space": "rgb"}),
+               lambda m, c, t, a: MistAttack(m, c, t), _BASELINE),
         Method("photoguard", "PhotoGuard encoder attack: VAE latent to a gray image",
-               lambda m, c, t, a: EncoderAttack(m, c, t), {"space": "rgb"}),
+               lambda m, c, t, a: EncoderAttack(m, c, t), _BASELINE),
         Method("sds", "SDS(-): score distillation through the VAE encoder, minimised",
-               lambda m, c, t, a: ScoreDistillationAttack(m, c), {"space": "rgb"}),
+               lambda m, c, t, a: ScoreDistillationAttack(m, c), _BASELINE),
         Method("clip-embed", "VGMShield-style: image-encoder embedding away from the clean photo",
-               lambda m, c, t, a: ImageEmbeddingAttack(m, c), {"space": "rgb"}),
+               lambda m, c, t, a: ImageEmbeddingAttack(m, c), _BASELINE),
         Method("random", "uniform random noise of the same budget (no optimisation)", None),
     )
 }

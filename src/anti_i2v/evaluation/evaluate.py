@@ -13,6 +13,7 @@ Every method runs with the same budget, steps and seed. Rows already in
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -24,8 +25,8 @@ from typing import Any
 
 from anti_i2v.api import protect
 from anti_i2v.atomic import json_safe, write_atomic, write_json_atomic
-from anti_i2v.batch import expand_inputs, is_done
-from anti_i2v.config import DEFAULT_PROMPT
+from anti_i2v.batch import expand_inputs, is_done, output_stems
+from anti_i2v.config import DEFAULT_PROMPT, ProtectConfig
 from anti_i2v.errors import AntiI2VError, ConfigError, InputError
 from anti_i2v.evaluation.generate import GenerationSettings, generate_video
 from anti_i2v.evaluation.metrics.fidelity import fidelity
@@ -38,6 +39,7 @@ from anti_i2v.photo import load_photo, output_path_for
 logger = logging.getLogger(__name__)
 
 CLEAN = "clean"
+CHECKPOINT_EVERY = 50  # an interrupted optimisation resumes from its last checkpoint
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,16 @@ def _load_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _append_row(path: Path, rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
-    """Append one result durably; keep in memory exactly what a resumed run will read back."""
+    """Append one result durably; keep in memory exactly what a resumed run will read back.
+
+    A line left half-written by a crash is cut off first, so it cannot swallow this row.
+    """
     row = json_safe(row)
+    if path.is_file() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(path, "r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
     with open(path, "a") as handle:
         handle.write(json.dumps(row) + "\n")
         handle.flush()
@@ -103,7 +113,10 @@ def _append_row(path: Path, rows: list[dict[str, Any]], row: dict[str, Any]) -> 
 def _check_same_run(path: Path, settings: dict[str, Any]) -> None:
     """Refuse to mix results of different settings in one folder; record them on first use."""
     if path.is_file():
-        previous = json.loads(path.read_text())
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError as err:
+            raise ConfigError(f"'{path}' is damaged; delete it to start this evaluation again") from err
         if previous != json.loads(json.dumps(settings)):
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise ConfigError(
@@ -181,21 +194,35 @@ def evaluate(
     on_item: Callable[[str], None] | None = None,
     diffpure_model: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Protect, generate and score every (photo, method[, purification]); returns the summary table."""
+    """Protect, generate and score every (photo, method[, purification]); returns the summary table.
+
+    A photo that cannot be read, or a method that does not apply to the model, is
+    logged and skipped; the rest goes on.
+    """
+    ProtectConfig(eps=eps, steps=steps, seed=seed)  # same checks as protection, before anything is recorded
+    if generation_steps < 1:
+        raise ConfigError(f"generation steps must be at least 1 (got {generation_steps})")
+    scorer = scorer if scorer is not None else VideoScorer(device=model.device)
     root = Path(out_dir) / model.name
     root.mkdir(parents=True, exist_ok=True)
+    prompts = hashlib.sha256(json.dumps([[s.path.name, s.prompt] for s in samples]).encode()).hexdigest()[:16]
     _check_same_run(root / "run.json", {
-        "model": model.identity, "eps": eps, "steps": steps, "seed": seed,
-        "generation_steps": generation_steps, "guidance_scale": guidance_scale,
+        "model": model.identity, "eps": eps, "steps": steps, "seed": seed, "generation_steps": generation_steps,
+        "guidance_scale": guidance_scale, "prompts_sha256": prompts, "identity_model": scorer.identity_model,
+        "skipped_metrics": sorted(scorer.skipped), "diffpure_model": diffpure_model,
     })
     results = root / "results.jsonl"
     rows = _load_rows(results)
     done = {(r["image"], r["method"], r.get("purify")) for r in rows}
-    scorer = scorer if scorer is not None else VideoScorer(device=model.device)
-    cache = root / ".videos"
+    cache = root / ".videos"  # clean videos only: every other video is consumed by one row
+    stems = output_stems([s.path for s in samples])
     for sample in samples:
+        try:
+            original = load_photo(sample.path)
+        except InputError as err:
+            logger.warning("skipping %s: %s", sample.path.name, err)
+            continue
         settings = GenerationSettings(sample.prompt, seed, generation_steps, guidance_scale)
-        original = load_photo(sample.path)
         clean_video = generate_video(model, original.rgb, settings, cache)
         scorer.prepare(original.rgb, clean_video)
         clean_scores = scorer.score(clean_video)
@@ -210,11 +237,12 @@ def evaluate(
             if on_item is not None:
                 on_item(f"{sample.path.name} / {method.name}")
             folder = root / "protected" / method.name
-            output = output_path_for(sample.path, folder, "png")
+            output = output_path_for(sample.path, folder, "png", stems[sample.path])
             try:
                 if not is_done(sample.path, output):
                     protect(sample.path, model, out=folder, method=method.name, eps=eps, steps=steps, seed=seed,
-                            prompt=sample.prompt, overwrite=True)
+                            prompt=sample.prompt, stem=stems[sample.path], overwrite=True,
+                            checkpoint_every=CHECKPOINT_EVERY, release_text_encoder=False)
             except AntiI2VError as err:
                 logger.warning("%s on %s: %s", method.name, sample.path.name, err)
                 continue
@@ -228,9 +256,9 @@ def evaluate(
                     image = protected.rgb
                 else:
                     image = build_purifier(purify, diffpure_model=diffpure_model, device=model.device)(protected.rgb, seed)
-                scores = scorer.score(generate_video(model, image, settings, cache))
+                scores = scorer.score(generate_video(model, image, settings))
                 row = {"image": sample.path.name, "method": method.name, "purify": purify, "scores": scores,
-                       "verdict": verdict(scores, clean_scores), "fidelity": image_fidelity}
+                       "verdict": verdict(scores, clean_scores, scorer.identity_model), "fidelity": image_fidelity}
                 _append_row(results, rows, row)
     table = summarise(rows)
     write_json_atomic(root / "table.json", {"model": model.name, "eps": eps, "steps": steps, "seed": seed,

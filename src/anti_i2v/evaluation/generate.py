@@ -44,12 +44,13 @@ def generate_video(
     """Frames (F, 3, H, W) in [0, 1] generated from ``image`` (3, H, W) at any size.
 
     The pipeline prepares the image itself (8-bit, resized to the model's input), as
-    an attacker's would. With ``cache_dir``, a video already generated for the same
-    model, pixels and settings is read back instead of sampled again.
+    an attacker's would. Frames are returned on the 8-bit grid, as a saved video would
+    hold them. With ``cache_dir``, a video already generated for the same model, pixels
+    and settings is read back (stored as uint8) instead of sampled again.
     """
     path = Path(cache_dir) / f"{video_key(model, image, settings)}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True).float() / 255
     video = model.generate(
         image.unsqueeze(0) if image.dim() == 3 else image,
         settings.prompt,
@@ -57,6 +58,7 @@ def generate_video(
         seed=settings.seed,
         guidance_scale=settings.guidance_scale,
     )
+    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8)
     if path is not None:
-        write_atomic(path, lambda tmp: torch.save(video, tmp))
-    return video
+        write_atomic(path, lambda tmp: torch.save(frames, tmp))
+    return frames.float() / 255

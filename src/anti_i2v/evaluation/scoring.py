@@ -22,10 +22,14 @@ from anti_i2v.evaluation.metrics.temporal import is_frozen, motion_magnitude, wa
 
 logger = logging.getLogger(__name__)
 
-ISM_DROP = 0.1  # dlib scale: same person ~0.95-0.99, other people ~0.75-0.9
+# How far ISM must fall below the clean video's to call the identity lost, per identity model:
+# dlib puts the same person at ~0.95-0.99 and other people at ~0.75-0.9; ArcFace at ~0.6-0.8 and < 0.3.
+ISM_DROP = {"dlib": 0.1, "arcface": 0.25}
 DINO_DROP = 0.15
+PSNR_CAP = 100.0  # dB reported for identical videos, so that every value stays finite
 VERDICT_RULES = (
-    f"protected: the video lost the identity (ISM at least {ISM_DROP} below the clean video's, or no face in half "
+    f"protected: the video lost the identity (ISM at least {ISM_DROP['dlib']} below the clean video's with dlib, "
+    f"{ISM_DROP['arcface']} with ArcFace, or no face in half "
     f"the frames) or, when the clean video shows no face, its DINO similarity fell at least {DINO_DROP} below "
     "the clean video's; "
     "frozen: the video hardly moves (counted apart, never as a success); "
@@ -36,17 +40,17 @@ VERDICT_RULES = (
 PSNR_TO_CLEAN = MetricSpec(
     name="psnr_to_clean_video",
     description="PSNR in dB between this generated video and the one generated from the clean photo",
-    range=(0.0, math.inf),
-    higher_means="the video is closer to the clean generation",
+    range=(0.0, PSNR_CAP),
+    higher_means="the video is closer to the clean generation (100 = identical)",
     protection_direction="lower",
 )
 SCORED_METRICS: dict[str, MetricSpec] = {**ALL_METRICS, PSNR_TO_CLEAN.name: PSNR_TO_CLEAN}
 
 
 def video_psnr(video: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR (dB, data range 1) between two videos of the same shape; inf when identical."""
+    """PSNR (dB, data range 1) between two videos of the same shape, capped at `PSNR_CAP` (identical)."""
     mse = float((video.float() - reference.float()).pow(2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(1 / mse))
 
 
 class VideoScorer:
@@ -94,7 +98,8 @@ class VideoScorer:
         """Set the clean photo (3, H, W) and the clean generation (F, 3, h, w) to compare with."""
         self.clean_photo = clean_photo
         self.clean_video = clean_video
-        if self.faces.embed(clean_photo) is None:
+        self.clean_face = self.faces.embed(clean_photo)
+        if self.clean_face is None:
             self.skipped["ism"] = self.skipped["fdfr"] = "no face found in the clean photo"
         else:
             self.skipped.pop("ism", None)
@@ -106,7 +111,7 @@ class VideoScorer:
         scores: dict[str, float] = {}
         if "ism" not in self.skipped:
             try:
-                scores.update(identity_scores(video, self.clean_photo, self.faces))
+                scores.update(identity_scores(video, self.clean_face, self.faces))
             except InputError as err:
                 self.skipped["ism"] = self.skipped["fdfr"] = str(err)
         if self.dino is not None:
@@ -126,12 +131,12 @@ class VideoScorer:
         return scores
 
 
-def verdict(scores: dict[str, float], clean: dict[str, float]) -> str:
+def verdict(scores: dict[str, float], clean: dict[str, float], identity_model: str = "dlib") -> str:
     """"protected", "frozen", "not protected" or "unknown" by `VERDICT_RULES`."""
     if scores.get("frozen") and not clean.get("frozen"):
         return "frozen"
     if "ism" in scores and "ism" in clean and clean.get("fdfr", 1.0) < 1.0:  # the clean video shows the face
-        lost = scores["ism"] <= clean["ism"] - ISM_DROP or scores.get("fdfr", 0) >= max(0.5, clean.get("fdfr", 0) + 0.25)
+        lost = scores["ism"] <= clean["ism"] - ISM_DROP[identity_model] or scores.get("fdfr", 0) >= max(0.5, clean.get("fdfr", 0) + 0.25)
         return "protected" if lost else "not protected"
     if "dino" in scores and "dino" in clean:
         return "protected" if scores["dino"] <= clean["dino"] - DINO_DROP else "not protected"

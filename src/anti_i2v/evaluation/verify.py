@@ -10,7 +10,6 @@ video (``side_by_side.mp4`` and ``side_by_side.webp``) and ``contact_sheet.png``
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -46,7 +45,7 @@ def weakest_run(rows: dict[str, dict[str, float]]) -> str | None:
 
 def _format(value: Any) -> str:
     if isinstance(value, float):
-        return "inf" if math.isinf(value) else f"{value:.4f}"
+        return f"{value:.4f}"
     return str(value)
 
 
@@ -134,7 +133,10 @@ def verify(
         "settings": asdict(settings),
         "fidelity": fidelity(clean_photo.rgb, protected_photo.rgb),
         "runs": {
-            name: {"scores": s, "verdict": "reference" if name == CLEAN else verdict(s, scores[CLEAN])}
+            name: {
+                "scores": s,
+                "verdict": "reference" if name == CLEAN else verdict(s, scores[CLEAN], scorer.identity_model),
+            }
             for name, s in scores.items()
         },
         "worst_case": weakest_run(attacked),

@@ -256,15 +256,23 @@ def fdfr(video: torch.Tensor, faces: FaceIdentity | ArcFaceIdentity | None = Non
 
 
 def identity_scores(
-    video: torch.Tensor, reference: torch.Tensor, faces: FaceIdentity | ArcFaceIdentity | None = None
+    video: torch.Tensor,
+    reference: torch.Tensor | np.ndarray,
+    faces: FaceIdentity | ArcFaceIdentity | None = None,
 ) -> dict[str, float]:
-    """`ism` and `fdfr` of ``video`` ``(F, 3, H, W)`` against ``reference`` ``(3, H', W')`` (both in ``[0, 1]``) in one pass.
+    """`ism` and `fdfr` of ``video`` ``(F, 3, H, W)`` against ``reference`` in one pass.
 
-    Returns ``{"ism": [-1, 1], "fdfr": [0, 1]}``; raises `InputError` when the clean photo has no face.
+    ``reference`` is the clean photo ``(3, H', W')`` in ``[0, 1]``, or its face
+    embedding already computed with the same ``faces`` (saves a detection on a large
+    photo per video). Returns ``{"ism": [-1, 1], "fdfr": [0, 1]}``; raises `InputError`
+    when the clean photo has no face.
     """
     faces = faces if faces is not None else shared_faces()
     video = check_video(video)
-    clean = faces.embed(check_image(reference, "clean photo"))
+    if isinstance(reference, np.ndarray):
+        clean = reference
+    else:
+        clean = faces.embed(check_image(reference, "clean photo"))
     if clean is None:
         raise InputError("no face found in the clean photo; identity metrics need a face")
     embeddings = faces.embed_video(video)
