@@ -134,3 +134,16 @@ def test_configurations_that_cannot_optimise_are_refused(tiny_model):
         ProtectConfig(reference="somewhere/clip.mp4")
     with pytest.raises(ConfigError, match="other than that one"):
         AntiI2VObjective(tiny_model, ProtectConfig(irc_deep=(3,)))
+
+
+def test_unet_features_of_different_scales_are_compared_on_a_common_grid():
+    from anti_i2v.objectives.base import match_shapes
+
+    deep, shallow = torch.randn(4, 320, 16, 16), torch.randn(4, 320, 8, 8)
+    a, b = match_shapes(deep, shallow)
+    assert a.shape == b.shape == (4, 320, 8, 8)
+    a, b = match_shapes(torch.randn(4, 640, 8, 8), shallow)
+    assert a.shape == b.shape == (4, 1, 8, 8)
+    assert relative_sq_distance(shallow.repeat_interleave(2, -1).repeat_interleave(2, -2), shallow) < 1e-10
+    with pytest.raises(ValueError, match="cannot compare"):
+        match_shapes(torch.randn(2, 3), torch.randn(3, 2))

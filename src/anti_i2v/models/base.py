@@ -65,10 +65,16 @@ class DenoiserResult:
 
 @dataclass
 class EncodedImage:
-    """The condition image as the denoiser sees it, plus tapped VAE-encoder features."""
+    """The condition image as the denoiser sees it, plus tapped VAE-encoder features.
+
+    ``latents`` is the VAE path (concatenated or injected latents); ``context`` the
+    image-embedding path (e.g. CLIP tokens through a resampler), None for models
+    that see the image through the VAE only.
+    """
 
     latents: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    context: torch.Tensor | None = None
 
 
 class FeatureTaps:

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from anti_i2v.models.base import VideoModel
 
@@ -31,14 +32,34 @@ def draw_step(
     return StepDraw(t=t, noise=noise, generator=generator)
 
 
+def match_shapes(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring two block outputs to one shape so that they can be compared.
+
+    Transformer blocks all give (B, tokens, width) of one shape. U-Net blocks give
+    (N, C, H, W) maps of different sizes: both are average-pooled to the smaller grid,
+    and when their channel counts differ each is reduced to its channel mean (ours:
+    IRC compares a deep block with block 3, which a U-Net keeps at another scale).
+    """
+    if a.shape == b.shape:
+        return a, b
+    if a.dim() == b.dim() == 4 and a.shape[0] == b.shape[0]:
+        size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
+        a, b = F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
+        if a.shape[1] != b.shape[1]:
+            a, b = a.mean(dim=1, keepdim=True), b.mean(dim=1, keepdim=True)
+        return a, b
+    raise ValueError(f"cannot compare features of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+
+
 def relative_sq_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``||a - b||^2 / ||b||^2`` in float32: a scale-free feature distance, >= 0.
 
     Feature magnitudes differ by orders of magnitude across blocks and models, so
     every feature term is normalised by its target's energy (ours; the paper writes
-    plain squared distances with unit weights).
+    plain squared distances with unit weights). Features of different shapes are
+    first brought to one by `match_shapes`.
     """
-    a, b = a.float(), b.float()
+    a, b = match_shapes(a.float(), b.float())
     return (a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-12)
 
 
