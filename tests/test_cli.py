@@ -61,7 +61,7 @@ def test_folder_batch_keeps_going_past_bad_photos_and_a_rerun_skips_finished_one
         (("--model", "sora-9000"), 3, "unknown model 'sora-9000'"),
         (("--model", "cogvideox"), 3, "no weights for 'cogvideox'"),
         (("--model", "tiny-cogvideox", "--target", "/nonexistent/psi.png"), 2, "psi.png"),
-        (("--model", "cogvideox", "--model-path", "/nonexistent/weights"), 3, "is not a folder"),
+        (("--model", "cogvideox", "--model-path", "/nonexistent/weights"), 3, "does not exist"),
         (("--model", "tiny-cogvideox", "--eps", "eight"), 2, "cannot read eps"),
         (("--model", "tiny-cogvideox", "--preset", "max"), 2, "unknown preset"),
         (("--model", "tiny-cogvideox", "--space", "hsv"), 2, "rgb, lab, dct, dual"),

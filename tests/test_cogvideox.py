@@ -165,7 +165,7 @@ def test_missing_weights_and_unknown_models_fail_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no CogVideoX-I2V weights"):
         load_model("cogvideox", path=tmp_path / "empty", device="cpu")
-    with pytest.raises(ModelError, match="not a folder"):
+    with pytest.raises(ModelError, match="does not exist"):
         load_model("cogvideox", path=tmp_path / "nope", device="cpu")
     with pytest.raises(ModelError, match="unknown model"):
         load_model("sora-9000", device="cpu")

@@ -188,7 +188,7 @@ def evaluate(
     steps: int,
     seed: int = 0,
     generation_steps: int = 50,
-    guidance_scale: float = 6.0,
+    guidance_scale: float | None = None,
     purifiers: Sequence[str] = (),
     scorer: VideoScorer | None = None,
     on_item: Callable[[str], None] | None = None,

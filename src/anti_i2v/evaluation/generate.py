@@ -23,7 +23,7 @@ class GenerationSettings:
     prompt: str = DEFAULT_PROMPT
     seed: int = 0
     steps: int = 50
-    guidance_scale: float = 6.0
+    guidance_scale: float | None = None  # None: the model's released default
 
 
 def video_key(model: VideoModel, image: torch.Tensor, settings: GenerationSettings) -> str:

@@ -168,6 +168,15 @@ class VideoModel(ABC):
         """Differentiable VAE encoding of the condition image ``x`` in [0, 1]."""
 
     @abstractmethod
+    def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
+        """The condition image's own VAE latent (B, C, h, w), taken from ``encoded``."""
+
+    @abstractmethod
+    def still_video(self, latent: torch.Tensor) -> torch.Tensor:
+        """Video latents of a still video made of one image latent (B, C, h, w), in the
+        layout `denoise` expects (an approximation for temporally compressing VAEs)."""
+
+    @abstractmethod
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """VAE latents of a reference video ``frames`` (F, 3, H, W) in [0, 1] (no grad)."""
 
@@ -195,9 +204,12 @@ class VideoModel(ABC):
         prompt: str,
         steps: int = 50,
         seed: int = 0,
-        guidance_scale: float = 6.0,
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """Sample a video with the real pipeline; returns frames (F, 3, H, W) in [0, 1]."""
+        """Sample a video with the real pipeline; returns frames (F, 3, H, W) in [0, 1].
+
+        ``guidance_scale`` None uses the model's released default.
+        """
 
     @property
     def identity(self) -> str:

@@ -343,6 +343,14 @@ class CogVideoXI2V(VideoModel):
         padding = latent.new_zeros(latent.shape[0], self.latent_frames - 1, *latent.shape[2:])
         return EncodedImage(torch.cat([latent, padding], dim=1), dict(feats))
 
+    def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
+        """Frame 0 of the condition latents (the rest is zero padding)."""
+        return encoded.latents[:, 0]
+
+    def still_video(self, latent: torch.Tensor) -> torch.Tensor:
+        """The image latent repeated over the latent frames: (B, F_latent, C, h, w)."""
+        return latent.unsqueeze(1).expand(-1, self.latent_frames, -1, -1, -1)
+
     def _scale(self, latents: torch.Tensor) -> torch.Tensor:
         factor = self.vae.config.scaling_factor
         return latents / factor if self.vae.config.invert_scale_latents else latents * factor
@@ -405,9 +413,9 @@ class CogVideoXI2V(VideoModel):
         prompt: str,
         steps: int = 50,
         seed: int = 0,
-        guidance_scale: float = 6.0,
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """Sample a video from an 8-bit copy of ``image`` with the diffusers pipeline."""
+        """Sample a video from an 8-bit copy of ``image`` with the diffusers pipeline (guidance 6 by default)."""
         self.condition(prompt)
         array = (image[0] if image.dim() == 4 else image).permute(1, 2, 0).float().cpu().numpy()
         pil = Image.fromarray(np.round(array.clip(0, 1) * 255).astype(np.uint8))
@@ -420,7 +428,7 @@ class CogVideoXI2V(VideoModel):
             width=width,
             num_frames=self.num_frames,
             num_inference_steps=steps,
-            guidance_scale=guidance_scale,
+            guidance_scale=6.0 if guidance_scale is None else guidance_scale,
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="pt",
             max_sequence_length=self.transformer.config.max_text_seq_length,

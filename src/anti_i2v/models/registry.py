@@ -28,6 +28,7 @@ class ModelSpec:
     hub_id: str | None  # None for tiny variants built in code
     description: str
     build: Callable[..., VideoModel]
+    weights_file: str = "model_index.json"  # the file whose presence means "weights are here"
 
     @property
     def is_tiny(self) -> bool:
@@ -49,6 +50,24 @@ def _tiny_cogvideox(source: str | None, device: torch.device, dtype: torch.dtype
     return CogVideoXI2V.tiny(seed=0, device=device)
 
 
+def _dynamicrafter(variant: str) -> Callable[..., VideoModel]:
+    def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+        from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
+
+        return DynamiCrafterI2V.from_pretrained(
+            source, variant, device=device, dtype=dtype, name=f"dynamicrafter-{variant.replace('_', '-')}",
+            gradient_checkpointing=device.type == "cuda",
+        )
+
+    return build
+
+
+def _tiny_dynamicrafter(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+    from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
+
+    return DynamiCrafterI2V.tiny(seed=0, device=device)
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -64,6 +83,19 @@ MODELS: dict[str, ModelSpec] = {
             "CogVideoX-I2V layout with random weights, 64x96, 9 frames: demonstrates the pipeline, protects against nothing",
             _tiny_cogvideox,
         ),
+        ModelSpec("dynamicrafter-512", "Doubiiu/DynamiCrafter_512",
+                  "DynamiCrafter 512, 320x512, 16 frames (the paper's U-Net backbone)", _dynamicrafter("512"),
+                  "model.ckpt"),
+        ModelSpec("dynamicrafter-1024", "Doubiiu/DynamiCrafter_1024", "DynamiCrafter 1024, 576x1024, 16 frames",
+                  _dynamicrafter("1024"), "model.ckpt"),
+        ModelSpec("dynamicrafter-256", "Doubiiu/DynamiCrafter", "DynamiCrafter 256, 256x256, 16 frames (eps)",
+                  _dynamicrafter("256"), "model.ckpt"),
+        ModelSpec("dynamicrafter-512-interp", "Doubiiu/DynamiCrafter_512_Interp",
+                  "DynamiCrafter 512 frame interpolation / looping, 320x512, 16 frames", _dynamicrafter("512_interp"),
+                  "model.ckpt"),
+        ModelSpec("tiny-dynamicrafter", None,
+                  "DynamiCrafter architecture with random weights, 32x32, 4 frames: demonstrates the pipeline, "
+                  "protects against nothing", _tiny_dynamicrafter),
     )
 }
 
@@ -92,7 +124,9 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def available_locally(source: str | Path, index_file: str) -> bool:
-    """Whether ``source`` (a folder, or a hub id in the local cache) holds ``index_file``."""
+    """Whether ``source`` (a file, a folder, or a hub id in the local cache) holds ``index_file``."""
+    if Path(source).is_file():
+        return True
     if Path(source).is_dir():
         return (Path(source) / index_file).is_file()
     from huggingface_hub import try_to_load_from_cache
@@ -107,7 +141,7 @@ def weights_present(spec: ModelSpec, path: str | Path | None = None) -> bool:
     """Whether weights for ``spec`` can be loaded without a download."""
     if spec.is_tiny:
         return True
-    return available_locally(path if path is not None else spec.hub_id, "model_index.json")
+    return available_locally(path if path is not None else spec.hub_id, spec.weights_file)
 
 
 def load_model(
@@ -128,8 +162,8 @@ def load_model(
     if path is not None:
         if spec.is_tiny:
             raise ConfigError(f"'{name}' is built in code and takes no --model-path")
-        if not Path(path).is_dir():
-            raise ModelError(f"--model-path '{path}' is not a folder; point it at the downloaded weights")
+        if not Path(path).exists():
+            raise ModelError(f"--model-path '{path}' does not exist; point it at the downloaded weights")
     source = str(path) if path is not None else spec.hub_id
     logger.info("loading %s from %s on %s (%s)", name, source or "code", device, torch_dtype)
     model = spec.build(source, device, torch_dtype)

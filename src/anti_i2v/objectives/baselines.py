@@ -29,10 +29,10 @@ from anti_i2v.objectives.diffusion import reference_latents
 from anti_i2v.objectives.ira import default_target_image
 
 
-def _target_latents(model: VideoModel, target: torch.Tensor, seed: int) -> EncodedImage:
+def _target_latent(model: VideoModel, target: torch.Tensor, seed: int) -> torch.Tensor:
     psi = F.interpolate(target.float(), size=model.resolution, mode="bicubic", antialias=True).clamp(0, 1)
     with torch.no_grad():
-        return model.encode_image(psi, (), torch.Generator().manual_seed(seed))
+        return model.image_latent(model.encode_image(psi, (), torch.Generator().manual_seed(seed)))
 
 
 class _ReferenceObjective(Objective):
@@ -71,11 +71,11 @@ class EncoderAttack(_ReferenceObjective):
 
     def prepare(self, model: VideoModel, x: torch.Tensor) -> None:
         super().prepare(model, x)
-        self.target_latents = _target_latents(model, self.target, self.config.seed).latents[:, :1]
+        self.target_latent = _target_latent(model, self.target, self.config.seed)
 
     def __call__(self, x_adv: torch.Tensor, draw: StepDraw) -> ObjectiveOutput:
-        latents = self.model.encode_image(x_adv, (), draw.generator).latents[:, :1]
-        distance = (latents.float() - self.target_latents.float()).pow(2).mean()
+        latent = self.model.image_latent(self.model.encode_image(x_adv, (), draw.generator))
+        distance = (latent.float() - self.target_latent.float()).pow(2).mean()
         return ObjectiveOutput(distance, {"encoder": float(distance.detach()), "total": float(distance.detach())})
 
 
@@ -95,7 +95,7 @@ class MistAttack(EncoderAttack):
     def __call__(self, x_adv: torch.Tensor, draw: StepDraw) -> ObjectiveOutput:
         assert self.video_latents is not None, "call prepare() first"
         encoded = self.model.encode_image(x_adv, (), draw.generator)
-        textural = (encoded.latents[:, :1].float() - self.target_latents.float()).pow(2).sum()
+        textural = (self.model.image_latent(encoded).float() - self.target_latent.float()).pow(2).sum()
         dm = self.model.denoise(encoded, self.video_latents, draw.t, draw.noise, with_loss=True).loss
         loss = textural - self.dm_weight * dm
         parts = {"encoder": float(textural.detach()), "dm": float(dm.detach()), "total": float(loss.detach())}
@@ -105,16 +105,17 @@ class MistAttack(EncoderAttack):
 class ScoreDistillationAttack(_ReferenceObjective):
     """SDS(-): minimise the score-distillation surrogate, gradient through the VAE encoder only.
 
-    The still video made of the photo's own latent (frame 0 repeated over the latent
-    frames) is noised; the denoiser's noise prediction is computed without gradient,
-    and ``(eps_pred - eps)`` is back-propagated through the encoder alone.
+    The still video made of the photo's own latent (`VideoModel.still_video`) is
+    noised; the denoiser's noise prediction is computed without gradient, and
+    ``(eps_pred - eps)`` is back-propagated through the encoder alone.
     """
 
     def __call__(self, x_adv: torch.Tensor, draw: StepDraw) -> ObjectiveOutput:
         encoded = self.model.encode_image(x_adv, (), draw.generator)
-        still = encoded.latents[:, :1].expand_as(encoded.latents)
+        still = self.model.still_video(self.model.image_latent(encoded))
         with torch.no_grad():
-            frozen = EncodedImage(encoded.latents.detach())
+            context = None if encoded.context is None else encoded.context.detach()
+            frozen = EncodedImage(encoded.latents.detach(), context=context)
             eps = self.model.denoise(frozen, still.detach(), draw.t, draw.noise, with_eps=True).eps
         residual = (eps - draw.noise.to(eps.device)).detach()
         surrogate = (residual * still.float()).sum() / residual.numel()

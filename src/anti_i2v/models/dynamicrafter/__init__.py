@@ -1,0 +1,1 @@
+"""Clean, state-dict-compatible port of DynamiCrafter (UNet, Resampler, schedule, DDIM sampler)."""

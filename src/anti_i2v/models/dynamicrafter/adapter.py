@@ -1,0 +1,306 @@
+"""DynamiCrafter through the `VideoModel` seam (our own port, official checkpoints).
+
+Conditioning, as the released inference does it: the condition image takes two paths.
+The VAE path encodes it (posterior sample x 0.18215) and repeats the latent over the 16
+frames (the interpolation model puts it at the first and the last frame, zeros between);
+it is concatenated on channels to the noisy latents. The image-embedding path runs
+OpenCLIP ViT-H/14 on it (all 257 tokens) and the Resampler (16 tokens per frame), appended
+to the 77 text tokens for the U-Net's image cross-attention. The training loss is the
+v-prediction MSE (eps for the 256 model) on the dynamically rescaled x0.
+
+Block mapping: ``denoiser.<i>`` counts the U-Net's blocks in forward order:
+``input_blocks[0..11]`` are 0-11, ``middle_block`` is 12, ``output_blocks[0..11]`` are
+13-24 (each tapped on its output, shape (B*T, C, h, w)). ``vae.down_blocks.<i>`` and
+``vae.mid_block`` are the VAE encoder's blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from anti_i2v.errors import ModelError
+from anti_i2v.models.base import (
+    DENOISER_PREFIX,
+    VAE_PREFIX,
+    DenoiserResult,
+    EncodedImage,
+    FeatureTaps,
+    ModelLayers,
+    VideoModel,
+)
+from anti_i2v.models.dynamicrafter.checkpoint import load_checkpoint
+from anti_i2v.models.dynamicrafter.configs import get_config
+from anti_i2v.models.dynamicrafter.model import DynamiCrafterModel
+from anti_i2v.models.dynamicrafter.sampler import DDIMSampler, hybrid_model_fn
+from anti_i2v.models.dynamicrafter.schedule import DynamiCrafterSchedule
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def randomise_zero_initialised(net: torch.nn.Module) -> None:
+    """Give random values to the layers the original initialises to zero.
+
+    The released architecture zero-initialises its output convolution, temporal
+    convolutions and several projections so that training starts from an identity;
+    with those at zero a random-weight model ignores its condition image. Weights get
+    N(0, clamp(1/sqrt(fan_in), 0.02, 0.2)) and 1-D tensors N(0, 0.05), as in the
+    fixtures of the original code.
+    """
+    for param in net.parameters():
+        if param.count_nonzero() > 0:
+            continue
+        if param.dim() >= 2:
+            fan_in = param[0].numel()
+            param.normal_(0, min(max(fan_in**-0.5, 0.02), 0.2))
+        else:
+            param.normal_(0, 0.05)
+
+
+def center_crop_resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """DynamiCrafter's preprocessing: scale the photo to cover ``size`` (H, W), then crop the centre."""
+    height, width = size
+    scale = max(height / image.shape[-2], width / image.shape[-1])
+    resized = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
+    image = F.interpolate(image, size=resized, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (resized[0] - height) // 2, (resized[1] - width) // 2
+    return image[..., top : top + height, left : left + width].clamp(0, 1)
+
+
+class DynamiCrafterI2V(VideoModel):
+    """The `VideoModel` adapter for a `DynamiCrafterModel`.
+
+    Args:
+        net: the assembled model (tiny, or loaded from an official checkpoint).
+        name: registry name, recorded in reports.
+        device, dtype: where and in which precision it runs.
+        gradient_checkpointing: recompute U-Net blocks in backward (saves memory).
+        sample_posterior: encode the condition image with a posterior sample, as the
+            released inference does (otherwise the posterior mean).
+    """
+
+    def __init__(
+        self,
+        net: DynamiCrafterModel,
+        name: str = "dynamicrafter",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        gradient_checkpointing: bool = False,
+        sample_posterior: bool = True,
+    ) -> None:
+        self.name = name
+        self._device = torch.device(device)
+        self._dtype = dtype
+        self.net = net.to(self._device, dtype).eval().requires_grad_(False)
+        self.config = cfg = net.config
+        self.unet = net.model.diffusion_model
+        self.unet.set_gradient_checkpointing(gradient_checkpointing)
+        self.vae = net.first_stage_model
+        self.sample_posterior = sample_posterior
+        self.resolution = tuple(cfg.resolution)
+        self.num_frames = cfg.frames
+        self.num_train_timesteps = cfg.timesteps
+        self.schedule = DynamiCrafterSchedule(
+            timesteps=cfg.timesteps,
+            linear_start=cfg.linear_start,
+            linear_end=cfg.linear_end,
+            parameterization=cfg.parameterization,
+            rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
+            use_dynamic_rescale=cfg.use_dynamic_rescale,
+            base_scale=cfg.base_scale if cfg.base_scale is not None else 1.0,
+            turning_step=cfg.turning_step,
+        )
+        self._prompt: str | None = None
+        self._text: torch.Tensor | None = None
+        self._negative_text: torch.Tensor | None = None
+
+    # --- construction -------------------------------------------------------------
+
+    @classmethod
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> DynamiCrafterI2V:
+        """``tiny-dynamicrafter``: the full architecture, small, seeded random weights."""
+        kwargs.setdefault("name", "tiny-dynamicrafter")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = DynamiCrafterModel("tiny")
+            randomise_zero_initialised(net)
+        return cls(net, device=device, dtype=torch.float32, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        variant: str,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        **kwargs,
+    ) -> DynamiCrafterI2V:
+        """Load an official ``model.ckpt`` (hub id, folder or file) of ``variant`` (256, 512, 1024, 512_interp)."""
+        state = load_checkpoint(source, variant)
+        net = DynamiCrafterModel.from_official(state, get_config(variant), dtype=dtype, device=device)
+        return cls(net, device=device, dtype=dtype, **kwargs)
+
+    # --- the seam -------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def _blocks(self) -> list[torch.nn.Module]:
+        return [*self.unet.input_blocks, self.unet.middle_block, *self.unet.output_blocks]
+
+    def layers(self) -> ModelLayers:
+        """``denoiser.0..`` (input, middle, output blocks in forward order) and the VAE encoder's blocks."""
+        n_down = len(self.vae.encoder.down_blocks)
+        return ModelLayers(
+            denoiser=[f"{DENOISER_PREFIX}{i}" for i in range(len(self._blocks()))],
+            vae_encoder=[f"{VAE_PREFIX}down_blocks.{i}" for i in range(n_down)] + [f"{VAE_PREFIX}mid_block"],
+        )
+
+    def _module(self, name: str) -> torch.nn.Module:
+        if name.startswith(DENOISER_PREFIX):
+            return self._blocks()[int(name[len(DENOISER_PREFIX) :])]
+        if name.startswith(VAE_PREFIX):
+            return self.vae.encoder.get_submodule(name[len(VAE_PREFIX) :])
+        raise ModelError(f"unknown layer '{name}'; `layers()` lists this model's layers")
+
+    def condition(self, prompt: str) -> None:
+        """Encode ``prompt`` and the empty prompt (for guidance) once with the OpenCLIP text tower."""
+        if prompt == self._prompt:
+            return
+        with torch.no_grad():
+            self._text = self.net.encode_text(prompt).to(self._dtype)
+            self._negative_text = self.net.encode_text("").to(self._dtype)
+        self._prompt = prompt
+
+    def _require_text(self) -> torch.Tensor:
+        if self._text is None:
+            raise ModelError("call condition(prompt) before running the denoiser")
+        return self._text
+
+    def _concat_latents(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) image latent -> (B, C, T, h, w) as the model's c_concat."""
+        frames = latent.unsqueeze(2).expand(-1, -1, self.num_frames, -1, -1)
+        if self.config.interp:  # first and last frame, zeros between
+            keep = torch.zeros(self.num_frames, device=latent.device, dtype=latent.dtype)
+            keep[0] = keep[-1] = 1
+            frames = frames * keep.view(1, 1, -1, 1, 1)
+        return frames
+
+    def encode_image(
+        self,
+        x: torch.Tensor,
+        taps: Sequence[str] = (),
+        generator: torch.Generator | None = None,
+    ) -> EncodedImage:
+        """Both image paths, differentiable: c_concat latents (B, 4, T, h, w) and image tokens."""
+        pixels = x.to(self._device, self._dtype) * 2 - 1
+        tapper = FeatureTaps({n: self._module(n) for n in taps})
+        with tapper.capture() as feats:
+            dist = self.vae.encode(pixels).latent_dist
+        latent = (dist.sample(generator) if self.sample_posterior else dist.mode()) * self.net.scale_factor
+        tokens = self.net.encode_image_tokens(pixels)
+        return EncodedImage(self._concat_latents(latent), dict(feats), context=tokens)
+
+    def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
+        """The image latent (frame 0 of c_concat)."""
+        return encoded.latents[:, :, 0]
+
+    def still_video(self, latent: torch.Tensor) -> torch.Tensor:
+        """The image latent on every frame: (B, C, T, h, w)."""
+        return latent.unsqueeze(2).expand(-1, -1, self.num_frames, -1, -1)
+
+    def image_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The OpenCLIP ViT-H/14 tokens (B, 257, 1280) of ``x`` in [0, 1], differentiable."""
+        return self.net.embedder(x.to(self._device, self._dtype) * 2 - 1)
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """Posterior-mean latents (1, 4, T, h, w) of frames (F, 3, H, W) in [0, 1]."""
+        video = (frames.to(self._device, self._dtype) * 2 - 1).permute(1, 0, 2, 3).unsqueeze(0)
+        return self.net.encode_first_stage(video).detach()
+
+    def _fs(self, batch: int) -> torch.Tensor:
+        return torch.full((batch,), self.config.default_fs, device=self._device, dtype=torch.long)
+
+    def denoise(
+        self,
+        image: EncodedImage,
+        video_latents: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        taps: Sequence[str] = (),
+        with_loss: bool = False,
+        with_eps: bool = False,
+    ) -> DenoiserResult:
+        """One U-Net pass; stops after the deepest tap unless the output is wanted."""
+        text = self._require_text()
+        batch = image.latents.shape[0]
+        t = t.to(self._device).long().reshape(-1).expand(batch)
+        video_latents = video_latents.to(self._device, self._dtype).expand(batch, -1, -1, -1, -1)
+        noise = noise.to(self._device, self._dtype).expand_as(video_latents)
+        noisy = self.schedule.q_sample(video_latents, t, noise)
+        model_input = torch.cat([noisy, image.latents.to(self._dtype)], dim=1)
+        context = torch.cat([text.expand(batch, -1, -1), image.context.to(self._dtype)], dim=1)
+
+        order = {n: i for i, n in enumerate(self.layers().denoiser)}
+        need_output = with_loss or with_eps
+        deepest = max(taps, key=order.__getitem__) if taps else None
+        tapper = FeatureTaps({n: self._module(n) for n in taps})
+        with tapper.capture(stop_after=None if need_output else deepest) as feats:
+            output = tapper.run(lambda: self.unet(model_input, t, context=context, fs=self._fs(batch)))
+        result = DenoiserResult(dict(feats))
+        if need_output:
+            output = output.float()
+            if with_loss:
+                result.loss = self.schedule.training_loss(output, video_latents.float(), noise.float(), t)
+            if with_eps:
+                v_model = self.config.parameterization == "v"
+                result.eps = self.schedule.predict_eps_from_v(noisy.float(), t, output) if v_model else output
+        return result
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image: torch.Tensor,
+        prompt: str,
+        steps: int = 50,
+        seed: int = 0,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Sample a video as the released inference does (DDIM, eta, CFG, guidance rescale)."""
+        self.condition(prompt)
+        generator = torch.Generator().manual_seed(seed)
+        photo = image if image.dim() == 4 else image.unsqueeze(0)
+        photo = center_crop_resize(photo.float(), self.resolution)
+        photo = (photo * 255).round() / 255  # the attacker's pipeline reads an 8-bit image
+        pixels = photo.to(self._device, self._dtype) * 2 - 1
+        latent = self.vae.encode(pixels).latent_dist.sample(generator) * self.net.scale_factor
+        c_concat = self._concat_latents(latent)
+        tokens = self.net.encode_image_tokens(pixels)
+        empty_tokens = self.net.encode_image_tokens(torch.zeros_like(pixels))
+        cond = {"c_concat": [c_concat], "c_crossattn": [torch.cat([self._text, tokens], dim=1)]}
+        uncond = {"c_concat": [c_concat], "c_crossattn": [torch.cat([self._negative_text, empty_tokens], dim=1)]}
+        sampler = DDIMSampler(self.schedule, num_steps=steps, timestep_spacing=self.config.timestep_spacing,
+                              eta=self.config.ddim_eta)
+        x_t = torch.randn(c_concat.shape, generator=generator).to(self._device, self._dtype)
+        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        samples = sampler.sample(
+            hybrid_model_fn(self.unet, fs=self._fs(1)),
+            x_t,
+            cond,
+            uncond,
+            guidance_scale=scale,
+            guidance_rescale=self.config.guidance_rescale,
+            noise=lambda i, t, x: torch.randn(x.shape, generator=generator).to(x),  # CPU draws: same on any device
+        )
+        video = self.net.decode_first_stage(samples)[0]  # (3, T, H, W) in about [-1, 1]
+        return ((video.float().permute(1, 0, 2, 3) + 1) / 2).clamp(0, 1).cpu()

@@ -1,0 +1,144 @@
+"""DynamiCrafter through the VideoModel seam, on tiny-dynamicrafter: everything that runs
+on CogVideoX (protect, every baseline, verify) runs on it, with no model-specific code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import anti_i2v
+from anti_i2v.config import ProtectConfig
+from anti_i2v.engine import run_pgd
+from anti_i2v.evaluation.generate import GenerationSettings
+from anti_i2v.evaluation.scoring import VideoScorer
+from anti_i2v.evaluation.verify import verify
+from anti_i2v.methods import METHODS
+from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V, center_crop_resize
+from anti_i2v.models.registry import load_model
+from anti_i2v.objectives import AntiI2VObjective, draw_step
+from anti_i2v.photo import resize_for_model
+from anti_i2v.spaces import project, space_from_config
+
+PROMPT = "a person talking to the camera"
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = DynamiCrafterI2V.tiny(seed=0)
+    m.condition(PROMPT)
+    return m
+
+
+@pytest.fixture(scope="module")
+def x(portrait, model):
+    return resize_for_model(portrait[0], *model.resolution)
+
+
+def _draw(model, x, seed=0, t=600):
+    latents = model.encode_video(model.repeat_frames(x))
+    return latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)), torch.tensor([t])
+
+
+def test_blocks_are_numbered_in_forward_order(model):
+    layers = model.layers()
+    n_in, n_out = len(model.unet.input_blocks), len(model.unet.output_blocks)
+    assert len(layers.denoiser) == n_in + 1 + n_out
+    assert model._module(f"denoiser.{n_in}") is model.unet.middle_block
+    assert model._module(layers.denoiser[-1]) is model.unet.output_blocks[-1]
+
+
+def test_both_image_paths_are_differentiable(model, x):
+    latents, noise, t = _draw(model, x)
+    pixels = x.clone().requires_grad_(True)
+    encoded = model.encode_image(pixels, ["vae.mid_block"], torch.Generator().manual_seed(0))
+    assert encoded.latents.shape == latents.shape and encoded.context is not None
+    assert torch.equal(encoded.latents[:, :, 0], encoded.latents[:, :, -1])  # the image latent on every frame
+    image_tokens = torch.autograd.grad(encoded.context.sum(), pixels, retain_graph=True)[0]
+    vae_path = torch.autograd.grad(encoded.latents.sum(), pixels)[0]
+    assert image_tokens.abs().sum() > 0 and vae_path.abs().sum() > 0
+
+
+def test_early_exit_matches_the_full_forward_and_loss_is_the_v_mse(model, x):
+    latents, noise, t = _draw(model, x)
+    encoded = model.encode_image(x, (), torch.Generator().manual_seed(1))
+    full = model.denoise(encoded, latents, t, noise, ["denoiser.2", "denoiser.5"], with_loss=True, with_eps=True)
+    early = model.denoise(encoded, latents, t, noise, ["denoiser.2"])
+    torch.testing.assert_close(early.features["denoiser.2"], full.features["denoiser.2"])
+    s = model.schedule
+    x0 = latents * s.scale_arr[600]  # dynamic rescale of the 512-style schedule
+    a = s.alphas_cumprod[600]
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    v_pred = (full.eps - (1 - a).sqrt() * noisy) / a.sqrt()
+    v_target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    torch.testing.assert_close(torch.nn.functional.mse_loss(v_pred, v_target), full.loss, rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_reach_the_photo_and_sampling_gives_the_frames(model, x):
+    latents, noise, t = _draw(model, x)
+    pixels = x.clone().requires_grad_(True)
+    loss = model.training_loss(pixels, latents, t, noise)
+    (grad,) = torch.autograd.grad(loss, pixels)
+    assert torch.isfinite(grad).all() and (grad != 0).float().mean() > 0.9
+    video = model.generate(x, PROMPT, steps=2, seed=0)
+    assert video.shape == (model.num_frames, 3, *model.resolution)
+    torch.testing.assert_close(video, model.generate(x, PROMPT, steps=2, seed=0))
+
+
+def test_protection_moves_deep_features_further_than_random_noise(model, x):
+    config = ProtectConfig(prompt=PROMPT, steps=30)
+    objective = AntiI2VObjective(model, config)
+    objective.prepare(model, x)
+    x_adv = run_pgd(objective, space_from_config(config), x, config, t_range=(0, 999)).x_adv
+    noise = (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1) * config.eps
+    random_adv = project(x + noise, x, config.eps)
+    g = torch.Generator().manual_seed(11)
+    draws = [draw_step(g, objective.latent_shape(), (0, 999)) for _ in range(4)]
+
+    def shift(candidate):
+        total = []
+        with torch.no_grad():
+            for d in draws:
+                feats = [model.features(img, d.t, d.noise, objective.deep, objective.video_latents,
+                                        torch.Generator().manual_seed(0)) for img in (x, candidate)]
+                total += [((feats[1][n] - feats[0][n]).norm() / feats[0][n].norm()).item() for n in objective.deep]
+        return sum(total) / len(total)
+
+    assert shift(x_adv) >= 2 * shift(random_adv)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_on_it_within_the_budget(method, tmp_path, portrait):
+    array = (portrait[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).resize((96, 80)).save(tmp_path / "face.png")
+    result = anti_i2v.protect(tmp_path / "face.png", "tiny-dynamicrafter", out=tmp_path / "out", method=method,
+                              steps=2, eps="4/255", prompt=PROMPT)
+    saved = np.asarray(Image.open(result.path), dtype=np.int16)
+    assert np.abs(saved - np.asarray(Image.open(tmp_path / "face.png"), dtype=np.int16)).max() <= 4
+
+
+def test_verify_runs_on_it(tmp_path, portrait, model):
+    array = (portrait[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).resize((64, 64)).save(tmp_path / "face.png")
+    protected = anti_i2v.protect(tmp_path / "face.png", model, out=tmp_path, steps=2, prompt=PROMPT).path
+    report = verify(tmp_path / "face.png", protected, model, tmp_path / "report",
+                    GenerationSettings(prompt=PROMPT, steps=2), purifiers=["jpeg75"],
+                    scorer=VideoScorer(dino=None, qalign=None))
+    assert set(report["runs"]) == {"original", "protected", "protected+jpeg75"}
+    assert (tmp_path / "report" / "contact_sheet.png").is_file()
+
+
+def test_the_attackers_preprocessing_crops_the_centre():
+    image = torch.zeros(1, 3, 100, 300)
+    image[..., 100:200] = 1  # a white band in the middle third
+    out = center_crop_resize(image, (64, 64))
+    assert out.shape == (1, 3, 64, 64) and out.mean() > 0.95
+
+
+def test_registry_builds_the_tiny_model_and_names_the_released_ones():
+    assert load_model("tiny-dynamicrafter", device="cpu").name == "tiny-dynamicrafter"
+    from anti_i2v.models.registry import MODELS
+
+    assert MODELS["dynamicrafter-512"].hub_id == "Doubiiu/DynamiCrafter_512"
+    assert MODELS["dynamicrafter-512"].weights_file == "model.ckpt"
