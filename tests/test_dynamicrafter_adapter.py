@@ -45,8 +45,8 @@ def test_blocks_are_numbered_in_forward_order(model):
     layers = model.layers()
     n_in, n_out = len(model.unet.input_blocks), len(model.unet.output_blocks)
     assert len(layers.denoiser) == n_in + 1 + n_out
-    assert model._module(f"denoiser.{n_in}") is model.unet.middle_block
-    assert model._module(layers.denoiser[-1]) is model.unet.output_blocks[-1]
+    assert model.module(f"denoiser.{n_in}") is model.unet.middle_block
+    assert model.module(layers.denoiser[-1]) is model.unet.output_blocks[-1]
 
 
 def test_both_image_paths_are_differentiable(model, x):

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -153,6 +154,23 @@ class VideoModel(ABC):
     @abstractmethod
     def layers(self) -> ModelLayers:
         """Ordered names of the denoiser blocks and of the VAE-encoder blocks."""
+
+    @abstractmethod
+    def module(self, name: str) -> nn.Module:
+        """The module behind a layer name of `layers` (for hooks)."""
+
+    def tapped_forward(self, forward: Callable[[], Any], taps: Sequence[str], need_output: bool) -> tuple[Any, dict]:
+        """Run the denoiser call ``forward`` with ``taps`` hooked.
+
+        Unless ``need_output``, the pass stops after the deepest tapped block (the
+        output is then None). Returns the output and the tapped features.
+        """
+        order = {n: i for i, n in enumerate(self.layers().denoiser)}
+        deepest = max(taps, key=order.__getitem__) if taps else None
+        tapper = FeatureTaps({n: self.module(n) for n in taps})
+        with tapper.capture(stop_after=None if need_output else deepest) as feats:
+            output = tapper.run(forward)
+        return output, dict(feats)
 
     @abstractmethod
     def condition(self, prompt: str) -> None:

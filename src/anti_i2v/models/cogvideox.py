@@ -276,7 +276,7 @@ class CogVideoXI2V(VideoModel):
             vae_encoder=[f"{VAE_PREFIX}down_blocks.{i}" for i in range(n_down)] + [f"{VAE_PREFIX}mid_block"],
         )
 
-    def _module(self, name: str) -> torch.nn.Module:
+    def module(self, name: str) -> torch.nn.Module:
         if name.startswith(DENOISER_PREFIX):
             return self.transformer.transformer_blocks[int(name[len(DENOISER_PREFIX) :])]
         if name.startswith(VAE_PREFIX):
@@ -335,7 +335,7 @@ class CogVideoXI2V(VideoModel):
     ) -> EncodedImage:
         """Image latents as the pipeline builds them: (B, F_latent, C, h, w), frame 0 the image."""
         pixels = (x.to(self._device, self._dtype) * 2 - 1).unsqueeze(2)  # (B, 3, 1, H, W) in [-1, 1]
-        tapper = FeatureTaps({n: self._module(n) for n in taps})
+        tapper = FeatureTaps({n: self.module(n) for n in taps})
         with tapper.capture() as feats:
             dist = self.vae.encode(pixels).latent_dist
         latent = dist.sample(generator) if self.sample_posterior else dist.mode()
@@ -381,21 +381,19 @@ class CogVideoXI2V(VideoModel):
         noisy = self.scheduler.add_noise(video_latents, noise, t)
         model_input = torch.cat([noisy, image.latents.to(self._dtype)], dim=2)
 
-        order = {n: i for i, n in enumerate(self.layers().denoiser)}
-        deepest = max(taps, key=order.__getitem__) if taps else None
-        tapper = FeatureTaps({n: self._module(n) for n in taps})
         need_output = with_loss or with_eps
-        with tapper.capture(stop_after=None if need_output else deepest) as feats:
-            output = tapper.run(
-                lambda: self.transformer(
-                    hidden_states=model_input,
-                    encoder_hidden_states=prompt_embeds.expand(batch, -1, -1),
-                    timestep=t,
-                    image_rotary_emb=self._rope,
-                    return_dict=False,
-                )
-            )
-        result = DenoiserResult(dict(feats))
+        output, feats = self.tapped_forward(
+            lambda: self.transformer(
+                hidden_states=model_input,
+                encoder_hidden_states=prompt_embeds.expand(batch, -1, -1),
+                timestep=t,
+                image_rotary_emb=self._rope,
+                return_dict=False,
+            ),
+            taps,
+            need_output,
+        )
+        result = DenoiserResult(feats)
         if need_output:
             prediction = output[0].float()
             if with_loss:

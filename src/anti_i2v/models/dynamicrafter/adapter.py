@@ -165,7 +165,7 @@ class DynamiCrafterI2V(VideoModel):
             vae_encoder=[f"{VAE_PREFIX}down_blocks.{i}" for i in range(n_down)] + [f"{VAE_PREFIX}mid_block"],
         )
 
-    def _module(self, name: str) -> torch.nn.Module:
+    def module(self, name: str) -> torch.nn.Module:
         if name.startswith(DENOISER_PREFIX):
             return self._blocks()[int(name[len(DENOISER_PREFIX) :])]
         if name.startswith(VAE_PREFIX):
@@ -203,7 +203,7 @@ class DynamiCrafterI2V(VideoModel):
     ) -> EncodedImage:
         """Both image paths, differentiable: c_concat latents (B, 4, T, h, w) and image tokens."""
         pixels = x.to(self._device, self._dtype) * 2 - 1
-        tapper = FeatureTaps({n: self._module(n) for n in taps})
+        tapper = FeatureTaps({n: self.module(n) for n in taps})
         with tapper.capture() as feats:
             dist = self.vae.encode(pixels).latent_dist
         latent = (dist.sample(generator) if self.sample_posterior else dist.mode()) * self.net.scale_factor
@@ -251,13 +251,11 @@ class DynamiCrafterI2V(VideoModel):
         model_input = torch.cat([noisy, image.latents.to(self._dtype)], dim=1)
         context = torch.cat([text.expand(batch, -1, -1), image.context.to(self._dtype)], dim=1)
 
-        order = {n: i for i, n in enumerate(self.layers().denoiser)}
         need_output = with_loss or with_eps
-        deepest = max(taps, key=order.__getitem__) if taps else None
-        tapper = FeatureTaps({n: self._module(n) for n in taps})
-        with tapper.capture(stop_after=None if need_output else deepest) as feats:
-            output = tapper.run(lambda: self.unet(model_input, t, context=context, fs=self._fs(batch)))
-        result = DenoiserResult(dict(feats))
+        output, feats = self.tapped_forward(
+            lambda: self.unet(model_input, t, context=context, fs=self._fs(batch)), taps, need_output
+        )
+        result = DenoiserResult(feats)
         if need_output:
             output = output.float()
             if with_loss:
