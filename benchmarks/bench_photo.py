@@ -2,7 +2,7 @@
 
 Prints JSON: wall seconds, seconds per step, peak memory and the budget measured on
 the saved file, for ``tiny-cogvideox`` on every available device and, with a CUDA
-GPU, for the full-size CogVideoX-5B-I2V configuration with random weights.
+GPU, for the full-size CogVideoX-5B-I2V and DynamiCrafter-512 configurations with random weights.
 
     python benchmarks/bench_photo.py [--steps 4] [--out results.json]
 """
@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 import anti_i2v  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
-from bench_protect import full_size_cogvideox  # noqa: E402
+from bench_protect import FULL_SIZE  # noqa: E402
 
 
 def run_photo(model: str | VideoModel, device: str, steps: int) -> dict:
@@ -60,7 +60,9 @@ def main() -> None:
     runs = [run_photo("tiny-cogvideox", "cpu", args.steps)]
     if torch.cuda.is_available():
         runs.append(run_photo("tiny-cogvideox", "cuda", args.steps))
-        runs.append(run_photo(full_size_cogvideox(gradient_checkpointing=True), "cuda", args.steps))
+        for build in FULL_SIZE.values():
+            runs.append(run_photo(build(True), "cuda", args.steps))
+            torch.cuda.empty_cache()
     text = json.dumps({"torch": torch.__version__, "runs": runs}, indent=2)
     print(text)
     if args.out:

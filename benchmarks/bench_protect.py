@@ -85,10 +85,28 @@ def full_size_cogvideox(gradient_checkpointing: bool) -> CogVideoXI2V:
     return model
 
 
+def full_size_dynamicrafter(gradient_checkpointing: bool, variant: str = "512") -> VideoModel:
+    """DynamiCrafter of the released size with random weights, bf16, on the GPU."""
+    from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
+    from anti_i2v.models.dynamicrafter.model import DynamiCrafterModel
+
+    with torch.device("cuda"):
+        net = DynamiCrafterModel(variant)
+    model = DynamiCrafterI2V(net, name=f"dynamicrafter-{variant}-random", device="cuda", dtype=torch.bfloat16,
+                             gradient_checkpointing=gradient_checkpointing)
+    model.use_prompt_embeds(torch.randn(1, 77, net.config.unet["context_dim"]), label=DEFAULT_PROMPT)
+    return model
+
+
+FULL_SIZE = {"cogvideox": full_size_cogvideox, "dynamicrafter-512": full_size_dynamicrafter}
+
+
 def main() -> None:
     """Print one JSON document with every measurement this machine allows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--models", default=",".join(FULL_SIZE), help="full-size models to time on a GPU")
+    parser.add_argument("--checkpointing", default="on,off", help="gradient checkpointing settings to time")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -99,15 +117,16 @@ def main() -> None:
     }
     results["runs"].append(time_steps(CogVideoXI2V.tiny(), args.steps))
     if torch.cuda.is_available():
-        for checkpointing in (True, False):
-            try:
-                record = time_steps(full_size_cogvideox(checkpointing), max(1, args.steps // 2))
-            except torch.OutOfMemoryError as err:
-                record = {"model": "cogvideox-5b-random", "error": f"out of memory: {str(err).splitlines()[0]}"}
-            record["gradient_checkpointing"] = checkpointing
-            results["runs"].append(record)
-            gc.collect()
-            torch.cuda.empty_cache()
+        for name in args.models.split(","):
+            for checkpointing in (c == "on" for c in args.checkpointing.split(",")):
+                try:
+                    record = time_steps(FULL_SIZE[name](checkpointing), max(1, args.steps // 2))
+                except torch.OutOfMemoryError as err:
+                    record = {"model": name, "error": f"out of memory: {str(err).splitlines()[0]}"}
+                record["gradient_checkpointing"] = checkpointing
+                results["runs"].append(record)
+                gc.collect()
+                torch.cuda.empty_cache()
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

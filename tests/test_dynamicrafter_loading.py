@@ -660,3 +660,20 @@ def test_hub_ids_go_through_hf_hub_download(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="HF_HUB_OFFLINE"):
         load_checkpoint(None, "256")
     assert calls[-1] == ("Doubiiu/DynamiCrafter", "model.ckpt", True)
+
+
+def test_convert_checkpoint_command_writes_safetensors_that_load_back(tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from anti_i2v.cli import app
+    from anti_i2v.models.dynamicrafter.checkpoint import load_checkpoint
+
+    state = {"model.diffusion_model.out.2.bias": torch.arange(4.0), "scale_arr": torch.ones(3)}
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "model.ckpt")
+    result = CliRunner().invoke(app, ["convert-checkpoint", str(tmp_path / "model.ckpt"), str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 0, result.output
+    loaded = load_checkpoint(tmp_path / "m.safetensors", "512")
+    assert set(loaded) == set(state) and torch.equal(loaded["scale_arr"], state["scale_arr"])
+    missing = CliRunner().invoke(app, ["convert-checkpoint", str(tmp_path / "none.ckpt"), str(tmp_path / "x.safetensors")])
+    assert missing.exit_code != 0 and "Traceback" not in missing.output

@@ -399,6 +399,23 @@ def evaluate(
             console.print(f"[yellow]{_TINY_NOTE}[/]")
 
 
+@app.command("convert-checkpoint")
+def convert_checkpoint(
+    checkpoint: Annotated[str, typer.Argument(help="An official DynamiCrafter model.ckpt (file, folder or hub id).")],
+    out: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    variant: Annotated[str, typer.Option(help="256, 512, 1024 or 512_interp.")] = "512",
+) -> None:
+    """Convert an official DynamiCrafter checkpoint to safetensors (same keys; loads without pickle)."""
+    _setup_logging(False)
+    from anti_i2v.models.dynamicrafter.checkpoint import convert_to_safetensors
+
+    try:
+        path = convert_to_safetensors(checkpoint, out, variant=variant)
+    except AntiI2VError as err:
+        raise _fail(err) from None
+    console.print(f"wrote {path}; pass it with --model dynamicrafter-{variant.replace('_', '-')} --model-path {path}")
+
+
 @app.command()
 def models() -> None:
     """List the models, their hub ids, and whether their weights are present locally."""

@@ -181,6 +181,14 @@ class DynamiCrafterI2V(VideoModel):
             self._negative_text = self.net.encode_text("").to(self._dtype)
         self._prompt = prompt
 
+    def use_prompt_embeds(self, embeds: torch.Tensor, negative: torch.Tensor | None = None, label: str = "") -> None:
+        """Condition on a precomputed text context (1, 77, D) instead of a prompt string."""
+        self._prompt = label
+        self._text = embeds.to(self._device, self._dtype)
+        self._negative_text = (negative if negative is not None else torch.zeros_like(embeds)).to(
+            self._device, self._dtype
+        )
+
     def _require_text(self) -> torch.Tensor:
         if self._text is None:
             raise ModelError("call condition(prompt) before running the denoiser")
