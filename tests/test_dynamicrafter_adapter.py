@@ -142,3 +142,13 @@ def test_registry_builds_the_tiny_model_and_names_the_released_ones():
 
     assert MODELS["dynamicrafter-512"].hub_id == "Doubiiu/DynamiCrafter_512"
     assert MODELS["dynamicrafter-512"].weights_file == "model.ckpt"
+
+
+def test_protection_is_optimised_through_the_models_own_crop(tmp_path, portrait, model, monkeypatch):
+    seen = []
+    original = DynamiCrafterI2V.prepare_image
+    monkeypatch.setattr(DynamiCrafterI2V, "prepare_image", lambda self, rgb: seen.append(rgb.shape) or original(self, rgb))
+    wide = portrait[0][:, 128:384, :]  # a 256x512 photo, wider than the model's square input
+    result = anti_i2v.protect(wide, model, steps=2, prompt=PROMPT)
+    assert result.budget.within_budget
+    assert seen and all(shape[-2:] == (256, 512) for shape in seen)  # every view starts from the full photo

@@ -34,7 +34,6 @@ from anti_i2v.photo import (
     load_photo,
     measure_budget,
     output_path_for,
-    resize_for_model,
     save_protected,
 )
 from anti_i2v.spaces import space_from_config
@@ -126,7 +125,7 @@ def _optimise(
     """Run the Anti-I2V optimisation at model resolution; returns the full-size protected RGB."""
     space = space_from_config(config)  # fails fast on a bad space, before any model work
     method = get_method(config.method)
-    x = resize_for_model(photo.rgb, *model.resolution).to(model.device)
+    x = model.prepare_image(photo.rgb).to(model.device)
     if method.build is None:
         return random_protection(photo, config), PGDResult(x_adv=x)
     target = None
@@ -140,11 +139,13 @@ def _optimise(
     if release_text_encoder and model.device.type == "cuda":
         model.release_text_encoder()
     view = None
+    if not config.through_resize and type(model).prepare_image is not VideoModel.prepare_image:
+        logger.warning("%s crops the photo: without through_resize the perturbation is not aligned with it", model.name)
     if config.through_resize and photo.size != tuple(model.resolution):
         full = photo.rgb.to(model.device)
 
         def view(x_adv: torch.Tensor) -> torch.Tensor:
-            return resize_for_model(carry_perturbation(full, x, x_adv, config.eps), *model.resolution)
+            return model.prepare_image(carry_perturbation(full, x, x_adv, config.eps))
 
     t_range = (min(config.t_min, model.num_train_timesteps - 1), min(config.t_max, model.num_train_timesteps - 1))
     result = run_pgd(

@@ -274,6 +274,14 @@ class VideoModel(ABC):
         assert loss is not None
         return loss
 
+    def prepare_image(self, rgb: torch.Tensor) -> torch.Tensor:
+        """A photo (3, H, W) or (B, 3, H, W) in [0, 1] as this model's pipeline prepares it:
+        (B, 3, h, w) at `resolution`, differentiable. By default stretched, as the diffusers
+        image-to-video pipelines do; adapters whose pipeline crops override this."""
+        from anti_i2v.photo import resize_for_model
+
+        return resize_for_model(rgb, *self.resolution)
+
     def repeat_frames(self, x: torch.Tensor) -> torch.Tensor:
         """The image (1, 3, H, W) repeated as a still video (F, 3, H, W)."""
         return x[0].unsqueeze(0).expand(self.num_frames, -1, -1, -1).contiguous()

@@ -218,6 +218,10 @@ class DynamiCrafterI2V(VideoModel):
         tokens = self.net.encode_image_tokens(pixels)
         return EncodedImage(self._concat_latents(latent), dict(feats), context=tokens)
 
+    def prepare_image(self, rgb: torch.Tensor) -> torch.Tensor:
+        """As the released inference: scaled to cover the resolution, centre crop."""
+        return center_crop_resize(rgb if rgb.dim() == 4 else rgb.unsqueeze(0), self.resolution)
+
     def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
         """The image latent (frame 0 of c_concat)."""
         return encoded.latents[:, :, 0]
@@ -285,8 +289,7 @@ class DynamiCrafterI2V(VideoModel):
         """Sample a video as the released inference does (DDIM, eta, CFG, guidance rescale)."""
         self.condition(prompt)
         generator = torch.Generator().manual_seed(seed)
-        photo = image if image.dim() == 4 else image.unsqueeze(0)
-        photo = center_crop_resize(photo.float(), self.resolution)
+        photo = self.prepare_image(image.float())
         photo = (photo * 255).round() / 255  # the attacker's pipeline reads an 8-bit image
         pixels = photo.to(self._device, self._dtype) * 2 - 1
         latent = self.vae.encode(pixels).latent_dist.sample(generator) * self.net.scale_factor
