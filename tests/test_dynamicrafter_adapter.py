@@ -15,10 +15,10 @@ from anti_i2v.evaluation.generate import GenerationSettings
 from anti_i2v.evaluation.scoring import VideoScorer
 from anti_i2v.evaluation.verify import verify
 from anti_i2v.methods import METHODS
-from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V, center_crop_resize
+from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
 from anti_i2v.models.registry import load_model
 from anti_i2v.objectives import AntiI2VObjective, draw_step
-from anti_i2v.photo import resize_for_model
+from anti_i2v.photo import resize_for_model, resize_to_fill
 from anti_i2v.spaces import project, space_from_config
 
 PROMPT = "a person talking to the camera"
@@ -132,7 +132,7 @@ def test_verify_runs_on_it(tmp_path, portrait, model):
 def test_the_attackers_preprocessing_crops_the_centre():
     image = torch.zeros(1, 3, 100, 300)
     image[..., 100:200] = 1  # a white band in the middle third
-    out = center_crop_resize(image, (64, 64))
+    out = resize_to_fill(image, 64, 64)
     assert out.shape == (1, 3, 64, 64) and out.mean() > 0.95
 
 

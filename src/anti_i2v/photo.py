@@ -452,6 +452,20 @@ def resize_for_model(rgb: torch.Tensor, height: int, width: int) -> torch.Tensor
     return y.clamp(0.0, 1.0)
 
 
+def resize_to_fill(rgb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale ``(3, H, W)`` or ``(B, 3, H, W)`` images to cover ``height x width``, then crop the centre.
+
+    How DynamiCrafter and Open-Sora prepare their condition image (aspect kept, the
+    overflow cropped). Antialiased bilinear, clamped to [0, 1], differentiable.
+    """
+    x = rgb.unsqueeze(0) if rgb.dim() == 3 else rgb
+    scale = max(height / x.shape[-2], width / x.shape[-1])
+    size = (max(height, round(x.shape[-2] * scale)), max(width, round(x.shape[-1] * scale)))
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return x[..., top : top + height, left : left + width].clamp(0.0, 1.0)
+
+
 def carry_perturbation(
     original: torch.Tensor, x_model: torch.Tensor, x_model_adv: torch.Tensor, eps: float
 ) -> torch.Tensor:

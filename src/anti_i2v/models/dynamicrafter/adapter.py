@@ -20,7 +20,6 @@ import logging
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from anti_i2v.errors import ModelError
 from anti_i2v.models.base import (
@@ -37,6 +36,7 @@ from anti_i2v.models.dynamicrafter.configs import get_config
 from anti_i2v.models.dynamicrafter.model import DynamiCrafterModel
 from anti_i2v.models.dynamicrafter.sampler import DDIMSampler, hybrid_model_fn
 from anti_i2v.models.dynamicrafter.schedule import DynamiCrafterSchedule
+from anti_i2v.photo import resize_to_fill
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +59,6 @@ def randomise_zero_initialised(net: torch.nn.Module) -> None:
             param.normal_(0, min(max(fan_in**-0.5, 0.02), 0.2))
         else:
             param.normal_(0, 0.05)
-
-
-def center_crop_resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """DynamiCrafter's preprocessing: scale the photo to cover ``size`` (H, W), then crop the centre."""
-    height, width = size
-    scale = max(height / image.shape[-2], width / image.shape[-1])
-    resized = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
-    image = F.interpolate(image, size=resized, mode="bilinear", antialias=True, align_corners=False)
-    top, left = (resized[0] - height) // 2, (resized[1] - width) // 2
-    return image[..., top : top + height, left : left + width].clamp(0, 1)
 
 
 class DynamiCrafterI2V(VideoModel):
@@ -220,7 +210,7 @@ class DynamiCrafterI2V(VideoModel):
 
     def prepare_image(self, rgb: torch.Tensor) -> torch.Tensor:
         """As the released inference: scaled to cover the resolution, centre crop."""
-        return center_crop_resize(rgb if rgb.dim() == 4 else rgb.unsqueeze(0), self.resolution)
+        return resize_to_fill(rgb, *self.resolution)
 
     def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
         """The image latent (frame 0 of c_concat)."""
