@@ -18,7 +18,7 @@ from anti_i2v.methods import METHODS
 from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
 from anti_i2v.models.registry import load_model
 from anti_i2v.objectives import AntiI2VObjective, draw_step
-from anti_i2v.photo import resize_for_model, resize_to_fill
+from anti_i2v.photo import resize_for_model, resize_short_side_and_crop, resize_to_fill
 from anti_i2v.spaces import project, space_from_config
 
 PROMPT = "a person talking to the camera"
@@ -152,3 +152,58 @@ def test_protection_is_optimised_through_the_models_own_crop(tmp_path, portrait,
     result = anti_i2v.protect(wide, model, steps=2, prompt=PROMPT)
     assert result.budget.within_budget
     assert seen and all(shape[-2:] == (256, 512) for shape in seen)  # every view starts from the full photo
+
+
+def test_preparation_scales_the_short_side_and_pads_narrow_photos():
+    portrait_photo = torch.ones(3, 150, 100)  # taller than wide
+    out = resize_short_side_and_crop(portrait_photo, 32, 64)  # a wide model input, as DynamiCrafter 512
+    # short side 100 -> 32: the photo becomes 48x32, cropped to 32 rows, padded to 64 columns
+    assert out.shape == (1, 3, 32, 64)
+    assert out[..., :, 16:48].min() > 0.999 and out[..., :, :16].max() == 0 and out[..., :, 48:].max() == 0
+
+
+def test_generation_conditions_like_the_released_inference(model, x):
+    calls = []
+    unet_forward = model.unet.forward
+
+    def recording(inp, t, context=None, fs=None, **kw):
+        calls.append((inp[:, 4:].clone(), context.shape, fs.clone()))
+        return unet_forward(inp, t, context=context, fs=fs, **kw)
+
+    model.unet.forward = recording
+    try:
+        model.generate(x, PROMPT, steps=2, seed=0)
+    finally:
+        model.unet.forward = unet_forward
+    assert len(calls) == 4  # cond and uncond at each of the 2 steps
+    tokens = model.config.image_tokens_per_frame * model.num_frames
+    assert all(c[1][1] == 77 + tokens for c in calls)
+    assert all(int(c[2][0]) == model.config.default_fs for c in calls)
+    assert all(torch.equal(c[0], calls[0][0]) for c in calls)  # one c_concat shared by cond and uncond
+
+
+def test_eps_and_interpolation_variants_follow_their_conditioning(x):
+    from anti_i2v.models.dynamicrafter.configs import get_config
+    from anti_i2v.models.dynamicrafter.model import DynamiCrafterModel
+
+    config = get_config("tiny").with_overrides(parameterization="eps", interp=True, use_dynamic_rescale=False,
+                                               rescale_betas_zero_snr=False, timestep_spacing="uniform")
+    torch.manual_seed(0)
+    m = DynamiCrafterI2V(DynamiCrafterModel(config))
+    m.condition(PROMPT)
+    encoded = m.encode_image(x, (), torch.Generator().manual_seed(0))
+    norms = encoded.latents.flatten(3).norm(dim=-1)[0, 0]
+    assert norms[0] > 0 and norms[-1] > 0 and norms[1:-1].abs().max() == 0  # first and last frame only
+    latents, noise, t = _draw(m, x)
+    result = m.denoise(encoded, latents, t, noise, with_loss=True, with_eps=True)
+    torch.testing.assert_close(result.loss, torch.nn.functional.mse_loss(result.eps, noise))
+    assert m.generate(x, PROMPT, steps=3, seed=0).shape[0] == m.num_frames  # 3 steps: not a divisor of 1000
+
+
+def test_released_text_encoder_refuses_a_new_prompt(x):
+    m = DynamiCrafterI2V.tiny(seed=1)
+    m.condition(PROMPT)
+    m.release_text_encoder()
+    assert m.net.cond_stage_model is None
+    with pytest.raises(Exception, match="released"):
+        m.condition("another prompt")

@@ -466,6 +466,24 @@ def resize_to_fill(rgb: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x[..., top : top + height, left : left + width].clamp(0.0, 1.0)
 
 
+def resize_short_side_and_crop(rgb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale the photo's short side to ``min(height, width)``, then centre-crop to ``height x width``.
+
+    The torchvision ``Resize(min(h, w))`` + ``CenterCrop((h, w))`` preparation of
+    DynamiCrafter: where the scaled photo is smaller than the crop, it is padded with
+    zeros (black bars). Antialiased bilinear, clamped to [0, 1], differentiable.
+    """
+    x = rgb.unsqueeze(0) if rgb.dim() == 3 else rgb
+    scale = min(height, width) / min(x.shape[-2], x.shape[-1])
+    size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0.0, 1.0)
+    pad_h, pad_w = max(0, height - size[0]), max(0, width - size[1])
+    if pad_h or pad_w:
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    top, left = (x.shape[-2] - height) // 2, (x.shape[-1] - width) // 2
+    return x[..., top : top + height, left : left + width]
+
+
 def carry_perturbation(
     original: torch.Tensor, x_model: torch.Tensor, x_model_adv: torch.Tensor, eps: float
 ) -> torch.Tensor:

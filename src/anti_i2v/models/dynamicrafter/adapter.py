@@ -10,7 +10,8 @@ v-prediction MSE (eps for the 256 model) on the dynamically rescaled x0.
 
 Block mapping: ``denoiser.<i>`` counts the U-Net's blocks in forward order:
 ``input_blocks[0..11]`` are 0-11, ``middle_block`` is 12, ``output_blocks[0..11]`` are
-13-24 (each tapped on its output, shape (B*T, C, h, w)). ``vae.down_blocks.<i>`` and
+13-24 (each tapped on its output, shape (B*T, C, h, w); block 0 is the input
+convolution, before the U-Net's initial temporal attention). ``vae.down_blocks.<i>`` and
 ``vae.mid_block`` are the VAE encoder's blocks.
 """
 
@@ -36,7 +37,7 @@ from anti_i2v.models.dynamicrafter.configs import get_config
 from anti_i2v.models.dynamicrafter.model import DynamiCrafterModel
 from anti_i2v.models.dynamicrafter.sampler import DDIMSampler, hybrid_model_fn
 from anti_i2v.models.dynamicrafter.schedule import DynamiCrafterSchedule
-from anti_i2v.photo import resize_to_fill
+from anti_i2v.photo import resize_short_side_and_crop
 
 logger = logging.getLogger(__name__)
 
@@ -166,18 +167,38 @@ class DynamiCrafterI2V(VideoModel):
         """Encode ``prompt`` and the empty prompt (for guidance) once with the OpenCLIP text tower."""
         if prompt == self._prompt:
             return
+        if self.net.cond_stage_model is None:
+            raise ModelError(
+                "the text encoder was released after encoding the first prompt; "
+                "create the model again to use another prompt"
+            )
         with torch.no_grad():
             self._text = self.net.encode_text(prompt).to(self._dtype)
             self._negative_text = self.net.encode_text("").to(self._dtype)
         self._prompt = prompt
 
     def use_prompt_embeds(self, embeds: torch.Tensor, negative: torch.Tensor | None = None, label: str = "") -> None:
-        """Condition on a precomputed text context (1, 77, D) instead of a prompt string."""
+        """Condition on a precomputed text context (1, 77, D) instead of a prompt string.
+
+        Without ``negative``, the empty prompt's context is used when the text encoder
+        can make it (as the released models' ``empty_seq`` guidance), else zeros.
+        """
+        if negative is None:
+            try:
+                with torch.no_grad():
+                    negative = self.net.encode_text("")
+            except (OSError, ValueError, ModelError, AttributeError):  # no tokenizer files, or encoder released
+                negative = torch.zeros_like(embeds)
         self._prompt = label
         self._text = embeds.to(self._device, self._dtype)
-        self._negative_text = (negative if negative is not None else torch.zeros_like(embeds)).to(
-            self._device, self._dtype
-        )
+        self._negative_text = negative.to(self._device, self._dtype)
+
+    def release_text_encoder(self) -> None:
+        """Drop the OpenCLIP text tower (354 M parameters) once the prompt is encoded."""
+        if self.net.cond_stage_model is not None:
+            self.net.cond_stage_model = None
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _require_text(self) -> torch.Tensor:
         if self._text is None:
@@ -209,8 +230,9 @@ class DynamiCrafterI2V(VideoModel):
         return EncodedImage(self._concat_latents(latent), dict(feats), context=tokens)
 
     def prepare_image(self, rgb: torch.Tensor) -> torch.Tensor:
-        """As the released inference: scaled to cover the resolution, centre crop."""
-        return resize_to_fill(rgb, *self.resolution)
+        """As the released inference: short side scaled to the resolution's, centre crop (black bars
+        where the photo is too narrow)."""
+        return resize_short_side_and_crop(rgb, *self.resolution)
 
     def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
         """The image latent (frame 0 of c_concat)."""
@@ -247,10 +269,11 @@ class DynamiCrafterI2V(VideoModel):
         text = self._require_text()
         batch = image.latents.shape[0]
         t = t.to(self._device).long().reshape(-1).expand(batch)
-        video_latents = video_latents.to(self._device, self._dtype).expand(batch, -1, -1, -1, -1)
-        noise = noise.to(self._device, self._dtype).expand_as(video_latents)
+        # latents stay fp32 as in the original's autocast; the U-Net casts its input itself
+        video_latents = video_latents.to(self._device, torch.float32).expand(batch, -1, -1, -1, -1)
+        noise = noise.to(self._device, torch.float32).expand_as(video_latents)
         noisy = self.schedule.q_sample(video_latents, t, noise)
-        model_input = torch.cat([noisy, image.latents.to(self._dtype)], dim=1)
+        model_input = torch.cat([noisy, image.latents.float()], dim=1)
         context = torch.cat([text.expand(batch, -1, -1), image.context.to(self._dtype)], dim=1)
 
         need_output = with_loss or with_eps
@@ -261,10 +284,10 @@ class DynamiCrafterI2V(VideoModel):
         if need_output:
             output = output.float()
             if with_loss:
-                result.loss = self.schedule.training_loss(output, video_latents.float(), noise.float(), t)
+                result.loss = self.schedule.training_loss(output, video_latents, noise, t)
             if with_eps:
                 v_model = self.config.parameterization == "v"
-                result.eps = self.schedule.predict_eps_from_v(noisy.float(), t, output) if v_model else output
+                result.eps = self.schedule.predict_eps_from_v(noisy, t, output) if v_model else output
         return result
 
     @torch.no_grad()
@@ -282,15 +305,15 @@ class DynamiCrafterI2V(VideoModel):
         photo = self.prepare_image(image.float())
         photo = (photo * 255).round() / 255  # the attacker's pipeline reads an 8-bit image
         pixels = photo.to(self._device, self._dtype) * 2 - 1
-        latent = self.vae.encode(pixels).latent_dist.sample(generator) * self.net.scale_factor
-        c_concat = self._concat_latents(latent)
+        latent = self.vae.encode(pixels).latent_dist.sample(generator).float() * self.net.scale_factor
+        c_concat = self._concat_latents(latent)  # fp32 latents through the whole DDIM loop
         tokens = self.net.encode_image_tokens(pixels)
         empty_tokens = self.net.encode_image_tokens(torch.zeros_like(pixels))
         cond = {"c_concat": [c_concat], "c_crossattn": [torch.cat([self._text, tokens], dim=1)]}
         uncond = {"c_concat": [c_concat], "c_crossattn": [torch.cat([self._negative_text, empty_tokens], dim=1)]}
         sampler = DDIMSampler(self.schedule, num_steps=steps, timestep_spacing=self.config.timestep_spacing,
                               eta=self.config.ddim_eta)
-        x_t = torch.randn(c_concat.shape, generator=generator).to(self._device, self._dtype)
+        x_t = torch.randn(c_concat.shape, generator=generator).to(self._device)
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         samples = sampler.sample(
             hybrid_model_fn(self.unet, fs=self._fs(1)),
@@ -301,5 +324,5 @@ class DynamiCrafterI2V(VideoModel):
             guidance_rescale=self.config.guidance_rescale,
             noise=lambda i, t, x: torch.randn(x.shape, generator=generator).to(x),  # CPU draws: same on any device
         )
-        video = self.net.decode_first_stage(samples)[0]  # (3, T, H, W) in about [-1, 1]
+        video = self.net.decode_first_stage(samples.to(self._dtype))[0]  # (3, T, H, W) in about [-1, 1]
         return ((video.float().permute(1, 0, 2, 3) + 1) / 2).clamp(0, 1).cpu()

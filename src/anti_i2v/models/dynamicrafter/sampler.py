@@ -67,6 +67,7 @@ def make_ddim_timesteps(num_steps: int, spacing: TimestepSpacing, num_train_time
     if spacing == "uniform":
         c = num_train_timesteps // num_steps
         steps = np.arange(0, num_train_timesteps, c, dtype=np.int64) + 1
+        steps = steps[steps < num_train_timesteps]  # the original indexes past the table here and crashes
     elif spacing == "uniform_trailing":
         c = num_train_timesteps / num_steps
         steps = np.flip(np.round(np.arange(num_train_timesteps, 0, -c))).astype(np.int64) - 1
