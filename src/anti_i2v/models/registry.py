@@ -68,6 +68,20 @@ def _tiny_dynamicrafter(source: str | None, device: torch.device, dtype: torch.d
     return DynamiCrafterI2V.tiny(seed=0, device=device)
 
 
+def _opensora(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+    from anti_i2v.models.opensora.adapter import OpenSoraI2V
+
+    return OpenSoraI2V.from_pretrained(
+        source, device=device, dtype=dtype, name="opensora", gradient_checkpointing=device.type == "cuda"
+    )
+
+
+def _tiny_opensora(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+    from anti_i2v.models.opensora.adapter import OpenSoraI2V
+
+    return OpenSoraI2V.tiny(seed=0, device=device)
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -93,6 +107,12 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("dynamicrafter-512-interp", "Doubiiu/DynamiCrafter_512_Interp",
                   "DynamiCrafter 512 frame interpolation / looping, 320x512, 16 frames", _dynamicrafter("512_interp"),
                   "model.ckpt"),
+        ModelSpec("opensora", "hpcai-tech/OpenSora-STDiT-v3",
+                  "Open-Sora 1.2 (STDiT3-XL/2 + OpenSora-VAE-v1.2 + T5-XXL), 240x426, 51 frames (the paper's DiT "
+                  "backbone); --model-path is the STDiT3 folder", _opensora, "model.safetensors"),
+        ModelSpec("tiny-opensora", None,
+                  "Open-Sora 1.2 architecture with random weights, 64x64, 17 frames: demonstrates the pipeline, "
+                  "protects against nothing", _tiny_opensora),
         ModelSpec("tiny-dynamicrafter", None,
                   "DynamiCrafter architecture with random weights, 32x32, 4 frames: demonstrates the pipeline, "
                   "protects against nothing", _tiny_dynamicrafter),

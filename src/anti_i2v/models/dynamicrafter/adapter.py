@@ -37,29 +37,10 @@ from anti_i2v.models.dynamicrafter.configs import get_config
 from anti_i2v.models.dynamicrafter.model import DynamiCrafterModel
 from anti_i2v.models.dynamicrafter.sampler import DDIMSampler, hybrid_model_fn
 from anti_i2v.models.dynamicrafter.schedule import DynamiCrafterSchedule
+from anti_i2v.models.tiny import randomise_zero_initialised
 from anti_i2v.photo import resize_short_side_and_crop
 
 logger = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def randomise_zero_initialised(net: torch.nn.Module) -> None:
-    """Give random values to the layers the original initialises to zero.
-
-    The released architecture zero-initialises its output convolution, temporal
-    convolutions and several projections so that training starts from an identity;
-    with those at zero a random-weight model ignores its condition image. Weights get
-    N(0, clamp(1/sqrt(fan_in), 0.02, 0.2)) and 1-D tensors N(0, 0.05), as in the
-    fixtures of the original code.
-    """
-    for param in net.parameters():
-        if param.count_nonzero() > 0:
-            continue
-        if param.dim() >= 2:
-            fan_in = param[0].numel()
-            param.normal_(0, min(max(fan_in**-0.5, 0.02), 0.2))
-        else:
-            param.normal_(0, 0.05)
 
 
 class DynamiCrafterI2V(VideoModel):
