@@ -209,9 +209,13 @@ class STDiT3Config:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """``[cos(t f_i), sin(t f_i)]`` with ``f_i = exp(-ln(max_period) i / (dim // 2))``, float32 ``[N, dim]``."""
+    """``[cos(t f_i), sin(t f_i)]`` with ``f_i = exp(-ln(max_period) i / (dim // 2))``, float32 ``[N, dim]``.
+
+    The frequencies are rounded once from float64: the timestep gradient sums terms much larger than
+    itself, and float32 ``exp`` differs by an ulp between machines.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=t.device) / half).float()
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
