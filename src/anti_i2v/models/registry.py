@@ -68,12 +68,17 @@ def _tiny_dynamicrafter(source: str | None, device: torch.device, dtype: torch.d
     return DynamiCrafterI2V.tiny(seed=0, device=device)
 
 
-def _opensora(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
-    from anti_i2v.models.opensora.adapter import OpenSoraI2V
+def _opensora(resolution: str) -> Callable[..., VideoModel]:
+    def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+        from anti_i2v.models.opensora.adapter import OpenSoraI2V
 
-    return OpenSoraI2V.from_pretrained(
-        source, device=device, dtype=dtype, name="opensora", gradient_checkpointing=device.type == "cuda"
-    )
+        name = "opensora" if resolution == "240p" else f"opensora-{resolution}"
+        return OpenSoraI2V.from_pretrained(
+            source, device=device, dtype=dtype, name=name, resolution=resolution,
+            gradient_checkpointing=device.type == "cuda",
+        )
+
+    return build
 
 
 def _tiny_opensora(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
@@ -109,7 +114,12 @@ MODELS: dict[str, ModelSpec] = {
                   "model.ckpt"),
         ModelSpec("opensora", "hpcai-tech/OpenSora-STDiT-v3",
                   "Open-Sora 1.2 (STDiT3-XL/2 + OpenSora-VAE-v1.2 + T5-XXL), 240x426, 51 frames (the paper's DiT "
-                  "backbone); --model-path is the STDiT3 folder", _opensora, "model.safetensors"),
+                  "backbone); --model-path is the STDiT3 folder", _opensora("240p"), "model.safetensors"),
+        *(
+            ModelSpec(f"opensora-{res}", "hpcai-tech/OpenSora-STDiT-v3",
+                      f"Open-Sora 1.2 at {res} (9:16), 51 frames", _opensora(res), "model.safetensors")
+            for res in ("360p", "480p", "720p")
+        ),
         ModelSpec("tiny-opensora", None,
                   "Open-Sora 1.2 architecture with random weights, 64x64, 17 frames: demonstrates the pipeline, "
                   "protects against nothing", _tiny_opensora),

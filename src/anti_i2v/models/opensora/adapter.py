@@ -109,10 +109,13 @@ class OpenSoraI2V(VideoModel):
         dtype: torch.dtype = torch.bfloat16,
         vae_source: str | None = None,
         text_source: str | None = None,
+        resolution: str = "240p",
+        length: str = "2s",
         **kwargs,
     ) -> OpenSoraI2V:
-        """Load STDiT3, the VAE and T5 from hub ids or local folders (diffusers-like layout each)."""
-        config = get_config("opensora-v1.2")
+        """Load STDiT3, the VAE and T5 from hub ids or local folders, for one released
+        resolution (240p, 360p, 480p, 720p; 9:16) and length ("2s" = 51 frames, "4s", ...)."""
+        config = get_config("opensora-v1.2").with_overrides(resolution=resolution, length=length)
         stdit3 = load_stdit3(source or STDIT3_HUB_ID, device=device, dtype=dtype)
         vae = load_vae(vae_source or VAE_HUB_ID, device=device, dtype=dtype)
         text = T5TextEncoder.from_pretrained(text_source or config.text_hub_id, model_max_length=config.model_max_length)
