@@ -47,13 +47,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from anti_i2v.models.sampling import NoiseSource, step_noise
+
 from anti_i2v.models.dynamicrafter.schedule import DynamiCrafterSchedule
 
 __all__ = ["DDIMSampler", "hybrid_model_fn", "make_ddim_timesteps", "rescale_noise_cfg"]
 
 TimestepSpacing = Literal["uniform", "uniform_trailing"]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
-NoiseSource = torch.Tensor | Sequence[torch.Tensor] | Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_ddim_timesteps(num_steps: int, spacing: TimestepSpacing, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -284,8 +285,8 @@ class DDIMSampler:
             cond_out = model_fn(x, t, cond)
             uncond_out = model_fn(x, t, uncond) if use_cfg else None
             out = self.guide(cond_out, uncond_out, guidance_scale, guidance_rescale)
-            step_noise = self._noise(noise, i, t, x, generator)
-            x_prev, pred_x0, _ = self.step(out, x, index, step_noise)
+            noise_i = step_noise(noise, i, t, x, generator)
+            x_prev, pred_x0, _ = self.step(out, x, index, noise_i)
             if return_intermediates:
                 rec["step_t"].append(t)
                 rec["z_before_step"].append(x)
@@ -301,19 +302,3 @@ class DDIMSampler:
         if not return_intermediates:
             return x
         return x, {k: torch.stack(v) for k, v in rec.items() if v}
-
-    @staticmethod
-    def _noise(
-        noise: NoiseSource | None,
-        i: int,
-        t: torch.Tensor,
-        x: torch.Tensor,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        if noise is None:
-            return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        if callable(noise) and not isinstance(noise, torch.Tensor):
-            n = noise(i, t, x)
-        else:
-            n = noise[i]
-        return n.to(device=x.device, dtype=x.dtype)

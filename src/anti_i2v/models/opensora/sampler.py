@@ -45,6 +45,8 @@ from typing import Any, Literal
 
 import torch
 
+from anti_i2v.models.sampling import NoiseSource, step_noise
+
 __all__ = [
     "IMAGE_FPS",
     "RFlowSampler",
@@ -63,7 +65,6 @@ __all__ = [
 IMAGE_FPS = 120
 
 ModelFn = Callable[..., torch.Tensor]
-NoiseSource = torch.Tensor | Sequence[torch.Tensor] | Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 Number = float | int
 SizeArg = Number | torch.Tensor | Sequence[Number]
 
@@ -541,7 +542,7 @@ class RFlowSampler:
             if mask is not None:
                 mask_t = mask * self.num_timesteps
                 x0 = z.clone()
-                eps = self._noise(noise, i, t, x0, generator)
+                eps = step_noise(noise, i, t, x0, generator)
                 x_noise = self.add_noise(x0, eps, t)
                 upper = mask_t >= t[:, None]
                 x_mask_in = upper.repeat(rows, 1)
@@ -578,21 +579,3 @@ class RFlowSampler:
         if not return_intermediates:
             return z
         return z, {k: torch.stack(v) for k, v in rec.items() if v}
-
-    @staticmethod
-    def _noise(
-        noise: NoiseSource | None,
-        i: int,
-        t: torch.Tensor,
-        x: torch.Tensor,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        if noise is None:
-            return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        if callable(noise) and not isinstance(noise, torch.Tensor):
-            n = noise(i, t, x)
-        else:
-            n = noise[i]
-        if tuple(n.shape) != tuple(x.shape):
-            raise ValueError(f"noise for step {i} has shape {tuple(n.shape)}, expected {tuple(x.shape)}")
-        return n.to(device=x.device, dtype=x.dtype)
