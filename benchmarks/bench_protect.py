@@ -98,7 +98,29 @@ def full_size_dynamicrafter(gradient_checkpointing: bool, variant: str = "512") 
     return model
 
 
-FULL_SIZE = {"cogvideox": full_size_cogvideox, "dynamicrafter-512": full_size_dynamicrafter}
+def full_size_opensora(gradient_checkpointing: bool) -> VideoModel:
+    """Open-Sora 1.2 (STDiT3-XL/2 + its VAE) of the released size with random weights, bf16, 240p, 51 frames."""
+    from anti_i2v.models.opensora.adapter import OpenSoraI2V
+    from anti_i2v.models.opensora.checkpoint import build_stdit3, build_vae
+    from anti_i2v.models.opensora.configs import get_config
+
+    config = get_config("opensora-v1.2")
+    with torch.device("cuda"):
+        stdit3, vae = build_stdit3(config.stdit3), build_vae(config.vae)
+    model = OpenSoraI2V(stdit3, vae, None, config, name="opensora-random", device="cuda", dtype=torch.bfloat16,
+                        gradient_checkpointing=gradient_checkpointing)
+    length = config.model_max_length
+    mask = torch.zeros(1, length, dtype=torch.long)
+    mask[:, :20] = 1  # a 20-token prompt
+    model.use_prompt_embeds(torch.randn(1, 1, length, config.stdit3["caption_channels"]), mask, label=DEFAULT_PROMPT)
+    return model
+
+
+FULL_SIZE = {
+    "cogvideox": full_size_cogvideox,
+    "dynamicrafter-512": full_size_dynamicrafter,
+    "opensora": full_size_opensora,
+}
 
 
 def main() -> None:
