@@ -117,3 +117,11 @@ def test_verify_runs_on_it_and_the_registry_builds_it(tmp_path, portrait, model)
 
     assert load_model("tiny-opensora", device="cpu").name == "tiny-opensora"
     assert MODELS["opensora"].hub_id == "hpcai-tech/OpenSora-STDiT-v3"
+
+
+def test_noise_prediction_leaves_the_clean_condition_frame_out(model, x):
+    latents, noise, t = _draw(model, x)
+    encoded = model.encode_image(x, (), torch.Generator().manual_seed(0))
+    eps = model.denoise(encoded, latents, t, noise, with_eps=True).eps
+    torch.testing.assert_close(eps[:, :, 0], noise[:, :, 0])  # zero residual where nothing was noised
+    assert not torch.allclose(eps[:, :, 1:], noise[:, :, 1:])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -114,8 +115,18 @@ class OpenSoraI2V(VideoModel):
         **kwargs,
     ) -> OpenSoraI2V:
         """Load STDiT3, the VAE and T5 from hub ids or local folders, for one released
-        resolution (240p, 360p, 480p, 720p; 9:16) and length ("2s" = 51 frames, "4s", ...)."""
+        resolution (240p, 360p, 480p, 720p; 9:16) and length ("2s" = 51 frames, "4s", ...).
+
+        ``source`` is the STDiT3 folder, or a folder holding ``stdit3/``, ``vae/`` and ``t5/``
+        (then all three load from it); otherwise the VAE and T5 come from ``vae_source`` /
+        ``text_source`` or their hub ids.
+        """
         config = get_config("opensora-v1.2").with_overrides(resolution=resolution, length=length)
+        root = Path(source) if source is not None else None
+        if root is not None and (root / "stdit3").is_dir():
+            source = str(root / "stdit3")
+            vae_source = vae_source or (str(root / "vae") if (root / "vae").is_dir() else None)
+            text_source = text_source or (str(root / "t5") if (root / "t5").is_dir() else None)
         stdit3 = load_stdit3(source or STDIT3_HUB_ID, device=device, dtype=dtype)
         vae = load_vae(vae_source or VAE_HUB_ID, device=device, dtype=dtype)
         text = T5TextEncoder.from_pretrained(text_source or config.text_hub_id, model_max_length=config.model_max_length)
@@ -171,6 +182,7 @@ class OpenSoraI2V(VideoModel):
     def release_text_encoder(self) -> None:
         """Drop T5-XXL (about 19 GB in fp32) once the prompt is encoded."""
         if self.text is not None:
+            self.text.free()
             self.text = None
             if self._device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -250,7 +262,9 @@ class OpenSoraI2V(VideoModel):
                 result.loss = rf_training_loss(velocity, x0, noise, t, frame_mask)
             if with_eps:  # x_t = (1 - s) x0 + s noise and v = x0 - noise give noise = x_t - (1 - s) v
                 s = (t / self.num_train_timesteps).view(-1, 1, 1, 1, 1)
-                result.eps = noisy - (1 - s) * velocity
+                trained = frame_mask[:, None, :, None, None]
+                # the clean condition frame has no noise to predict: its residual is zero, as its loss
+                result.eps = torch.where(trained, noisy - (1 - s) * velocity, noise)
         return result
 
     @torch.no_grad()
