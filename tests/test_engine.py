@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from feature_shift import deep_feature_shift
+
 from anti_i2v.config import ProtectConfig
 from anti_i2v.engine import fingerprint, run_pgd
 from anti_i2v.objectives import AntiI2VObjective, draw_step
@@ -32,18 +34,6 @@ def _mean_loss(objective, x_adv, draws):
         return sum(objective(x_adv, d).parts["total"] for d in draws) / len(draws)
 
 
-def _deep_shift(model, objective, x, x_adv, draws):
-    """Mean relative L2 change of the targeted deep blocks' features."""
-    shifts = []
-    with torch.no_grad():
-        for d in draws:
-            clean = model.features(x, d.t, d.noise, objective.deep, objective.video_latents, torch.Generator().manual_seed(0))
-            moved = model.features(x_adv, d.t, d.noise, objective.deep, objective.video_latents, torch.Generator().manual_seed(0))
-            for name in objective.deep:
-                shifts.append(((moved[name] - clean[name]).norm() / clean[name].norm()).item())
-    return sum(shifts) / len(shifts)
-
-
 @pytest.fixture(scope="module")
 def optimised(tiny_model, portrait_small):
     config, objective, space = _setup(tiny_model, portrait_small, steps=40)
@@ -63,8 +53,8 @@ def test_perturbation_moves_deep_features_twice_as_far_as_random_noise(optimised
     draws = _fixed_draws(objective, n=4)
     noise = (torch.rand(portrait_small.shape, generator=torch.Generator().manual_seed(9)) * 2 - 1) * config.eps
     random_adv = project(portrait_small + noise, portrait_small, config.eps)
-    attacked = _deep_shift(tiny_model, objective, portrait_small, result.x_adv, draws)
-    baseline = _deep_shift(tiny_model, objective, portrait_small, random_adv, draws)
+    attacked = deep_feature_shift(tiny_model, objective, portrait_small, result.x_adv, draws)
+    baseline = deep_feature_shift(tiny_model, objective, portrait_small, random_adv, draws)
     assert attacked >= 2 * baseline, (attacked, baseline)
 
 

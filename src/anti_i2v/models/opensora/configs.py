@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from anti_i2v.errors import ConfigError, ModelError
+from anti_i2v.models.opensora.vae import full_size_vae_config, tiny_vae_config
 
 __all__ = [
     "LENGTHS",
@@ -77,45 +78,11 @@ _STDIT3_XL2: dict[str, Any] = {
     "enable_layernorm_kernel": True,  # ignored by the port
 }
 
-_OFFICIAL_SCALE = [3.85, 2.32, 2.33, 3.06]
-_OFFICIAL_SHIFT = [-0.10, 0.34, 0.27, 0.98]
-
-# the spatial VAE: SDXL-VAE architecture (diffusers AutoencoderKL kwargs)
-_SDXL_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,  # not used: the pipeline hard-codes 0.18215
-    "force_upcast": True,
-}
-
-# VAE_Temporal_SD (PORTS.md 1.3)
-_TEMPORAL_SD: dict[str, Any] = {
-    "in_out_channels": 4,
-    "latent_embed_dim": 4,
-    "embed_dim": 4,
-    "filters": 128,
-    "num_res_blocks": 4,
-    "channel_multipliers": [1, 2, 2, 4],
-    "temporal_downsample": [False, True, True],
-    "num_groups": 32,
-    "activation_fn": "swish",
-}
-
+# OpenSora-VAE-v1.2: the SDXL-VAE spatial part, VAE_Temporal_SD, and the released shift/scale
 _VAE_V1_2: dict[str, Any] = {
-    "spatial_config": _SDXL_VAE,
-    "temporal_config": _TEMPORAL_SD,
-    "micro_batch_size": 4,
-    "micro_frame_size": 17,
-    "scale": _OFFICIAL_SCALE,
-    "shift": _OFFICIAL_SHIFT,
+    **full_size_vae_config(),
+    "scale": list(full_size_vae_config()["scale"]),  # lists, as a config.json holds them
+    "shift": list(full_size_vae_config()["shift"]),
 }
 
 _T5_XXL: dict[str, Any] = {"hub_id": T5_HUB_ID, "model_max_length": 300, "d_model": 4096}
@@ -319,35 +286,7 @@ def _tiny() -> OpenSoraConfig:
         "enable_flash_attn": False,
         "enable_layernorm_kernel": False,
     }
-    vae = {
-        "spatial_config": {
-            "in_channels": 3,
-            "out_channels": 3,
-            "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "block_out_channels": [8, 16, 16, 16],
-            "layers_per_block": 1,
-            "act_fn": "silu",
-            "latent_channels": 4,
-            "norm_num_groups": 4,
-            "sample_size": 32,
-        },
-        "temporal_config": {
-            "in_out_channels": 4,
-            "latent_embed_dim": 4,
-            "embed_dim": 4,
-            "filters": 8,
-            "num_res_blocks": 1,
-            "channel_multipliers": [1, 2, 2, 4],
-            "temporal_downsample": [False, True, True],
-            "num_groups": 4,
-            "activation_fn": "swish",
-        },
-        "micro_batch_size": 4,
-        "micro_frame_size": 17,
-        "scale": list(_OFFICIAL_SCALE),
-        "shift": list(_OFFICIAL_SHIFT),
-    }
+    vae = tiny_vae_config()
     return OpenSoraConfig(
         name="tiny",
         stdit3_hub_id=None,
