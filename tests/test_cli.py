@@ -160,3 +160,10 @@ def test_verify_and_evaluate_refuse_bad_input_in_one_line(tmp_path, photos):
     result = run("evaluate", photos, "--model", "tiny-cogvideox", "--methods", "anti-i2v,glaze")
     assert result.exit_code == 2 and "unknown method 'glaze'" in result.text
     assert "Traceback" not in result.output
+
+
+def test_one_perturbation_against_two_models_from_the_command_line(tmp_path):
+    result = run("protect", "--sample", "--model", "tiny-cogvideox,tiny-opensora", "--steps", "2", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "tiny-cogvideox 64x96x9, tiny-opensora 64x64x17" in result.text
+    assert (tmp_path / "sample_protected.png").is_file()

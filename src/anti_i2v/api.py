@@ -7,7 +7,7 @@ import hashlib
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,10 +21,11 @@ from anti_i2v import __version__
 from anti_i2v.atomic import write_json_atomic
 from anti_i2v.config import DEFAULT_PRESET, ProtectConfig
 from anti_i2v.engine import PGDResult, StepReport, fingerprint, run_pgd
-from anti_i2v.errors import OutputError
+from anti_i2v.errors import ConfigError, OutputError
 from anti_i2v.models.base import VideoModel
 from anti_i2v.models.registry import load_model
 from anti_i2v.methods import get_method
+from anti_i2v.objectives.ensemble import EnsembleMember, EnsembleObjective
 from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity, resolve_aux_weight
 from anti_i2v.photo import (
     BudgetReport,
@@ -92,6 +93,32 @@ def _environment(model: VideoModel) -> dict[str, Any]:
     }
 
 
+def _model_record(model: VideoModel) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "source": model.source,
+        "resolution": list(model.resolution),
+        "frames": model.num_frames,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def _load_models(
+    model: str | VideoModel | Sequence[str | VideoModel],
+    model_path: str | Path | None,
+    device: str | None,
+    dtype: str | None,
+) -> list[VideoModel]:
+    """One model, a comma-separated list of names, or a list of names/models -> loaded models."""
+    if isinstance(model, VideoModel):
+        return [model]
+    items = [m.strip() for m in model.split(",") if m.strip()] if isinstance(model, str) else list(model)
+    if model_path is not None and len(items) > 1:
+        raise ConfigError("--model-path serves one model; load the others from the hub cache")
+    return [m if isinstance(m, VideoModel) else load_model(m, model_path, device, dtype) for m in items]
+
+
 def _read_image(path: Path) -> Image.Image:
     with Image.open(path) as saved:
         saved.load()
@@ -113,49 +140,56 @@ def random_protection(photo: Photo, config: ProtectConfig) -> torch.Tensor:
     return (photo.rgb + noise.expand_as(photo.rgb)).clamp(0, 1)
 
 
+def _t_range(model: VideoModel, config: ProtectConfig) -> tuple[int, int]:
+    last = model.num_train_timesteps - 1
+    return min(config.t_min, last), min(config.t_max, last)
+
+
 def _optimise(
-    model: VideoModel,
+    models: Sequence[VideoModel],
     photo: Photo,
     config: ProtectConfig,
     callback: Callable[[StepReport], None] | None,
     checkpoint_path: Path | None,
     release_text_encoder: bool = True,
 ) -> tuple[torch.Tensor, PGDResult]:
-    """Run the Anti-I2V optimisation at model resolution; returns the full-size protected RGB."""
+    """Run the optimisation at the first model's input; returns the full-size protected RGB.
+
+    With several models, one perturbation is optimised against the sum of their
+    objectives, each model seeing the photo as its own pipeline prepares it.
+    """
     space = space_from_config(config)  # fails fast on a bad space, before any model work
     method = get_method(config.method)
-    x = model.prepare_image(photo.rgb).to(model.device)
+    base = models[0]
+    x = base.prepare_image(photo.rgb).to(base.device)
     if method.build is None:
         return random_protection(photo, config), PGDResult(x_adv=x)
     target = None
     if config.target is not None:
         target = load_photo(config.target).rgb.unsqueeze(0)
-    aux = None
-    if config.weight_aux:
-        aux = _auxiliary_model(config.aux_model, model.device, model.dtype)
-    objective = method.build(model, config, target, aux)
-    objective.prepare(model, x)
-    if release_text_encoder and model.device.type == "cuda":
-        model.release_text_encoder()
-    view = None
-    if not config.through_resize and type(model).prepare_image is not VideoModel.prepare_image:
-        logger.warning("%s crops the photo: without through_resize the perturbation is not aligned with it", model.name)
-    if config.through_resize and photo.size != tuple(model.resolution):
-        full = photo.rgb.to(model.device)
-
-        def view(x_adv: torch.Tensor) -> torch.Tensor:
-            return model.prepare_image(carry_perturbation(full, x, x_adv, config.eps))
-
-    t_range = (min(config.t_min, model.num_train_timesteps - 1), min(config.t_max, model.num_train_timesteps - 1))
+    members = []
+    for index, model in enumerate(models):
+        aux = _auxiliary_model(config.aux_model, model.device, model.dtype) if config.weight_aux else None
+        objective = method.build(model, config, target, aux)
+        objective.prepare(model, model.prepare_image(photo.rgb).to(model.device))
+        if release_text_encoder and model.device.type == "cuda":
+            model.release_text_encoder()
+        if not config.through_resize and type(model).prepare_image is not VideoModel.prepare_image:
+            logger.warning("%s crops the photo: without through_resize the perturbation is not aligned with it",
+                           model.name)
+        needs_view = index > 0 or (config.through_resize and photo.size != tuple(model.resolution))
+        members.append(EnsembleMember(model.name, objective, _photo_view(model, photo, x, config.eps) if needs_view
+                                      else (lambda x_adv: x_adv), _t_range(model, config)))
+    single = len(members) == 1
     result = run_pgd(
-        objective,
+        members[0].objective if single else EnsembleObjective(members),
         space,
         x,
         config,
-        t_range=t_range,
-        run_id=fingerprint(x, config, model.identity),
+        t_range=members[0].t_range,
+        run_id=fingerprint(x, config, "+".join(m.identity for m in models)),
         keep_gray=photo.is_gray,
-        view=view,
+        view=members[0].view if single else None,
         callback=callback,
         checkpoint_path=checkpoint_path,
     )
@@ -163,9 +197,19 @@ def _optimise(
     return protected, result
 
 
+def _photo_view(model: VideoModel, photo: Photo, x: torch.Tensor, eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What ``model`` sees of the saved photo: the perturbation carried to full size, then prepared."""
+    full = photo.rgb.to(model.device)
+
+    def view(x_adv: torch.Tensor) -> torch.Tensor:
+        return model.prepare_image(carry_perturbation(full, x.to(model.device), x_adv.to(model.device), eps))
+
+    return view
+
+
 def protect(
     image: str | Path | Image.Image | np.ndarray | torch.Tensor,
-    model: str | VideoModel = "tiny-cogvideox",
+    model: str | VideoModel | Sequence[str | VideoModel] = "tiny-cogvideox",
     *,
     out: str | Path | None = None,
     model_path: str | Path | None = None,
@@ -183,7 +227,9 @@ def protect(
 
     Args:
         image: a path, PIL image, HxWx3 array or (3, H, W) tensor in [0, 1].
-        model: a registry name (see `anti-i2v models`) or a loaded `VideoModel`.
+        model: a registry name (see `anti-i2v models`), a loaded `VideoModel`, or several
+            (``"cogvideox,dynamicrafter-512"`` or a list): one perturbation is then optimised
+            against the sum of their objectives.
         out: output folder; the photo is saved there as ``<stem>_protected.<fmt>``
             with a JSON sidecar. None keeps everything in memory.
         model_path: local folder of released weights (instead of the hub id).
@@ -213,7 +259,8 @@ def protect(
     cfg = resolve_aux_weight(ProtectConfig.from_preset(preset, **config))
     fmt = fmt.lower().lstrip(".")
     photo = load_photo(image)
-    vm = model if isinstance(model, VideoModel) else load_model(model, model_path, device, dtype)
+    models = _load_models(model, model_path, device, dtype)
+    name = "+".join(m.name for m in models)
     out_path = checkpoint_path = None
     if out is not None:
         out_dir = Path(out)
@@ -222,11 +269,11 @@ def protect(
             raise OutputError(f"'{out_path}' already exists; delete it or pass overwrite=True (--overwrite)")
         if cfg.checkpoint_every:
             checkpoint_path = out_dir / CHECKPOINT_DIR / f"{out_path.stem}.pt"
-    protected, result = _optimise(vm, photo, cfg, callback, checkpoint_path, release_text_encoder)
+    protected, result = _optimise(models, photo, cfg, callback, checkpoint_path, release_text_encoder)
 
     if out_path is None:
         image_out, budget = _budget_in_memory(photo, protected, cfg.eps)
-        return ProtectResult(image_out, budget, None, None, vm.name, cfg, time.perf_counter() - began, result.history)
+        return ProtectResult(image_out, budget, None, None, name, cfg, time.perf_counter() - began, result.history)
 
     save_protected(photo, protected, out_path, cfg.eps, overwrite=overwrite)
     budget = measure_budget(photo, out_path, cfg.eps)
@@ -239,14 +286,7 @@ def protect(
         "input_size": list(photo.size),
         "output": str(out_path),
         "output_sha256": file_sha256(out_path),
-        "model": {
-            "name": vm.name,
-            "source": vm.source,
-            "resolution": list(vm.resolution),
-            "frames": vm.num_frames,
-            "device": str(vm.device),
-            "dtype": str(vm.dtype).removeprefix("torch."),
-        },
+        "model": _model_record(models[0]) if len(models) == 1 else [_model_record(m) for m in models],
         "method": cfg.method,
         "config": cfg.to_dict(),
         "seed": cfg.seed,
@@ -254,11 +294,11 @@ def protect(
         "loss_first": result.history[0] if result.history else None,
         "loss_last": result.history[-1] if result.history else None,
         "resumed_from_step": result.resumed_from,
-        "environment": _environment(vm),
+        "environment": _environment(models[0]),
         "seconds": round(seconds, 3),
     }
     sidecar = sidecar_path(out_path)
     write_json_atomic(sidecar, record)
     if checkpoint_path is not None and checkpoint_path.exists():
         checkpoint_path.unlink()
-    return ProtectResult(_read_image(out_path), budget, out_path, sidecar, vm.name, cfg, seconds, result.history)
+    return ProtectResult(_read_image(out_path), budget, out_path, sidecar, name, cfg, seconds, result.history)

@@ -94,7 +94,7 @@ def is_done(source: Path, output: Path) -> bool:
 
 def protect_batch(
     inputs: Iterable[str | Path],
-    model: VideoModel,
+    model: VideoModel | list[VideoModel],
     out_dir: str | Path,
     *,
     fmt: str = "png",

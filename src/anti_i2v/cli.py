@@ -76,7 +76,7 @@ def _budget_line(budget) -> str:
 @app.command()
 def protect(
     photos: Annotated[Optional[list[Path]], typer.Argument(help="Photos or folders of photos.", show_default=False)] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Model to protect against (`anti-i2v models`).")] = "cogvideox",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model(s) to protect against, comma-separated for one perturbation against several (`anti-i2v models`).")] = "cogvideox",
     model_path: Annotated[Optional[Path], typer.Option(help="Local folder of the model's weights.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("protected"),
     preset: Annotated[str, typer.Option(help=f"Strength preset ({_PRESET_HELP}).")] = DEFAULT_PRESET,
@@ -152,12 +152,16 @@ def protect(
         check_output_dir(out)  # before a model load that can take minutes
     except AntiI2VError as err:
         raise _fail(err) from None
-    video_model = _load_for_cli(model, model_path, device, dtype)
-
+    names = [m.strip() for m in model.split(",") if m.strip()]
+    if model_path is not None and len(names) > 1:
+        raise _fail(ConfigError("--model-path serves one model; load the others from the hub cache"))
+    video_models = [_load_for_cli(name, model_path, device, dtype) for name in names]
+    shapes = ", ".join(
+        f"{m.name} {m.resolution[0]}x{m.resolution[1]}x{m.num_frames}" for m in video_models
+    )
     console.print(
-        f"protecting {len(sources)} input(s) against [bold]{model}[/] "
-        f"({video_model.resolution[0]}x{video_model.resolution[1]}, {video_model.num_frames} frames, "
-        f"{video_model.device}); eps {format_eps(cfg.eps)}, {cfg.steps} steps, space {cfg.space}"
+        f"protecting {len(sources)} input(s) against [bold]{model}[/] ({shapes}, {video_models[0].device}); "
+        f"eps {format_eps(cfg.eps)}, {cfg.steps} steps, space {cfg.space}"
     )
     progress = Progress(
         TextColumn("{task.description}"),
@@ -193,7 +197,7 @@ def protect(
         with progress:
             items = protect_batch(
                 sources,
-                video_model,
+                video_models,
                 out,
                 fmt=fmt,
                 overwrite=overwrite,

@@ -1,0 +1,57 @@
+"""One perturbation against several models at once."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from feature_shift import deep_feature_shift
+
+import anti_i2v
+from anti_i2v.config import ProtectConfig
+from anti_i2v.models.cogvideox import CogVideoXI2V
+from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
+from anti_i2v.objectives import AntiI2VObjective, draw_step
+
+PROMPT = "a person talking to the camera"
+
+
+@pytest.fixture(scope="module")
+def models():
+    return CogVideoXI2V.tiny(seed=0), DynamiCrafterI2V.tiny(seed=0)
+
+
+def _shift_on(model, photo: torch.Tensor, protected: torch.Tensor) -> float:
+    """How far the protected photo moves this model's deep features (as its pipeline prepares it)."""
+    objective = AntiI2VObjective(model, ProtectConfig(prompt=PROMPT))
+    clean = model.prepare_image(photo)
+    objective.prepare(model, clean)
+    g = torch.Generator().manual_seed(5)
+    draws = [draw_step(g, objective.latent_shape(), (0, 999)) for _ in range(3)]
+    return deep_feature_shift(model, objective, clean, model.prepare_image(protected), draws)
+
+
+def _as_tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def test_an_ensemble_protects_against_both_models_better_than_one(models, portrait):
+    photo = torch.nn.functional.interpolate(portrait, size=(96, 96), mode="area")[0]
+    cog, dyn = models
+    one = _as_tensor(anti_i2v.protect(photo, cog, steps=20, prompt=PROMPT).image)
+    both = _as_tensor(anti_i2v.protect(photo, [cog, dyn], steps=20, prompt=PROMPT).image)
+    single = _shift_on(cog, photo, one) + _shift_on(dyn, photo, one)
+    ensemble = _shift_on(cog, photo, both) + _shift_on(dyn, photo, both)
+    assert ensemble > single, (ensemble, single)
+    assert _shift_on(dyn, photo, both) > _shift_on(dyn, photo, one)
+
+
+def test_ensemble_sidecar_lists_every_model_and_parts(tmp_path, models, portrait):
+    photo = torch.nn.functional.interpolate(portrait, size=(64, 64), mode="area")[0]
+    result = anti_i2v.protect(photo, list(models), out=tmp_path, steps=2, prompt=PROMPT)
+    record = json.loads(result.sidecar.read_text())
+    assert [m["name"] for m in record["model"]] == ["tiny-cogvideox", "tiny-dynamicrafter"]
+    assert result.model == "tiny-cogvideox+tiny-dynamicrafter"
+    assert any(k.startswith("tiny-dynamicrafter.") for k in result.history[0]) and result.budget.within_budget
