@@ -167,3 +167,14 @@ def test_one_perturbation_against_two_models_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     assert "tiny-cogvideox 64x96x9, tiny-opensora 64x64x17" in result.text
     assert (tmp_path / "sample_protected.png").is_file()
+
+
+def test_verify_reports_on_each_model_of_an_ensemble(tmp_path, photos):
+    protected = tmp_path / "p"
+    run("protect", photos / "alice.jpg", "--model", "tiny-cogvideox,tiny-opensora", "--steps", "1", "--out", protected)
+    result = run("verify", photos / "alice.jpg", protected / "alice_protected.png", "--model",
+                 "tiny-cogvideox,tiny-opensora", "--steps", "1", "--purify", "none", "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    for name in ("tiny-cogvideox", "tiny-opensora"):
+        assert (tmp_path / "report" / name / "report.md").is_file()
+        assert f"against {name}" in result.text

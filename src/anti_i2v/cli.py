@@ -275,7 +275,7 @@ _TINY_NOTE = (
 def verify(
     original: Annotated[Path, typer.Argument(help="The original photo.")],
     protected: Annotated[Path, typer.Argument(help="Its protected copy.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model to generate with (`anti-i2v models`).")] = "cogvideox",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model(s) to generate with, comma-separated: one report each (`anti-i2v models`).")] = "cogvideox",
     model_path: Annotated[Optional[Path], typer.Option(help="Local folder of the model's weights.")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Prompt of the generations (default: the protection's default).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed, the same for every video.")] = 0,
@@ -296,7 +296,7 @@ def verify(
     from anti_i2v.evaluation.generate import GenerationSettings
     from anti_i2v.evaluation.metrics.dino import DEFAULT_DINO
     from anti_i2v.evaluation.scoring import VideoScorer
-    from anti_i2v.evaluation.verify import TABLE_METRICS, verify as run_verify
+    from anti_i2v.evaluation.verify import verify as run_verify
     from anti_i2v.photo import load_photo
 
     try:
@@ -304,29 +304,42 @@ def verify(
         load_photo(original), load_photo(protected)
     except AntiI2VError as err:
         raise _fail(err) from None
-    video_model = _load_for_cli(model, model_path, device, dtype)
+    model_names = [m.strip() for m in model.split(",") if m.strip()]
+    if model_path is not None and len(model_names) > 1:
+        raise _fail(ConfigError("--model-path serves one model; load the others from the hub cache"))
     settings = GenerationSettings(prompt=prompt or DEFAULT_PROMPT, seed=seed, steps=steps, guidance_scale=guidance)
-    total = 2 + len(names)
-    with console.status("generating") as status:
-        done = []
+    for model_name in model_names:
+        video_model = _load_for_cli(model_name, model_path, device, dtype)
+        # one report per model; with several models, each in its own sub-folder
+        folder = out if len(model_names) == 1 else out / model_name
+        total = 2 + len(names)
+        with console.status("generating") as status:
+            done = []
 
-        def on_video(name: str) -> None:
-            done.append(name)
-            status.update(f"generating video {len(done)}/{total}: {name}")
+            def on_video(name: str) -> None:
+                done.append(name)
+                status.update(f"{model_name}: generating video {len(done)}/{total}: {name}")
 
-        try:
-            report = run_verify(
-                original, protected, video_model, out, settings, names,
-                scorer=VideoScorer(dino=dino_model or DEFAULT_DINO, device=video_model.device),
-                on_video=on_video,
-                diffpure_model=diffpure_model,
-                note=_TINY_NOTE if video_model.source == "built in code" else None,
-            )
-        except AntiI2VError as err:
-            raise _fail(err) from None
+            try:
+                report = run_verify(
+                    original, protected, video_model, folder, settings, names,
+                    scorer=VideoScorer(dino=dino_model or DEFAULT_DINO, device=video_model.device),
+                    on_video=on_video,
+                    diffpure_model=diffpure_model,
+                    note=_TINY_NOTE if video_model.source == "built in code" else None,
+                )
+            except AntiI2VError as err:
+                raise _fail(err) from None
+        _print_verdicts(report, f"{protected.name} against {model_name}", folder)
+        del video_model
+
+
+def _print_verdicts(report: dict, title: str, folder: Path) -> None:
+    """The verdict table of one `verify` report, skipped metrics and where the report is."""
+    from anti_i2v.evaluation.verify import TABLE_METRICS
 
     metrics = [m for m in TABLE_METRICS if any(m in r["scores"] for r in report["runs"].values())]
-    table = Table(title=f"{protected.name} against {model}")
+    table = Table(title=title)
     table.add_column("video", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
     headers = {"warp_error": "warp", "psnr_to_clean_video": "PSNR→clean", "qalign_video": "Q-Align"}
@@ -340,7 +353,7 @@ def verify(
     console.print(table)
     for name, why in report["skipped_metrics"].items():
         console.print(f"[dim]{name} not computed: {why}[/]")
-    console.print(f"worst case: {report['worst_case']}; report in {out}/report.md")
+    console.print(f"worst case: {report['worst_case']}; report in {folder}/report.md")
     if report.get("note"):
         console.print(f"[yellow]{report['note']}[/]")
 
