@@ -178,3 +178,16 @@ def test_verify_reports_on_each_model_of_an_ensemble(tmp_path, photos):
     for name in ("tiny-cogvideox", "tiny-opensora"):
         assert (tmp_path / "report" / name / "report.md").is_file()
         assert f"against {name}" in result.text
+
+
+def test_evaluate_builds_the_transfer_table(tmp_path, photos):
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    (photos / "alice.jpg").rename(dataset / "alice.jpg")
+    result = run("evaluate", dataset, "--model", "tiny-cogvideox,tiny-opensora", "--protect-with",
+                 "tiny-cogvideox,tiny-opensora", "--methods", "anti-i2v", "--steps", "2", "--generation-steps", "2",
+                 "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "eval" / "cross_model.md").read_text()
+    assert "| tiny-cogvideox |" in table and "| tiny-opensora |" in table and " - " not in table
+    assert (tmp_path / "eval" / "tiny-opensora" / "from-tiny-cogvideox" / "table.md").is_file()

@@ -362,6 +362,7 @@ def _print_verdicts(report: dict, title: str, folder: Path) -> None:
 def evaluate(
     dataset: Annotated[Path, typer.Argument(help="Folder of photos.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model(s) to protect against and generate with, comma-separated.")] = "cogvideox",
+    protect_with: Annotated[Optional[str], typer.Option(help="Also protect against these models and generate with every --model: the transfer table (cross_model.md).")] = None,
     methods: Annotated[str, typer.Option(help="Methods, comma-separated (anti-i2v, ablations, advdm, mist, photoguard, sds, clip-embed, random).")] = "anti-i2v,advdm,mist,photoguard,sds,random",
     prompts: Annotated[Optional[Path], typer.Option(help="CSV (image,prompt) or JSON-lines prompts file.")] = None,
     eps: Annotated[str, typer.Option(help="L-inf budget in [0,1] pixel units, the same for every method.")] = "8/255",
@@ -397,23 +398,40 @@ def evaluate(
             raise ConfigError("--model-path serves one model; evaluate several models from the hub cache")
     except AntiI2VError as err:
         raise _fail(err) from None
+    protectors = [p.strip() for p in (protect_with or "").split(",") if p.strip()]
+    loaded: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = _load_for_cli(name, model_path, device, dtype)
+        return loaded[name]
+
     for name in names:
-        video_model = _load_for_cli(name, model_path, device, dtype)
-        console.print(f"evaluating {len(samples)} photo(s) x {len(chosen)} method(s) on [bold]{name}[/]")
-        with console.status("working") as status:
-            try:
-                table = run_evaluate(
-                    samples, video_model, chosen, out, eps=budget, steps=steps, seed=seed,
-                    generation_steps=generation_steps, guidance_scale=guidance, purifiers=purifiers,
-                    scorer=VideoScorer(dino=dino_model or DEFAULT_DINO, device=video_model.device),
-                    on_item=lambda item: status.update(f"{name}: {item}"),
-                    diffpure_model=diffpure_model,
-                )
-            except AntiI2VError as err:
-                raise _fail(err) from None
-        console.print(f"{name}: {len(table)} table rows (methods and purifications); see {out / name / 'table.md'}")
+        video_model = get(name)
+        for against in [name, *[p for p in protectors if p != name]]:
+            console.print(f"evaluating {len(samples)} photo(s) x {len(chosen)} method(s): protected against "
+                          f"[bold]{against}[/], generated with [bold]{name}[/]")
+            with console.status("working") as status:
+                try:
+                    table = run_evaluate(
+                        samples, video_model, chosen, out, eps=budget, steps=steps, seed=seed,
+                        generation_steps=generation_steps, guidance_scale=guidance, purifiers=purifiers,
+                        scorer=VideoScorer(dino=dino_model or DEFAULT_DINO, device=video_model.device),
+                        on_item=lambda item: status.update(f"{name}: {item}"),
+                        diffpure_model=diffpure_model,
+                        protect_model=get(against) if against != name else None,
+                    )
+                except AntiI2VError as err:
+                    raise _fail(err) from None
+            console.print(f"{len(table)} table rows (methods and purifications)")
         if video_model.source == "built in code":
             console.print(f"[yellow]{_TINY_NOTE}[/]")
+    if protectors:
+        from anti_i2v.evaluation.evaluate import cross_model_table
+
+        for method in chosen:
+            cross_model_table(out, list(dict.fromkeys([*names, *protectors])), names, method.name)
+        console.print(f"transfer table in {out / 'cross_model.md'}")
 
 
 @app.command("convert-checkpoint")

@@ -157,6 +157,34 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return table
 
 
+def cross_model_table(out_dir: str | Path, protected_with: Sequence[str], generated_with: Sequence[str],
+                      method: str) -> dict[str, dict[str, float | None]]:
+    """Transfer table of ``method``: rows protected against, columns generated with.
+
+    Each cell is the mean of the first available metric among ISM, DINO and PSNR to the
+    clean video (lower = better protection). Written to ``cross_model.md`` and ``.json``.
+    """
+    out = Path(out_dir)
+    cells: dict[str, dict[str, float | None]] = {}
+    chosen = None
+    for a in protected_with:
+        for b in generated_with:
+            folder = out / b if a == b else out / b / f"from-{a}"
+            path = folder / "table.json"
+            row = json.loads(path.read_text())["table"].get(method, {}) if path.is_file() else {}
+            chosen = chosen or next((m for m in ("ism", "dino", "psnr_to_clean_video") if row.get(m)), None)
+            entry = row.get(chosen) if chosen else None
+            cells.setdefault(a, {})[b] = entry["mean"] if entry else None
+    lines = [f"# Transfer of {method}: {chosen or 'no metric'} (mean), rows protected against, columns generated with",
+             "", "| protected against | " + " | ".join(generated_with) + " |", "|---|" + "---|" * len(generated_with)]
+    for a in protected_with:
+        values = ["-" if cells[a][b] is None else f"{cells[a][b]:.3f}" for b in generated_with]
+        lines.append(f"| {a} | " + " | ".join(values) + " |")
+    write_atomic(out / "cross_model.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    write_json_atomic(out / "cross_model.json", {"method": method, "metric": chosen, "cells": cells})
+    return cells
+
+
 def markdown_table(model: str, table: dict[str, dict[str, Any]]) -> str:
     """The summary as a Markdown table: mean (worst) per metric, one row per method."""
     metrics = sorted({m for s in table.values() for m, v in s.items() if isinstance(v, dict)})
@@ -193,21 +221,27 @@ def evaluate(
     scorer: VideoScorer | None = None,
     on_item: Callable[[str], None] | None = None,
     diffpure_model: str | None = None,
+    protect_model: VideoModel | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Protect, generate and score every (photo, method[, purification]); returns the summary table.
 
     A photo that cannot be read, or a method that does not apply to the model, is
-    logged and skipped; the rest goes on.
+    logged and skipped; the rest goes on. With ``protect_model``, photos are protected
+    against that model and generated with ``model`` (transfer); results then go to
+    ``<out>/<model>/from-<protect_model>/``.
     """
+    protector = protect_model if protect_model is not None else model
     ProtectConfig(eps=eps, steps=steps, seed=seed)  # same checks as protection, before anything is recorded
     if generation_steps < 1:
         raise ConfigError(f"generation steps must be at least 1 (got {generation_steps})")
     scorer = scorer if scorer is not None else VideoScorer(device=model.device)
     root = Path(out_dir) / model.name
+    if protector is not model:
+        root = root / f"from-{protector.name}"
     root.mkdir(parents=True, exist_ok=True)
     prompts = hashlib.sha256(json.dumps([[s.path.name, s.prompt] for s in samples]).encode()).hexdigest()[:16]
     _check_same_run(root / "run.json", {
-        "model": model.identity, "eps": eps, "steps": steps, "seed": seed, "generation_steps": generation_steps,
+        "model": model.identity, "protected_against": protector.identity, "eps": eps, "steps": steps, "seed": seed, "generation_steps": generation_steps,
         "guidance_scale": guidance_scale, "prompts_sha256": prompts, "identity_model": scorer.identity_model,
         "skipped_metrics": sorted(scorer.skipped), "diffpure_model": diffpure_model,
     })
@@ -240,7 +274,7 @@ def evaluate(
             output = output_path_for(sample.path, folder, "png", stems[sample.path])
             try:
                 if not is_done(sample.path, output):
-                    protect(sample.path, model, out=folder, method=method.name, eps=eps, steps=steps, seed=seed,
+                    protect(sample.path, protector, out=folder, method=method.name, eps=eps, steps=steps, seed=seed,
                             prompt=sample.prompt, stem=stems[sample.path], overwrite=True,
                             checkpoint_every=CHECKPOINT_EVERY, release_text_encoder=False)
             except AntiI2VError as err:
