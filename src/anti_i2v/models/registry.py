@@ -87,6 +87,18 @@ def _tiny_opensora(source: str | None, device: torch.device, dtype: torch.dtype)
     return OpenSoraI2V.tiny(seed=0, device=device)
 
 
+def _wan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+    from anti_i2v.models.wan import WanI2V
+
+    return WanI2V.from_pretrained(source, device=device, dtype=dtype, gradient_checkpointing=device.type == "cuda")
+
+
+def _tiny_wan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+    from anti_i2v.models.wan import WanI2V
+
+    return WanI2V.tiny(seed=0, device=device)
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -123,6 +135,10 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("tiny-opensora", None,
                   "Open-Sora 1.2 architecture with random weights, 64x64, 17 frames: demonstrates the pipeline, "
                   "protects against nothing", _tiny_opensora),
+        ModelSpec("wan-i2v", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+                  "Wan 2.1 image-to-video 14B, 480x832, 81 frames (720P: pass the 720P weights)", _wan),
+        ModelSpec("tiny-wan-i2v", None,
+                  "Wan 2.1 I2V architecture with random weights, 64x64, 9 frames: protects against nothing", _tiny_wan),
         ModelSpec("tiny-dynamicrafter", None,
                   "DynamiCrafter architecture with random weights, 32x32, 4 frames: demonstrates the pipeline, "
                   "protects against nothing", _tiny_dynamicrafter),

@@ -1,0 +1,157 @@
+"""The Wan 2.1 I2V adapter through the VideoModel seam, on the tiny variant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import anti_i2v
+from anti_i2v.errors import ModelError
+from anti_i2v.models.wan import WanI2V, tiny_pipeline
+from anti_i2v.photo import resize_for_model
+from feature_shift import protection_vs_random_noise
+
+PROMPT = "a person talking to the camera"
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = WanI2V.tiny(seed=0)
+    m.condition(PROMPT)
+    return m
+
+
+@pytest.fixture(scope="module")
+def x(portrait, model):
+    return resize_for_model(portrait[0], *model.resolution)
+
+
+def _draw(model, x, seed=0, t=600):
+    latents = model.encode_video(model.repeat_frames(x))
+    return latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)), torch.tensor([t])
+
+
+def test_layers_resolution_and_frames(model):
+    assert model.name == "tiny-wan-i2v"
+    assert model.resolution == (64, 64) and model.num_frames == 9
+    layers = model.layers()
+    assert layers.denoiser == [f"denoiser.{i}" for i in range(4)]
+    assert layers.vae_encoder[0] == "vae.down_blocks.0" and layers.vae_encoder[-1] == "vae.mid_block"
+    assert model.module("denoiser.2") is model.transformer.blocks[2]
+    with pytest.raises(ModelError, match="unknown layer"):
+        model.module("denoiser.9")
+
+
+def test_encode_gives_the_pipelines_condition_and_clip_tokens(model, x):
+    encoded = model.encode_image(x, ["vae.down_blocks.0", "vae.mid_block"])
+    assert encoded.latents.shape == (1, 20, 3, 8, 8)  # 4 mask + 16 latent channels, 3 latent frames
+    mask = encoded.latents[:, :4]
+    assert mask[:, :, 0].eq(1).all() and mask[:, :, 1:].eq(0).all()
+    assert encoded.context.shape == (1, 1025, 4)
+    torch.testing.assert_close(encoded.context, model.image_embedding(x))
+    assert encoded.features["vae.mid_block"].shape[2] == 1  # the photo's own chunk
+    assert model.image_latent(encoded).shape == (1, 16, 8, 8)
+    assert model.still_video(model.image_latent(encoded)).shape == (1, 16, 3, 8, 8)
+    assert model.encode_video(model.repeat_frames(x)).shape == (1, 16, 3, 8, 8)
+    # the differentiable path equals the pipeline's own (no-grad) conditioning
+    with torch.no_grad():
+        _, cond = model.pipe.prepare_latents(x * 2 - 1, 1, 16, 64, 64, 9, dtype=torch.float32)
+    torch.testing.assert_close(encoded.latents, cond)
+
+
+def test_gradients_reach_the_photo_through_both_paths(model, x):
+    video, noise, t = _draw(model, x)
+    x = x.clone().requires_grad_(True)
+    encoded = model.encode_image(x, ["vae.mid_block"])
+    result = model.denoise(encoded, video, t, noise, ["denoiser.2"], with_loss=True)
+    loss = result.loss + result.features["denoiser.2"].pow(2).mean() + encoded.features["vae.mid_block"].mean()
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(grad).all() and (grad != 0).float().mean() > 0.99
+    (clip_grad,) = torch.autograd.grad(model.image_embedding(x).pow(2).mean(), x)
+    assert clip_grad.abs().sum() > 0
+
+
+def test_early_exit_equals_the_full_forward_and_skips_later_blocks(model, x):
+    video, noise, t = _draw(model, x)
+    encoded = model.encode_image(x)
+    taps = ["denoiser.0", "denoiser.1"]
+    calls = []
+    handle = model.transformer.blocks[3].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        early = model.denoise(encoded, video, t, noise, taps)
+        assert early.loss is None and calls == []
+        full = model.denoise(encoded, video, t, noise, taps, with_loss=True)
+        assert calls == [1]
+    finally:
+        handle.remove()
+    for name in taps:
+        torch.testing.assert_close(early.features[name], full.features[name])
+
+
+def test_loss_is_the_flow_matching_velocity_mse_and_depends_on_the_image(model, x):
+    video, noise, t = _draw(model, x, t=700)
+    encoded = model.encode_image(x)
+    result = model.denoise(encoded, video, t, noise, with_loss=True, with_eps=True)
+    assert torch.isfinite(result.loss)
+    s = 700 / 1000
+    sigma = model.shift * s / (1 + (model.shift - 1) * s)
+    noisy = (1 - sigma) * video + sigma * noise
+    pred = model.transformer(
+        hidden_states=torch.cat([noisy, encoded.latents], 1), timestep=torch.tensor([sigma * 1000]),
+        encoder_hidden_states=model._prompt_embeds, encoder_hidden_states_image=encoded.context, return_dict=False,
+    )[0]
+    torch.testing.assert_close(result.loss, torch.nn.functional.mse_loss(pred, noise - video), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(result.eps, noisy + (1 - sigma) * pred, rtol=1e-4, atol=1e-5)
+    other = model.denoise(model.encode_image(1 - x), video, t, noise, with_loss=True).loss
+    assert abs(float(other) - float(result.loss)) > 1e-6
+
+
+def test_generate_shape_and_seeding(model, x):
+    video = model.generate(x, PROMPT, steps=2, seed=0)
+    assert video.shape == (9, 3, 64, 64)
+    assert 0 <= video.min() and video.max() <= 1
+    torch.testing.assert_close(video, model.generate(x, PROMPT, steps=2, seed=0))
+    assert not torch.equal(video, model.generate(x, PROMPT, steps=2, seed=1))
+
+
+@pytest.mark.parametrize("method", ["anti-i2v", "advdm", "clip-embed", "sds"])
+def test_every_method_runs_on_it_within_the_budget(method, tmp_path, portrait, model):
+    array = (portrait[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).resize((80, 80)).save(tmp_path / "face.png")
+    result = anti_i2v.protect(tmp_path / "face.png", model, out=tmp_path / "out", method=method,
+                              steps=2, eps="4/255", prompt=PROMPT)
+    saved = np.asarray(Image.open(result.path), dtype=np.int16)
+    assert np.abs(saved - np.asarray(Image.open(tmp_path / "face.png"), dtype=np.int16)).max() <= 4
+
+
+def test_protection_moves_deep_features_further_than_random_noise(model, x):
+    attacked, random_noise = protection_vs_random_noise(model, x, PROMPT)
+    assert attacked >= 2 * random_noise, (attacked, random_noise)
+
+
+def test_released_text_encoder_refuses_a_new_prompt():
+    m = WanI2V.tiny(seed=3)
+    m.condition("a man")
+    m.release_text_encoder()
+    m.condition("a man")
+    with pytest.raises(ModelError, match="released"):
+        m.condition("a woman")
+
+
+def test_loading_a_local_folder_and_missing_weights(tmp_path, x):
+    tiny_pipeline(seed=5).save_pretrained(tmp_path / "weights")
+    loaded = WanI2V.from_pretrained(tmp_path / "weights", device="cpu", dtype=torch.float32,
+                                    resolution=(64, 64), num_frames=9, max_sequence_length=16)
+    built = WanI2V.tiny(seed=5)
+    for m in (loaded, built):
+        m.condition(PROMPT)
+    video, noise, t = _draw(built, x)
+    out = [m.denoise(m.encode_image(x), video, t, noise, ["denoiser.1"]).features["denoiser.1"] for m in (loaded, built)]
+    torch.testing.assert_close(out[0], out[1])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no Wan-I2V weights"):
+        WanI2V.from_pretrained(tmp_path / "empty", device="cpu")
+    with pytest.raises(ModelError, match="no Wan-I2V weights"):
+        WanI2V.from_pretrained(device="cpu")  # hub id, offline, not cached
