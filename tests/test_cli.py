@@ -94,7 +94,7 @@ def test_models_lists_names_hub_ids_and_local_weights():
     result = run("models")
     assert result.exit_code == 0
     assert "tiny-cogvideox" in result.text and "THUDM/CogVideoX-5b-I2V" in result.text
-    assert "built in code" in result.text
+    assert "built in code" in result.text and "no weights here" in result.text
 
 
 def test_help_states_presets_in_unit_range():

@@ -456,14 +456,10 @@ def models() -> None:
     """List the models, their hub ids, and whether their weights are present locally."""
     from anti_i2v.models.registry import MODELS, weights_present
 
-    table = Table()
-    for column in ("name", "hub id", "weights here"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("description")
     for spec in MODELS.values():
-        present = "built in code" if spec.is_tiny else ("yes" if weights_present(spec) else "no")
-        table.add_row(spec.name, spec.hub_id or "-", present, spec.description)
-    console.print(table)
+        present = "built in code" if spec.is_tiny else ("weights here" if weights_present(spec) else "no weights here")
+        console.print(f"[bold]{spec.name}[/]  {spec.hub_id or '-'}  ({present})", highlight=False)
+        console.print(f"    {spec.description}", highlight=False, style="dim")
 
 
 def main() -> None:

@@ -87,6 +87,23 @@ def _tiny_opensora(source: str | None, device: torch.device, dtype: torch.dtype)
     return OpenSoraI2V.tiny(seed=0, device=device)
 
 
+def _svd(default: str) -> Callable[..., VideoModel]:
+    def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+        from anti_i2v.models.svd import StableVideoDiffusionI2V
+
+        return StableVideoDiffusionI2V.from_pretrained(
+            source or default, device=device, dtype=dtype, gradient_checkpointing=device.type == "cuda"
+        )
+
+    return build
+
+
+def _tiny_svd(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+    from anti_i2v.models.svd import StableVideoDiffusionI2V
+
+    return StableVideoDiffusionI2V.tiny(seed=0, device=device)
+
+
 def _wan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
     from anti_i2v.models.wan import WanI2V
 
@@ -135,6 +152,13 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("tiny-opensora", None,
                   "Open-Sora 1.2 architecture with random weights, 64x64, 17 frames: demonstrates the pipeline, "
                   "protects against nothing", _tiny_opensora),
+        ModelSpec("svd", "stabilityai/stable-video-diffusion-img2vid",
+                  "Stable Video Diffusion (U-Net), 576x1024, 14 frames", _svd("stabilityai/stable-video-diffusion-img2vid")),
+        ModelSpec("svd-xt", "stabilityai/stable-video-diffusion-img2vid-xt",
+                  "Stable Video Diffusion XT, 576x1024, 25 frames", _svd("stabilityai/stable-video-diffusion-img2vid-xt")),
+        ModelSpec("tiny-svd", None,
+                  "Stable Video Diffusion architecture with random weights, 64x64, 8 frames: protects against nothing",
+                  _tiny_svd),
         ModelSpec("wan-i2v", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
                   "Wan 2.1 image-to-video 14B, 480x832, 81 frames (720P: pass the 720P weights)", _wan),
         ModelSpec("tiny-wan-i2v", None,

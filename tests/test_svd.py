@@ -1,0 +1,160 @@
+"""Stable Video Diffusion through the VideoModel seam, on tiny-svd (random weights, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler
+from feature_shift import protection_vs_random_noise
+from PIL import Image
+
+import anti_i2v
+from anti_i2v.errors import ModelError
+from anti_i2v.models.svd import SCHEDULER, StableVideoDiffusionI2V, tiny_pipeline
+from anti_i2v.photo import resize_for_model
+
+PROMPT = "a person talking to the camera"
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = StableVideoDiffusionI2V.tiny(seed=0)
+    m.condition(PROMPT)
+    return m
+
+
+@pytest.fixture(scope="module")
+def x(portrait, model):
+    return resize_for_model(portrait[0], *model.resolution)
+
+
+def _draw(model, x, seed=0, t=600):
+    latents = model.encode_video(model.repeat_frames(x))
+    return latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)), torch.tensor([t])
+
+
+def test_resolution_frames_and_blocks_in_forward_order(model):
+    assert model.resolution == (64, 64) and model.num_frames == 8
+    layers = model.layers()
+    unet = model.unet
+    n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
+    assert layers.denoiser == [f"denoiser.{i}" for i in range(n_down + 1 + n_up)] and len(layers.denoiser) == 5
+    assert model.module("denoiser.0") is unet.down_blocks[0]
+    assert model.module(f"denoiser.{n_down}") is unet.mid_block
+    assert model.module(layers.denoiser[-1]) is unet.up_blocks[-1]
+    assert layers.vae_encoder[-1] == "vae.mid_block"
+    assert model.module("vae.mid_block") is model.vae.encoder.mid_block
+    with pytest.raises(ModelError, match="unknown layer"):
+        model.module("denoiser.9")
+
+
+def test_encode_shapes_and_both_paths_are_differentiable(model, x):
+    latents = _draw(model, x)[0]
+    pixels = x.clone().requires_grad_(True)
+    encoded = model.encode_image(pixels, ["vae.down_blocks.0", "vae.mid_block"], torch.Generator().manual_seed(0))
+    assert encoded.latents.shape == latents.shape == (1, 8, 4, 8, 8)
+    assert torch.equal(encoded.latents[:, 0], encoded.latents[:, -1])  # the image latent on every frame
+    assert encoded.context.shape == (1, 1, model.unet.config.cross_attention_dim)
+    assert set(encoded.features) == {"vae.down_blocks.0", "vae.mid_block"}
+    assert model.image_latent(encoded).shape == (1, 4, 8, 8)
+    assert model.still_video(model.image_latent(encoded)).shape == latents.shape
+    clip_path = torch.autograd.grad(encoded.context.sum(), pixels, retain_graph=True)[0]
+    vae_path = torch.autograd.grad(encoded.latents.sum(), pixels)[0]
+    assert clip_path.abs().sum() > 0 and vae_path.abs().sum() > 0
+    torch.testing.assert_close(model.image_embedding(x), encoded.context.detach())
+
+
+def test_gradients_of_features_and_loss_reach_the_photo(model, x):
+    latents, noise, t = _draw(model, x)
+    pixels = x.clone().requires_grad_(True)
+    feats = model.features(pixels, t, noise, ["vae.mid_block", "denoiser.3"], latents, torch.Generator().manual_seed(0))
+    loss = model.training_loss(pixels, latents, t, noise, torch.Generator().manual_seed(0))
+    loss = loss + sum(f.pow(2).mean() for f in feats.values())
+    (grad,) = torch.autograd.grad(loss, pixels)
+    assert torch.isfinite(grad).all() and (grad != 0).float().mean() > 0.99
+
+
+def test_early_exit_matches_the_full_forward_and_skips_later_blocks(model, x):
+    latents, noise, t = _draw(model, x)
+    encoded = model.encode_image(x, (), torch.Generator().manual_seed(1))
+    full = model.denoise(encoded, latents, t, noise, ["denoiser.1", "denoiser.3"], with_loss=True)
+    calls = []
+    handle = model.unet.up_blocks[-1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        early = model.denoise(encoded, latents, t, noise, ["denoiser.1", "denoiser.3"])
+    finally:
+        handle.remove()
+    assert calls == [] and early.loss is None and full.loss is not None
+    for name in ("denoiser.1", "denoiser.3"):
+        torch.testing.assert_close(early.features[name], full.features[name])
+
+
+def test_loss_is_the_edm_weighted_v_prediction_loss(model, x):
+    latents, noise, t = _draw(model, x, t=700)
+    encoded = model.encode_image(x, (), torch.Generator().manual_seed(2))
+    result = model.denoise(encoded, latents, t, noise, with_loss=True, with_eps=True)
+    assert torch.isfinite(result.loss)
+    sched = model.scheduler
+    abar = sched.alphas_cumprod[700]
+    sigma = ((1 - abar) / abar).sqrt()
+    fresh = EulerDiscreteScheduler(**SCHEDULER)  # before set_timesteps: one sigma per training step, t descending
+    torch.testing.assert_close(sigma, fresh.sigmas[999 - 700])
+    noisy = latents + sigma * noise
+    pred = model.unet(
+        torch.cat([noisy / (sigma**2 + 1).sqrt(), encoded.latents], dim=2),  # scale_model_input
+        0.25 * sigma.log().reshape(1),
+        encoder_hidden_states=encoded.context,
+        added_time_ids=model.pipe._get_add_time_ids(6, 127, 0.02, torch.float32, 1, 1, False),
+        return_dict=False,
+    )[0]
+    denoised = pred * (-sigma / (sigma**2 + 1).sqrt()) + noisy / (sigma**2 + 1)
+    expected = ((sigma**2 + 1) / sigma**2 * (denoised - latents) ** 2).mean()
+    torch.testing.assert_close(result.loss, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(result.eps, (noisy - denoised) / sigma, rtol=1e-4, atol=1e-5)
+
+
+def test_the_loss_depends_on_the_image(model, x):
+    latents, noise, t = _draw(model, x)
+    losses = [
+        model.training_loss(img, latents, t, noise, torch.Generator().manual_seed(0))
+        for img in (x, torch.flip(x, dims=[-1]))
+    ]
+    assert all(torch.isfinite(v) for v in losses) and abs(losses[0] - losses[1]) > 1e-6
+
+
+def test_generate_returns_seeded_frames(model, x):
+    video = model.generate(x, PROMPT, steps=2, seed=0)
+    assert video.shape == (model.num_frames, 3, *model.resolution)
+    assert 0 <= video.min() and video.max() <= 1
+    torch.testing.assert_close(video, model.generate(x, PROMPT, steps=2, seed=0))
+    assert not torch.equal(video, model.generate(x, PROMPT, steps=2, seed=1))
+
+
+def test_protection_moves_deep_features_further_than_random_noise(model, x):
+    attacked, random_noise = protection_vs_random_noise(model, x, PROMPT)
+    assert attacked >= 2 * random_noise, (attacked, random_noise)
+
+
+@pytest.mark.parametrize("method", ["anti-i2v", "advdm", "clip-embed", "sds", "photoguard"])
+def test_methods_run_on_it_within_the_budget(method, tmp_path, portrait, model):
+    array = (portrait[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).resize((96, 80)).save(tmp_path / "face.png")
+    result = anti_i2v.protect(tmp_path / "face.png", model, out=tmp_path / "out", method=method,
+                              steps=2, eps="4/255", prompt=PROMPT)
+    saved = np.asarray(Image.open(result.path), dtype=np.int16)
+    assert np.abs(saved - np.asarray(Image.open(tmp_path / "face.png"), dtype=np.int16)).max() <= 4
+
+
+def test_a_local_folder_loads_and_missing_weights_fail_clearly(tmp_path, x):
+    tiny_pipeline(seed=5).save_pretrained(tmp_path / "weights")
+    loaded = StableVideoDiffusionI2V.from_pretrained(str(tmp_path / "weights"), device="cpu", dtype=torch.float32)
+    built = StableVideoDiffusionI2V.tiny(seed=5)
+    assert (loaded.resolution, loaded.num_frames) == (built.resolution, built.num_frames)
+    latents, noise, t = _draw(built, x)
+    out = [m.denoise(m.encode_image(x, (), torch.Generator().manual_seed(0)), latents, t, noise,
+                     ["denoiser.2"]).features["denoiser.2"] for m in (loaded, built)]
+    torch.testing.assert_close(out[0], out[1])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no Stable Video Diffusion weights"):
+        StableVideoDiffusionI2V.from_pretrained(str(tmp_path / "empty"), device="cpu", dtype=torch.float32)
