@@ -104,6 +104,30 @@ def _tiny_svd(source: str | None, device: torch.device, dtype: torch.dtype) -> V
     return StableVideoDiffusionI2V.tiny(seed=0, device=device)
 
 
+def _hunyuan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+    from anti_i2v.models.hunyuan import HunyuanVideoI2V
+
+    return HunyuanVideoI2V.from_pretrained(source, device=device, dtype=dtype)
+
+
+def _tiny_hunyuan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+    from anti_i2v.models.hunyuan import HunyuanVideoI2V
+
+    return HunyuanVideoI2V.tiny(seed=0, device=device)
+
+
+def _ltx(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+    from anti_i2v.models.ltx import LTXVideoI2V
+
+    return LTXVideoI2V.from_pretrained(source, device=device, dtype=dtype)
+
+
+def _tiny_ltx(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+    from anti_i2v.models.ltx import LTXVideoI2V
+
+    return LTXVideoI2V.tiny(seed=0, device=device)
+
+
 def _wan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
     from anti_i2v.models.wan import WanI2V
 
@@ -163,6 +187,14 @@ MODELS: dict[str, ModelSpec] = {
                   "Wan 2.1 image-to-video 14B, 480x832, 81 frames (720P: pass the 720P weights)", _wan),
         ModelSpec("tiny-wan-i2v", None,
                   "Wan 2.1 I2V architecture with random weights, 64x64, 9 frames: protects against nothing", _tiny_wan),
+        ModelSpec("ltx-i2v", "Lightricks/LTX-Video", "LTX-Video image-to-video (DiT), 512x704, 161 frames", _ltx),
+        ModelSpec("tiny-ltx-i2v", None,
+                  "LTX-Video architecture with random weights, 64x64, 9 frames: protects against nothing", _tiny_ltx),
+        ModelSpec("hunyuan-i2v", "hunyuanvideo-community/HunyuanVideo-I2V",
+                  "HunyuanVideo-I2V (MM-DiT), 720x1280, 129 frames", _hunyuan),
+        ModelSpec("tiny-hunyuan-i2v", None,
+                  "HunyuanVideo-I2V architecture with random weights, 64x64, 9 frames: protects against nothing",
+                  _tiny_hunyuan),
         ModelSpec("tiny-dynamicrafter", None,
                   "DynamiCrafter architecture with random weights, 32x32, 4 frames: demonstrates the pipeline, "
                   "protects against nothing", _tiny_dynamicrafter),

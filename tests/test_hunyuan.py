@@ -1,0 +1,156 @@
+"""The HunyuanVideo-I2V adapter through the VideoModel seam, on the tiny variant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from feature_shift import protection_vs_random_noise
+from PIL import Image
+
+import anti_i2v
+from anti_i2v.errors import ModelError
+from anti_i2v.models.hunyuan import HunyuanVideoI2V
+from anti_i2v.photo import resize_for_model
+
+PROMPT = "a person talking to the camera"
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = HunyuanVideoI2V.tiny(seed=0)
+    m.condition(PROMPT)
+    return m
+
+
+@pytest.fixture(scope="module")
+def x(portrait, model):
+    return resize_for_model(portrait[0], *model.resolution)
+
+
+def _draw(model, x, seed=0, t=600):
+    latents = model.encode_video(model.repeat_frames(x))
+    return latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)), torch.tensor([t])
+
+
+def test_layers_resolution_and_frames(model):
+    assert model.name == "tiny-hunyuan-i2v"
+    assert model.resolution == (64, 64) and model.num_frames == 9
+    layers = model.layers()
+    assert layers.denoiser == [f"denoiser.{i}" for i in range(4)]
+    assert layers.vae_encoder[0] == "vae.down_blocks.0" and layers.vae_encoder[-1] == "vae.mid_block"
+    assert model.module("denoiser.0") is model.transformer.transformer_blocks[0]
+    assert model.module("denoiser.1") is model.transformer.transformer_blocks[1]
+    assert model.module("denoiser.2") is model.transformer.single_transformer_blocks[0]
+    assert model.module("denoiser.3") is model.transformer.single_transformer_blocks[1]
+    with pytest.raises(ModelError, match="unknown layer"):
+        model.module("denoiser.4")
+    assert model.image_embedding(torch.rand(1, 3, 64, 64)) is None
+
+
+def test_encode_gives_the_pipelines_condition(model, x):
+    encoded = model.encode_image(x, ["vae.down_blocks.0", "vae.mid_block"])
+    assert encoded.latents.shape == (1, 5, 3, 8, 8)  # 4 image-latent channels + 1 mask, 3 latent frames
+    mask = encoded.latents[:, 4:]
+    assert mask[:, :, 0].eq(1).all() and mask[:, :, 1:].eq(0).all()
+    assert encoded.latents[:, :4, 1:].eq(0).all() and encoded.context is None
+    assert encoded.features["vae.mid_block"].shape[2] == 1
+    assert model.image_latent(encoded).shape == (1, 4, 8, 8)
+    assert model.still_video(model.image_latent(encoded)).shape == (1, 4, 3, 8, 8)
+    assert model.encode_video(model.repeat_frames(x)).shape == (1, 4, 3, 8, 8)
+    # equals the pipeline's own (in-place zeroed) conditioning
+    with torch.no_grad():
+        _, image_latents = model.pipe.prepare_latents(x * 2 - 1, 1, 4, 64, 64, 9, torch.float32)
+        image_latents[:, :, 1:] = 0
+    torch.testing.assert_close(encoded.latents[:, :4], image_latents)
+
+
+def test_gradients_reach_the_photo(model, x):
+    video, noise, t = _draw(model, x)
+    x = x.clone().requires_grad_(True)
+    encoded = model.encode_image(x, ["vae.mid_block"])
+    result = model.denoise(encoded, video, t, noise, ["denoiser.3"], with_loss=True)
+    loss = result.loss + result.features["denoiser.3"].pow(2).mean() + encoded.features["vae.mid_block"].mean()
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(grad).all() and (grad != 0).float().mean() > 0.99
+
+
+def test_early_exit_equals_the_full_forward_and_skips_later_blocks(model, x):
+    video, noise, t = _draw(model, x)
+    encoded = model.encode_image(x)
+    taps = ["denoiser.1", "denoiser.2"]  # the last dual-stream block and the first single-stream one
+    calls = []
+    handle = model.transformer.single_transformer_blocks[1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        early = model.denoise(encoded, video, t, noise, taps)
+        assert early.loss is None and calls == []
+        full = model.denoise(encoded, video, t, noise, taps, with_loss=True)
+        assert calls == [1]
+    finally:
+        handle.remove()
+    for name in taps:
+        torch.testing.assert_close(early.features[name], full.features[name])
+
+
+def test_loss_is_the_flow_matching_velocity_mse_and_depends_on_the_image(model, x):
+    video, noise, t = _draw(model, x, t=700)
+    encoded = model.encode_image(x)
+    result = model.denoise(encoded, video, t, noise, with_loss=True, with_eps=True)
+    assert torch.isfinite(result.loss)
+    s = 700 / 1000
+    sigma = model.shift * s / (1 + (model.shift - 1) * s)
+    noisy = (1 - sigma) * video + sigma * noise
+    pred = model.transformer(
+        hidden_states=torch.cat([noisy, encoded.latents], 1), timestep=torch.tensor([sigma * 1000]),
+        encoder_hidden_states=model._prompt_embeds, encoder_attention_mask=model._attention_mask,
+        pooled_projections=model._pooled_embeds, return_dict=False,
+    )[0]
+    torch.testing.assert_close(result.loss, torch.nn.functional.mse_loss(pred, noise - video), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(result.eps, noisy + (1 - sigma) * pred, rtol=1e-4, atol=1e-5)
+    other = model.denoise(model.encode_image(1 - x), video, t, noise, with_loss=True).loss
+    assert abs(float(other) - float(result.loss)) > 1e-6
+
+
+def test_text_conditioning_is_seeded_and_prompt_dependent(model):
+    assert model._prompt_embeds.shape == (1, 16, 16) and model._pooled_embeds.shape == (1, 8)
+    other = HunyuanVideoI2V.tiny(seed=0)
+    other.condition(PROMPT)
+    torch.testing.assert_close(other._prompt_embeds, model._prompt_embeds)
+    other.condition("a woman dancing")
+    assert not torch.equal(other._pooled_embeds, model._pooled_embeds)
+    other.release_text_encoder()
+    with pytest.raises(ModelError, match="released"):
+        other.condition("a man")
+    other.use_prompt_embeds(model._prompt_embeds, model._pooled_embeds, model._attention_mask)
+    torch.testing.assert_close(other._pooled_embeds, model._pooled_embeds)
+
+
+def test_generate_shape_and_seeding(model, x):
+    video = model.generate(x, PROMPT, steps=2, seed=0)
+    assert video.shape == (5, 3, 64, 64)  # the pipeline drops the 4 frames of latent frame 0
+    assert 0 <= video.min() and video.max() <= 1
+    torch.testing.assert_close(video, model.generate(x, PROMPT, steps=2, seed=0))
+    assert not torch.equal(video, model.generate(x, PROMPT, steps=2, seed=1))
+
+
+@pytest.mark.parametrize("method", ["anti-i2v", "advdm", "sds"])
+def test_every_method_runs_on_it_within_the_budget(method, tmp_path, portrait, model):
+    array = (portrait[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).resize((80, 80)).save(tmp_path / "face.png")
+    result = anti_i2v.protect(tmp_path / "face.png", model, out=tmp_path / "out", method=method,
+                              steps=2, eps="4/255", prompt=PROMPT)
+    saved = np.asarray(Image.open(result.path), dtype=np.int16)
+    assert np.abs(saved - np.asarray(Image.open(tmp_path / "face.png"), dtype=np.int16)).max() <= 4
+
+
+def test_protection_moves_deep_features_further_than_random_noise(model, x):
+    attacked, random_noise = protection_vs_random_noise(model, x, PROMPT)
+    assert attacked >= 2 * random_noise, (attacked, random_noise)
+
+
+def test_missing_weights_is_one_line_model_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for source in (tmp_path / "empty", "hunyuanvideo-community/HunyuanVideo-I2V"):
+        with pytest.raises(ModelError, match="no HunyuanVideo-I2V weights") as info:
+            HunyuanVideoI2V.from_pretrained(source, device="cpu")
+        assert "\n" not in str(info.value)
