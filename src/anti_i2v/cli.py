@@ -434,6 +434,37 @@ def evaluate(
         console.print(f"transfer table in {out / 'cross_model.md'}")
 
 
+@app.command()
+def layers(
+    photo: Annotated[Path, typer.Argument(help="A photo of a person.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to probe (`anti-i2v models`).")] = "cogvideox",
+    model_path: Annotated[Optional[Path], typer.Option(help="Local folder of the model's weights.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Text prompt of the denoiser passes.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for layers.json and layers_pca.png.")] = Path("layers"),
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
+) -> None:
+    """Find the denoiser blocks that carry semantics; suggest IRC and IRA layers for `protect`."""
+    _setup_logging(False)
+    from anti_i2v.config import DEFAULT_PROMPT
+    from anti_i2v.layer_probe import probe_layers, write_layer_report
+    from anti_i2v.photo import load_photo
+
+    try:
+        rgb = load_photo(photo).rgb
+    except AntiI2VError as err:
+        raise _fail(err) from None
+    video_model = _load_for_cli(model, model_path, device, dtype)
+    with console.status(f"probing {model}"):
+        report, maps = probe_layers(video_model, video_model.prepare_image(rgb).to(video_model.device),
+                                    prompt or DEFAULT_PROMPT)
+    json_path, png_path = write_layer_report(report, maps, out)
+    deep = ",".join(str(i) for i in report.irc_deep)
+    console.print(f"most semantic blocks: {', '.join(report.blocks[i] for i in report.to_dict()['ranking'][:5])}")
+    console.print(f"suggested: --irc-shallow {report.irc_shallow} --irc-deep {deep} --ira-blocks {deep}")
+    console.print(f"wrote {json_path} and {png_path}")
+
+
 @app.command("convert-checkpoint")
 def convert_checkpoint(
     checkpoint: Annotated[str, typer.Argument(help="An official DynamiCrafter model.ckpt (file, folder or hub id).")],
