@@ -3,7 +3,7 @@
 * Key/shape parity with the official checkpoints: the port, built full size on the meta device, maps
   back onto every key of ``keys/dynamicrafter_{256,512,1024}.tsv`` (shape included) except the
   documented ignore list, and a strict load of a meta tensor dict made from the tsv succeeds.
-* Parameter counts of ``docs/PORTS.md`` 2.1.
+* Parameter counts of the original release 2.1.
 * Numerics on tiny models: official-named random weights give the same outputs through the key maps as
   independent references (diffusers' own LDM-VAE converter; OpenCLIP-style text/image towers written
   here with ``F.multi_head_attention_forward``, the kernel of ``nn.MultiheadAttention`` that OpenCLIP
@@ -48,7 +48,7 @@ from anti_i2v.models.dynamicrafter.vae import (
 )
 
 FULL_VARIANTS = ("256", "512", "1024")
-# PORTS.md 2.1, measured on the original modules (checkpoint tensors, ignored ones included)
+# the original release, measured on the original modules (checkpoint tensors, ignored ones included)
 PORTS_COUNTS_M = {"first_stage_model": 83.65, "cond_stage_model": 354.0, "embedder": 683.8, "image_proj_model": 48.8}
 UNET_PARAMS = 1_438_854_980
 TINY = get_config("tiny")
@@ -186,7 +186,7 @@ def test_encoders_and_vae_map_onto_the_official_keys(variant):
         assert got == expected, f"{prefix}: {sorted(set(got) ^ set(expected))[:5]}"
         covered = [k for r in rules for k in r.ours]
         assert sorted(covered) == sorted(module.state_dict()), f"{prefix}: rules do not cover the module exactly"
-        # parameter counts: ours + ignored = the checkpoint's = PORTS.md
+        # parameter counts: ours + ignored = the checkpoint's = the original release
         name = prefix[:-1]
         ckpt_count = sum(math.prod(s) for s in sliced.values())
         ignored_count = sum(math.prod(sliced[prefix + k]) for k in ignored)

@@ -70,7 +70,7 @@ def test_resampler_frames_own_consecutive_tokens() -> None:
 
 
 def _expected_full_keys(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """The official key/shape layout written out from PORTS.md section 2.2."""
+    """The official key/shape layout written out from the original release section 2.2."""
     dim, inner = cfg["dim"], cfg["dim_head"] * cfg["heads"]
     hidden = dim * cfg["ff_mult"]
     keys: dict[str, tuple[int, ...]] = {
@@ -109,7 +109,7 @@ def test_full_size_resampler_layout_and_size() -> None:
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == _expected_full_keys(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    assert round(n_params / 1e6, 1) == 48.8  # PORTS.md 2.1: image_proj_model 48.8 M
+    assert round(n_params / 1e6, 1) == 48.8  # the original release: image_proj_model 48.8 M
 
 
 def _find_keys_tsv() -> Path | None:

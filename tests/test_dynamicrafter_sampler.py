@@ -137,7 +137,7 @@ def test_ddim_timesteps_and_tables(case: str, data: dict[str, torch.Tensor]) -> 
 
 
 def test_released_timestep_spacings() -> None:
-    """PORTS.md 2.4: 50 trailing steps are 19, 39, ..., 999; 50 uniform steps are 1, 21, ..., 981."""
+    """the original release: 50 trailing steps are 19, 39, ..., 999; 50 uniform steps are 1, 21, ..., 981."""
     assert make_ddim_timesteps(50, "uniform_trailing").tolist() == list(range(19, 1000, 20))
     assert make_ddim_timesteps(50, "uniform").tolist() == list(range(1, 1000, 20))
 

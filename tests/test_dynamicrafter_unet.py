@@ -28,7 +28,7 @@ JSON_PATH = FIXTURES / "dynamicrafter_unet.json"
 TENSORS_PATH = FIXTURES / "dynamicrafter_unet.safetensors"
 KEYS_DIR = FIXTURES / "keys"
 UNET_PREFIX = "model.diffusion_model."
-# docs/PORTS.md section 2.1: parameters of the official 512/1024 UNet; the 256 model adds 16 scalar alphas.
+# docs/the original release section 2.1: parameters of the official 512/1024 UNet; the 256 model adds 16 scalar alphas.
 OFFICIAL_UNET_PARAMS = 1_438_854_980
 OFFICIAL_ALPHAS_256 = 16
 

@@ -30,7 +30,7 @@ JSON_PATH = FIXTURES / "opensora_stdit3.json"
 TENSORS_PATH = FIXTURES / "opensora_stdit3.safetensors"
 KEYS_PATH = FIXTURES / "keys" / "opensora_stdit3_xl2.tsv"
 
-# docs/PORTS.md 1.1: the official STDiT3-XL/2 (hpcai-tech/OpenSora-STDiT-v3, config.json fields).
+# the original release: the official STDiT3-XL/2 (hpcai-tech/OpenSora-STDiT-v3, config.json fields).
 OFFICIAL_CONFIG = {
     "model_type": "STDiT3",
     "architectures": ["STDiT3"],
@@ -48,7 +48,7 @@ OFFICIAL_CONFIG = {
     "enable_flash_attn": True,
     "enable_layernorm_kernel": True,
 }
-# docs/PORTS.md 1.1: parameters of the official model, rope.freqs (36) included, the 300 x 4096
+# the original release: parameters of the official model, rope.freqs (36) included, the 300 x 4096
 # y_embedding buffer excluded.
 OFFICIAL_PARAMS = 1_207_643_972
 

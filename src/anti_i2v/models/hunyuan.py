@@ -86,7 +86,7 @@ RELEASED_GUIDANCE = 1.0  # true CFG off; guidance_embeds is False for the I2V re
 RELEASED_MAX_SEQUENCE_LENGTH = 256
 DROPPED_FRAMES = 4  # pixel frames the pipeline drops after decoding (latent frame 0)
 
-# Tiny variant (configs of /work/shared/docs/OFFLINE.md with two dual and two single blocks, so that
+# Tiny variant (diffusers' fast-test configs with two dual and two single blocks, so that
 # the default deep block index 3 exists).
 TINY_HEIGHT, TINY_WIDTH, TINY_FRAMES = 64, 64, 9
 TINY_MAX_SEQUENCE_LENGTH = 16

@@ -106,7 +106,7 @@ SCHEDULER = dict(
     use_karras_sigmas=True,
 )
 
-# Tiny variant: diffusers' fast-test U-Net with the cheap VAE / CLIP of docs/OFFLINE.md.
+# Tiny variant: diffusers' fast-test U-Net with a cheaper VAE and CLIP.
 TINY_SIZE, TINY_FRAMES = 64, 8
 _TINY_UNET = dict(
     block_out_channels=(32, 64),

@@ -1,6 +1,6 @@
 """Reading the official DynamiCrafter ``model.ckpt`` files, and the key-rule type used to rename them.
 
-The released checkpoints (``docs/PORTS.md`` section 2.1) are PyTorch Lightning ``.ckpt`` pickles whose
+The released checkpoints (the original release) are PyTorch Lightning ``.ckpt`` pickles whose
 ``["state_dict"]`` holds every tensor of the original ``LatentVisualDiffusion`` under its original
 names (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``, ``embedder.*``,
 ``image_proj_model.*`` and the schedule buffers). :func:`load_checkpoint` returns that flat

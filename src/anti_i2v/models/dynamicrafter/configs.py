@@ -1,8 +1,8 @@
 """Configurations of the released DynamiCrafter checkpoints and of a tiny CPU test variant.
 
 Values come from the official inference YAMLs (``configs/inference_{256,512,1024}_v1.0.yaml``) and run
-scripts (``scripts/run.sh``, ``scripts/run_application.sh``), summarised in ``docs/PORTS.md`` sections
-2.1-2.4. Sub-module sizes are plain dicts of constructor keyword arguments:
+scripts (``scripts/run.sh``, ``scripts/run_application.sh``) of the original release. Sub-module sizes
+are plain dicts of constructor keyword arguments:
 
 * ``unet``: the YAML's ``unet_config.params``, original names, passed as ``UNetModel(**unet)``;
 * ``resampler``: ``image_proj_stage_config.params``, passed as ``Resampler(**resampler)``;

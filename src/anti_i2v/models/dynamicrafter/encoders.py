@@ -1,7 +1,7 @@
 """DynamiCrafter's two conditioning encoders: the OpenCLIP ViT-H/14 text and image towers.
 
 Both are built from transformers' CLIP classes and load the official OpenCLIP weights through the
-key rules below (``docs/PORTS.md`` sections 2.2 and 2.3). Every size comes from keyword arguments, so
+key rules below (the original release). Every size comes from keyword arguments, so
 the same classes build the full ViT-H/14 towers and tiny test towers.
 
 **Text** (:class:`OpenCLIPTextEncoder`, the port of ``FrozenOpenCLIPEmbedder(layer="penultimate")``,

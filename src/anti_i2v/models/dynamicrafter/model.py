@@ -1,7 +1,7 @@
 """The whole DynamiCrafter model under the original top-level names, and official-checkpoint loading.
 
 :class:`DynamiCrafterModel` mirrors the module tree of the original ``LatentVisualDiffusion``
-(``docs/PORTS.md`` section 2.2)::
+(the original release)::
 
     model.diffusion_model   UNetModel            (anti_i2v.models.dynamicrafter.unet, original key names)
     first_stage_model       diffusers AutoencoderKL       (vae.py; diffusers key names)

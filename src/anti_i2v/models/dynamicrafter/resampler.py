@@ -6,7 +6,7 @@ class token plus the 16x16 patch tokens, taken before ``ln_post``) into
 tokens ``[num_queries * f, num_queries * (f + 1))``; the UNet splits them per frame when the context
 length is ``77 + num_queries * T``.
 
-Computation (written from the description in ``docs/PORTS.md`` section 2.2 and the fixture notes):
+Computation (written from the description in the original release and the fixture notes):
 
 * ``x = proj_in(tokens)``; ``latents`` is a learned ``[1, num_queries * video_length, dim]`` array
   repeated over the batch.

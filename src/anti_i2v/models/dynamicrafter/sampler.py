@@ -1,6 +1,6 @@
 """DDIM sampling loop of the released DynamiCrafter checkpoints.
 
-Written from the description in ``docs/PORTS.md`` section 2.4 and the ``dynamicrafter_ddim`` fixture
+Written from the description in the original release and the ``dynamicrafter_ddim`` fixture
 notes. The sampler knows nothing about the UNet: it calls ``model_fn(x, t, cond) -> output`` where
 ``t`` is an int64 tensor ``[B]`` and ``cond`` is whatever the caller passes (see
 :func:`hybrid_model_fn` for DynamiCrafter's "hybrid" conditioning).

@@ -1,6 +1,6 @@
 """DynamiCrafter's denoiser: the LVDM 3-D UNet (``model.diffusion_model`` in the official checkpoints).
 
-Written from the architecture description in ``docs/PORTS.md`` section 2.2 and the notes of the
+Written from the architecture description in the original release and the notes of the
 ``dynamicrafter_unet`` golden fixture. Parameter names, the constructor's keyword names (those of the
 official YAML ``unet_config.params``) and the ``state_dict()`` layout equal the original's, so the
 official ``model.diffusion_model.*`` tensors load with ``strict=True`` once that prefix is stripped

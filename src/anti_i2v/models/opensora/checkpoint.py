@@ -1,6 +1,6 @@
 """Loading the released Open-Sora 1.2 weights: ``hpcai-tech/OpenSora-STDiT-v3`` and ``OpenSora-VAE-v1.2``.
 
-Both hub repos use the transformers ``save_pretrained`` layout (``docs/PORTS.md`` section 1.1): a
+Both hub repos use the transformers ``save_pretrained`` layout (the original release): a
 ``config.json`` plus one ``model.safetensors`` whose keys are the original module names, which the
 port's modules share. A source is a local folder holding those two files, a ``model.safetensors`` file
 (its folder must hold ``config.json``, or pass ``config=``), or a hub id fetched with

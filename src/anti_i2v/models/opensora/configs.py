@@ -1,6 +1,6 @@
 """Released Open-Sora 1.2 settings and a tiny CPU test variant.
 
-Values come from ``docs/PORTS.md`` sections 1.1 and 1.5 (``configs/opensora-v1-2/inference/sample.py``
+Values come from the original release (``configs/opensora-v1-2/inference/sample.py``
 of the original, tag v1.2.0). Sub-module sizes are plain dicts:
 
 * ``stdit3``: the ``STDiT3Config`` fields under their original names (the HF ``config.json`` of
@@ -13,7 +13,7 @@ of the original, tag v1.2.0). Sub-module sizes are plain dicts:
 * ``text``: the T5 encoder (hub id, ``model_max_length``, feature width).
 
 **Sizes.** Open-Sora names aspect ratios *height:width*: its default ``"9:16"`` is a landscape frame,
-240p 9:16 = 240 x 426 pixels (height x width). :data:`RESOLUTIONS` holds the 9:16 sizes that PORTS.md
+240p 9:16 = 240 x 426 pixels (height x width). :data:`RESOLUTIONS` holds the 9:16 sizes that the original release
 lists; Open-Sora's other bucket sizes are not reproduced here (pass ``(height, width)`` directly).
 Lengths: ``"2s"`` = 51 frames, ``"4s"`` = 102, ``"8s"`` = 204, ``"16s"`` = 408, ``"image"`` = 1 (the
 model then gets fps 120). The VAE turns every chunk of up to 17 frames into ``ceil(n / 4)`` latent
@@ -49,7 +49,7 @@ STDIT3_HUB_ID = "hpcai-tech/OpenSora-STDiT-v3"
 VAE_HUB_ID = "hpcai-tech/OpenSora-VAE-v1.2"
 T5_HUB_ID = "DeepFloyd/t5-v1_1-xxl"
 
-#: ``{resolution: {aspect ratio (height:width): (height, width)}}`` in pixels (PORTS.md 1.5).
+#: ``{resolution: {aspect ratio (height:width): (height, width)}}`` in pixels (the original release).
 RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
     "240p": {"9:16": (240, 426)},
     "360p": {"9:16": (360, 640)},
@@ -60,7 +60,7 @@ RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
 #: Named lengths of the released inference, in frames.
 LENGTHS: dict[str, int] = {"image": 1, "2s": 51, "4s": 102, "8s": 204, "16s": 408}
 
-# STDiT3-XL/2, the fields of hpcai-tech/OpenSora-STDiT-v3/config.json (PORTS.md 1.1)
+# STDiT3-XL/2, the fields of hpcai-tech/OpenSora-STDiT-v3/config.json (the original release)
 _STDIT3_XL2: dict[str, Any] = {
     "model_type": "STDiT3",
     "input_sq_size": 512,

@@ -1,6 +1,6 @@
 """Rectified-flow sampling of Open-Sora 1.2, with image conditioning, and its training objective.
 
-Written from ``docs/PORTS.md`` sections 1.4-1.5 and the ``opensora_rflow`` fixture notes. The sampler
+Written from the original release and the ``opensora_rflow`` fixture notes. The sampler
 knows nothing about STDiT3: it calls ``model_fn(z, t, y, mask, x_mask, **model_kwargs) -> velocity``
 (see :func:`stdit3_model_fn`, which adapts the port's ``STDiT3``; passing the model itself does the same
 and also takes the null caption from its ``y_embedder.y_embedding`` buffer).

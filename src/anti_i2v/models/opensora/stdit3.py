@@ -1,6 +1,6 @@
 """Open-Sora 1.2's denoiser STDiT3 (``hpcai-tech/OpenSora-STDiT-v3``), written from its description.
 
-Sources: ``docs/PORTS.md`` section 1.2 and the notes of the ``opensora_stdit3`` golden fixture. The
+Sources: the original release and the notes of the ``opensora_stdit3`` golden fixture. The
 constructor takes the original ``STDiT3Config`` field names, and ``state_dict()`` has the official
 key names, shapes and order, so the official ``model.safetensors`` loads with ``strict=True``. That
 includes the parameter ``rope.freqs`` (``requires_grad=False``) and the persistent buffer

@@ -1,6 +1,6 @@
 """T5 text conditioning of Open-Sora 1.2 (``DeepFloyd/t5-v1_1-xxl`` through transformers).
 
-The released inference (``docs/PORTS.md`` section 1.5) turns a prompt into STDiT3's caption input as:
+The released inference (the original release) turns a prompt into STDiT3's caption input as:
 
 1. **Score suffixes** (:func:`append_scores`): ``" aesthetic score: 6.5."`` (``aes``), and optionally
    ``" motion score: <flow>."`` and ``" camera motion: <text>."``, each only when the prompt does not
