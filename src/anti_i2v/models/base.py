@@ -95,11 +95,14 @@ class FeatureTaps:
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
+        self._first_only = False
         self._stop_after: str | None = None
         self._store: dict[str, torch.Tensor] = {}
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            if self._first_only and name in self._store:
+                return  # a module called in chunks (a video VAE): keep the first, the photo's
             tensor = output[0] if isinstance(output, (tuple, list)) else output
             self._store[name] = tensor
             if name == self._stop_after:
@@ -108,11 +111,17 @@ class FeatureTaps:
         return hook
 
     @contextlib.contextmanager
-    def capture(self, stop_after: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Hook the modules for one forward pass; yields the dict that fills with features."""
+    def capture(
+        self, stop_after: str | None = None, first_only: bool = False
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Hook the modules for one forward pass; yields the dict that fills with features.
+
+        ``first_only`` keeps each module's first output when it runs several times.
+        """
         handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
         self._store = {}
         self._stop_after = stop_after
+        self._first_only = first_only
         try:
             yield self._store
         finally:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -26,7 +25,6 @@ from diffusers import (
     CogVideoXImageToVideoPipeline,
     CogVideoXTransformer3DModel,
 )
-from PIL import Image
 
 from anti_i2v.errors import ModelError
 from anti_i2v.models.base import (
@@ -38,6 +36,7 @@ from anti_i2v.models.base import (
     ModelLayers,
     VideoModel,
 )
+from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, to_pil_8bit
 from anti_i2v.models.tiny_text import tiny_t5_encoder, tiny_t5_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -157,23 +156,7 @@ def random_pipeline(
 
 def load_pipeline(source: str, dtype: torch.dtype) -> CogVideoXImageToVideoPipeline:
     """Load a released pipeline from a hub id or a local folder in the diffusers layout."""
-    try:
-        return CogVideoXImageToVideoPipeline.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelError(
-            f"no CogVideoX-I2V weights found at '{source}' ({reason}); download them with "
-            f"`hf download {HUB_ID} --local-dir DIR` on a machine with internet and pass "
-            "--model-path DIR, or use --model tiny-cogvideox to try the pipeline"
-        ) from err
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a frozen module to ``device``, casting only when its dtype differs."""
-    module = module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module = module.to(dtype)
-    return module.eval().requires_grad_(False)
+    return load_diffusers_pipeline(CogVideoXImageToVideoPipeline, source, dtype, "CogVideoX-I2V", HUB_ID, "tiny-cogvideox")
 
 
 class CogVideoXI2V(VideoModel):
@@ -203,8 +186,8 @@ class CogVideoXI2V(VideoModel):
         self._device = torch.device(device)
         self._dtype = dtype
         self.sample_posterior = sample_posterior
-        self.vae = _place(pipe.vae, self._device, dtype)
-        self.transformer = _place(pipe.transformer, self._device, dtype)
+        self.vae = place(pipe.vae, self._device, dtype)
+        self.transformer = place(pipe.transformer, self._device, dtype)
         pipe.set_progress_bar_config(disable=True)
         self.scheduler = pipe.scheduler
         if pipe.text_encoder is not None:
@@ -415,8 +398,7 @@ class CogVideoXI2V(VideoModel):
     ) -> torch.Tensor:
         """Sample a video from an 8-bit copy of ``image`` with the diffusers pipeline (guidance 6 by default)."""
         self.condition(prompt)
-        array = (image[0] if image.dim() == 4 else image).permute(1, 2, 0).float().cpu().numpy()
-        pil = Image.fromarray(np.round(array.clip(0, 1) * 255).astype(np.uint8))
+        pil = to_pil_8bit(image)
         height, width = self.resolution
         output = self.pipe(
             image=pil,

@@ -52,7 +52,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -70,9 +69,11 @@ from anti_i2v.models.base import (
     VAE_PREFIX,
     DenoiserResult,
     EncodedImage,
+    FeatureTaps,
     ModelLayers,
     VideoModel,
 )
+from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, to_pil_8bit
 from anti_i2v.models.tiny_text import tiny_t5_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -171,45 +172,7 @@ def tiny_text_path(seed: int = 0) -> tuple[object, TinyTextEncoder]:
 
 def load_pipeline(source: str, dtype: torch.dtype) -> HunyuanVideoImageToVideoPipeline:
     """Load a released pipeline from a hub id or a local folder in the diffusers layout."""
-    try:
-        return HunyuanVideoImageToVideoPipeline.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelError(
-            f"no HunyuanVideo-I2V weights found at '{source}' ({reason}); download them with "
-            f"`hf download {HUB_ID} --local-dir DIR` on a machine with internet and pass "
-            "--model-path DIR, or use --model tiny-hunyuan-i2v to try the pipeline"
-        ) from err
-
-
-def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    module = module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module = module.to(dtype)
-    return module.eval().requires_grad_(False)
-
-
-class _FirstCallTaps:
-    """Forward hooks that keep each module's first output of one call."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
-        self.store: dict[str, torch.Tensor] = {}
-
-    def __enter__(self) -> dict[str, torch.Tensor]:
-        def hook(name):
-            def fn(_m, _i, output):
-                if name not in self.store:
-                    self.store[name] = output[0] if isinstance(output, (tuple, list)) else output
-
-            return fn
-
-        self.handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
-        return self.store
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
+    return load_diffusers_pipeline(HunyuanVideoImageToVideoPipeline, source, dtype, "HunyuanVideo-I2V", HUB_ID, "tiny-hunyuan-i2v")
 
 
 class HunyuanVideoI2V(VideoModel):
@@ -248,8 +211,8 @@ class HunyuanVideoI2V(VideoModel):
         self.name = name
         self._device = torch.device(device)
         self._dtype = dtype
-        self.vae = _place(pipe.vae, self._device, dtype)
-        self.transformer = _place(pipe.transformer, self._device, dtype)
+        self.vae = place(pipe.vae, self._device, dtype)
+        self.transformer = place(pipe.transformer, self._device, dtype)
         pipe.set_progress_bar_config(disable=True)
         self.scheduler = pipe.scheduler
         for enc in (pipe.text_encoder, pipe.text_encoder_2):
@@ -436,7 +399,7 @@ class HunyuanVideoI2V(VideoModel):
         c = self.latent_channels
         shape = (1, c, self.latent_frames, height // self.pipe.vae_scale_factor_spatial,
                  width // self.pipe.vae_scale_factor_spatial)
-        with _FirstCallTaps({n: self.module(n) for n in taps}) as feats:
+        with FeatureTaps({n: self.module(n) for n in taps}).capture(first_only=True) as feats:
             latents = []
             for image in pixels.split(1):
                 # zero `latents` keep the global RNG untouched
@@ -529,8 +492,7 @@ class HunyuanVideoI2V(VideoModel):
         (released default 1.0: off).
         """
         self.condition(prompt)
-        array = (image[0] if image.dim() == 4 else image).permute(1, 2, 0).float().cpu().numpy()
-        pil = Image.fromarray(np.round(array.clip(0, 1) * 255).astype(np.uint8))
+        pil = to_pil_8bit(image)
         height, width = self.resolution
         scale = RELEASED_GUIDANCE if guidance_scale is None else guidance_scale
         extra = {}

@@ -36,7 +36,6 @@ import logging
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -45,7 +44,6 @@ from diffusers import (
     LTXImageToVideoPipeline,
     LTXVideoTransformer3DModel,
 )
-from PIL import Image
 
 from anti_i2v.errors import ModelError
 from anti_i2v.models.base import (
@@ -53,9 +51,11 @@ from anti_i2v.models.base import (
     VAE_PREFIX,
     DenoiserResult,
     EncodedImage,
+    FeatureTaps,
     ModelLayers,
     VideoModel,
 )
+from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, to_pil_8bit
 from anti_i2v.models.tiny_text import tiny_t5_encoder, tiny_t5_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -110,51 +110,13 @@ def tiny_pipeline(seed: int = 0) -> LTXImageToVideoPipeline:
 
 def load_pipeline(source: str, dtype: torch.dtype) -> LTXImageToVideoPipeline:
     """Load a released pipeline from a hub id or a local folder in the diffusers layout."""
-    try:
-        return LTXImageToVideoPipeline.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelError(
-            f"no LTX-Video weights found at '{source}' ({reason}); download them with "
-            f"`hf download {HUB_ID} --local-dir DIR` on a machine with internet and pass "
-            "--model-path DIR, or use --model tiny-ltx-i2v to try the pipeline"
-        ) from None
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    module = module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module = module.to(dtype)
-    return module.eval().requires_grad_(False)
+    return load_diffusers_pipeline(LTXImageToVideoPipeline, source, dtype, "LTX-Video", HUB_ID, "tiny-ltx-i2v")
 
 
 def _calculate_shift(seq_len: int, base_seq: int, max_seq: int, base_shift: float, max_shift: float) -> float:
     """The pipeline's ``calculate_shift``: ``mu`` linear in the token count."""
     m = (max_shift - base_shift) / (max_seq - base_seq)
     return seq_len * m + base_shift - m * base_seq
-
-
-class _FirstCallTaps:
-    """Forward hooks that keep each module's first output of one call."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module]) -> None:
-        self.modules = modules
-        self.store: dict[str, torch.Tensor] = {}
-
-    def __enter__(self) -> dict[str, torch.Tensor]:
-        def hook(name):
-            def fn(_m, _i, output):
-                if name not in self.store:
-                    self.store[name] = output[0] if isinstance(output, (tuple, list)) else output
-
-            return fn
-
-        self.handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
-        return self.store
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 class LTXVideoI2V(VideoModel):
@@ -190,8 +152,8 @@ class LTXVideoI2V(VideoModel):
         self.name = name
         self._device = torch.device(device)
         self._dtype = dtype
-        self.vae = _place(pipe.vae, self._device, dtype)
-        self.transformer = _place(pipe.transformer, self._device, dtype)
+        self.vae = place(pipe.vae, self._device, dtype)
+        self.transformer = place(pipe.transformer, self._device, dtype)
         pipe.set_progress_bar_config(disable=True)
         self.scheduler = pipe.scheduler
         if pipe.text_encoder is not None:
@@ -359,7 +321,7 @@ class LTXVideoI2V(VideoModel):
         (zeros elsewhere), differentiably; the posterior is sampled with ``generator`` as the
         pipeline does, or its mode is used when ``generator`` is None."""
         pixels = (x.to(self._device, torch.float32) * 2 - 1).to(self._dtype)  # the video processor's [-1, 1]
-        with _FirstCallTaps({n: self.module(n) for n in taps}) as feats:
+        with FeatureTaps({n: self.module(n) for n in taps}).capture(first_only=True) as feats:
             dist = self.vae.encode(pixels.unsqueeze(2)).latent_dist
             latent = dist.mode() if generator is None else dist.sample(generator)
         latent = self._normalize(latent.to(self._dtype))  # (B, C, 1, h, w)
@@ -471,8 +433,7 @@ class LTXVideoI2V(VideoModel):
     ) -> torch.Tensor:
         """Sample a video from an 8-bit copy of ``image`` with the diffusers pipeline (guidance 3 by default)."""
         self.condition(prompt)
-        array = (image[0] if image.dim() == 4 else image).permute(1, 2, 0).float().cpu().numpy()
-        pil = Image.fromarray(np.round(array.clip(0, 1) * 255).astype(np.uint8))
+        pil = to_pil_8bit(image)
         height, width = self.resolution
         output = self.pipe(
             image=pil,

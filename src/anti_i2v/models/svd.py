@@ -53,7 +53,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from diffusers import (
     AutoencoderKLTemporalDecoder,
@@ -64,7 +63,6 @@ from diffusers import (
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
     _resize_with_antialiasing,
 )
-from PIL import Image
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -81,6 +79,7 @@ from anti_i2v.models.base import (
     ModelLayers,
     VideoModel,
 )
+from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, to_pil_8bit
 
 logger = logging.getLogger(__name__)
 
@@ -160,23 +159,7 @@ def tiny_pipeline(seed: int = 0) -> StableVideoDiffusionPipeline:
 
 def load_pipeline(source: str, dtype: torch.dtype) -> StableVideoDiffusionPipeline:
     """Load a released pipeline from a hub id or a local folder in the diffusers layout."""
-    try:
-        return StableVideoDiffusionPipeline.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelError(
-            f"no Stable Video Diffusion weights found at '{source}' ({reason}); download them with "
-            f"`hf download {HUB_ID} --local-dir DIR` on a machine with internet and pass "
-            "--model-path DIR, or use --model tiny-svd to try the pipeline"
-        ) from err
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a frozen module to ``device``, casting only when its dtype differs."""
-    module = module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module = module.to(dtype)
-    return module.eval().requires_grad_(False)
+    return load_diffusers_pipeline(StableVideoDiffusionPipeline, source, dtype, "Stable Video Diffusion", HUB_ID, "tiny-svd")
 
 
 class StableVideoDiffusionI2V(VideoModel):
@@ -210,9 +193,9 @@ class StableVideoDiffusionI2V(VideoModel):
         self.fps = fps
         self.motion_bucket_id = motion_bucket_id
         self.noise_aug_strength = noise_aug_strength
-        self.vae = _place(pipe.vae, self._device, dtype)
-        self.unet = _place(pipe.unet, self._device, dtype)
-        self.image_encoder = _place(pipe.image_encoder, self._device, dtype)
+        self.vae = place(pipe.vae, self._device, dtype)
+        self.unet = place(pipe.unet, self._device, dtype)
+        self.image_encoder = place(pipe.image_encoder, self._device, dtype)
         pipe.set_progress_bar_config(disable=True)
         self.scheduler = pipe.scheduler
         if gradient_checkpointing:
@@ -410,8 +393,7 @@ class StableVideoDiffusionI2V(VideoModel):
         ``prompt`` is ignored (SVD has no text). Guidance ramps over the frames from 1 to
         ``guidance_scale`` (the pipeline's min/max guidance; 3 by default).
         """
-        array = (image[0] if image.dim() == 4 else image).permute(1, 2, 0).float().cpu().numpy()
-        pil = Image.fromarray(np.round(array.clip(0, 1) * 255).astype(np.uint8))
+        pil = to_pil_8bit(image)
         height, width = self.resolution
         max_guidance = 3.0 if guidance_scale is None else guidance_scale
         output = self.pipe(

@@ -44,7 +44,6 @@ import logging
 import re
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -53,7 +52,6 @@ from diffusers import (
     WanImageToVideoPipeline,
     WanTransformer3DModel,
 )
-from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
 from anti_i2v.errors import ModelError
@@ -62,9 +60,11 @@ from anti_i2v.models.base import (
     VAE_PREFIX,
     DenoiserResult,
     EncodedImage,
+    FeatureTaps,
     ModelLayers,
     VideoModel,
 )
+from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, to_pil_8bit
 from anti_i2v.models.tiny_text import tiny_t5_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -150,26 +150,10 @@ def tiny_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
 
 def load_pipeline(source: str, dtype: torch.dtype) -> WanImageToVideoPipeline:
     """Load a released pipeline from a hub id or a local folder in the diffusers layout."""
-    try:
-        pipe = WanImageToVideoPipeline.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelError(
-            f"no Wan-I2V weights found at '{source}' ({reason}); download them with "
-            f"`hf download {HUB_ID} --local-dir DIR` on a machine with internet and pass "
-            "--model-path DIR, or use --model tiny-wan-i2v to try the pipeline"
-        ) from err
+    pipe = load_diffusers_pipeline(WanImageToVideoPipeline, source, dtype, "Wan-I2V", HUB_ID, "tiny-wan-i2v")
     if pipe.image_encoder is not None and next(pipe.image_encoder.parameters()).dtype != torch.float32:
         pipe.image_encoder.to(torch.float32)  # the released repos keep CLIP in fp32
     return pipe
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a frozen module to ``device``, casting only when its dtype differs."""
-    module = module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module = module.to(dtype)
-    return module.eval().requires_grad_(False)
 
 
 def _prompt_clean(text: str) -> str:
@@ -182,29 +166,6 @@ def _prompt_clean(text: str) -> str:
         pass
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
-
-
-class _FirstCallTaps:
-    """Forward hooks that keep each module's first output of one call (the photo's chunk)."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module]) -> None:
-        self.modules = modules
-        self.store: dict[str, torch.Tensor] = {}
-
-    def __enter__(self) -> dict[str, torch.Tensor]:
-        def hook(name):
-            def fn(_m, _i, output):
-                if name not in self.store:
-                    self.store[name] = output[0] if isinstance(output, (tuple, list)) else output
-
-            return fn
-
-        self.handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
-        return self.store
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 class WanI2V(VideoModel):
@@ -247,8 +208,8 @@ class WanI2V(VideoModel):
         self.name = name
         self._device = torch.device(device)
         self._dtype = dtype
-        self.vae = _place(pipe.vae, self._device, dtype)
-        self.transformer = _place(pipe.transformer, self._device, dtype)
+        self.vae = place(pipe.vae, self._device, dtype)
+        self.transformer = place(pipe.transformer, self._device, dtype)
         self.image_encoder = pipe.image_encoder.to(self._device).eval().requires_grad_(False)
         pipe.set_progress_bar_config(disable=True)
         self.scheduler = pipe.scheduler
@@ -428,7 +389,7 @@ class WanI2V(VideoModel):
         pixels = x.to(self._device, torch.float32) * 2 - 1  # the video processor's [-1, 1]
         height, width = self.resolution
         z = self.vae.config.z_dim
-        with _FirstCallTaps({n: self.module(n) for n in taps}) as feats:
+        with FeatureTaps({n: self.module(n) for n in taps}).capture(first_only=True) as feats:
             conds = []
             # zero `latents` keep the global RNG untouched; one image at a time, because
             # prepare_latents repeats its VAE output batch_size times
@@ -519,8 +480,7 @@ class WanI2V(VideoModel):
     ) -> torch.Tensor:
         """Sample a video from an 8-bit copy of ``image`` with the diffusers pipeline (guidance 5 by default)."""
         self.condition(prompt)
-        array = (image[0] if image.dim() == 4 else image).permute(1, 2, 0).float().cpu().numpy()
-        pil = Image.fromarray(np.round(array.clip(0, 1) * 255).astype(np.uint8))
+        pil = to_pil_8bit(image)
         height, width = self.resolution
         output = self.pipe(
             image=pil,
