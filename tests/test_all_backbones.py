@@ -36,3 +36,13 @@ def test_every_method_on_every_backbone(name, photo, tmp_path):
                                   prompt=PROMPT)
         saved = np.asarray(Image.open(result.path), dtype=np.int16)
         assert np.abs(saved - original).max() <= 4, (name, method)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_weight_modules_hold_every_tapped_layer(name):
+    """An ensemble parks a model by moving `weight_modules()`: they must hold every layer it runs."""
+    model = load_model(name, device="cpu")
+    held = {id(p) for module in model.weight_modules() for p in module.parameters()}
+    layers = model.layers()
+    for layer in layers.denoiser + layers.vae_encoder:
+        assert all(id(p) in held for p in model.module(layer).parameters()), (name, layer)

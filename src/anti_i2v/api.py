@@ -27,6 +27,7 @@ from anti_i2v.models.registry import load_model
 from anti_i2v.methods import get_method
 from anti_i2v.objectives.ensemble import EnsembleMember, EnsembleObjective
 from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity, resolve_aux_weight
+from anti_i2v.offload import Residency, park_for_next_load
 from anti_i2v.photo import (
     BudgetReport,
     Photo,
@@ -116,7 +117,12 @@ def _load_models(
     items = [m.strip() for m in model.split(",") if m.strip()] if isinstance(model, str) else list(model)
     if model_path is not None and len(items) > 1:
         raise ConfigError("--model-path serves one model; load the others from the hub cache")
-    return [m if isinstance(m, VideoModel) else load_model(m, model_path, device, dtype) for m in items]
+    models = []
+    for index, item in enumerate(items):
+        models.append(item if isinstance(item, VideoModel) else load_model(item, model_path, device, dtype))
+        if index < len(items) - 1:
+            park_for_next_load(models[-1])  # a Residency brings it back for its turn
+    return models
 
 
 def _read_image(path: Path) -> Image.Image:
@@ -156,7 +162,8 @@ def _optimise(
     """Run the optimisation at the first model's input; returns the full-size protected RGB.
 
     With several models, one perturbation is optimised against the sum of their
-    objectives, each model seeing the photo as its own pipeline prepares it.
+    objectives, each model seeing the photo as its own pipeline prepares it; models
+    that do not fit on the accelerator together take turns there (`Residency`).
     """
     space = space_from_config(config)  # fails fast on a bad space, before any model work
     method = get_method(config.method)
@@ -167,8 +174,11 @@ def _optimise(
     target = None
     if config.target is not None:
         target = load_photo(config.target).rgb.unsqueeze(0)
+    residency = Residency(models) if len(models) > 1 else None
     members = []
     for index, model in enumerate(models):
+        if residency is not None:
+            residency.activate(model)
         aux = _auxiliary_model(config.aux_model, model.device, model.dtype) if config.weight_aux else None
         objective = method.build(model, config, target, aux)
         objective.prepare(model, model.prepare_image(photo.rgb).to(model.device))
@@ -179,10 +189,10 @@ def _optimise(
                            model.name)
         needs_view = index > 0 or (config.through_resize and photo.size != tuple(model.resolution))
         members.append(EnsembleMember(model.name, objective, _photo_view(model, photo, x, config.eps) if needs_view
-                                      else (lambda x_adv: x_adv), _t_range(model, config)))
+                                      else (lambda x_adv: x_adv), _t_range(model, config), model=model))
     single = len(members) == 1
     result = run_pgd(
-        members[0].objective if single else EnsembleObjective(members),
+        members[0].objective if single else EnsembleObjective(members, residency),
         space,
         x,
         config,

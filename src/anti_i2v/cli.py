@@ -112,6 +112,7 @@ def protect(
     from anti_i2v.api import sample_photo
     from anti_i2v.batch import check_output_dir, protect_batch
     from anti_i2v.config import ProtectConfig
+    from anti_i2v.offload import park_for_next_load
     from anti_i2v.photo import load_photo, output_path_for
     from anti_i2v.spaces import space_from_config
 
@@ -155,7 +156,11 @@ def protect(
     names = [m.strip() for m in model.split(",") if m.strip()]
     if model_path is not None and len(names) > 1:
         raise _fail(ConfigError("--model-path serves one model; load the others from the hub cache"))
-    video_models = [_load_for_cli(name, model_path, device, dtype) for name in names]
+    video_models = []
+    for index, name in enumerate(names):
+        video_models.append(_load_for_cli(name, model_path, device, dtype))
+        if index < len(names) - 1:
+            park_for_next_load(video_models[-1])  # ensemble members take turns on the GPU
     shapes = ", ".join(
         f"{m.name} {m.resolution[0]}x{m.resolution[1]}x{m.num_frames}" for m in video_models
     )
@@ -297,6 +302,7 @@ def verify(
     from anti_i2v.evaluation.metrics.dino import DEFAULT_DINO
     from anti_i2v.evaluation.scoring import VideoScorer
     from anti_i2v.evaluation.verify import verify as run_verify
+    from anti_i2v.evaluation.verify import write_models_summary
     from anti_i2v.photo import load_photo
 
     try:
@@ -308,6 +314,7 @@ def verify(
     if model_path is not None and len(model_names) > 1:
         raise _fail(ConfigError("--model-path serves one model; load the others from the hub cache"))
     settings = GenerationSettings(prompt=prompt or DEFAULT_PROMPT, seed=seed, steps=steps, guidance_scale=guidance)
+    reports: dict[str, dict] = {}
     for model_name in model_names:
         video_model = _load_for_cli(model_name, model_path, device, dtype)
         # one report per model; with several models, each in its own sub-folder
@@ -331,7 +338,10 @@ def verify(
             except AntiI2VError as err:
                 raise _fail(err) from None
         _print_verdicts(report, f"{protected.name} against {model_name}", folder)
+        reports[model_name] = report
         del video_model
+    if len(model_names) > 1:
+        console.print(f"one row per model: {write_models_summary(reports, out)}")
 
 
 def _print_verdicts(report: dict, title: str, folder: Path) -> None:

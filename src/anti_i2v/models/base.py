@@ -298,6 +298,27 @@ class VideoModel(ABC):
     def release_text_encoder(self) -> None:
         """Free the text encoder once the conditioning is cached (no-op by default)."""
 
+    def weight_modules(self) -> list[nn.Module]:
+        """The modules holding this model's weights, which an ensemble may park on the CPU.
+
+        By default: every `nn.Module` attribute of the adapter, and the modules of its
+        diffusers pipeline (``self.pipe``), text encoder included while it is kept.
+        """
+        found: dict[int, nn.Module] = {}
+        candidates = list(vars(self).values())
+        pipe = getattr(self, "pipe", None)
+        if pipe is not None and hasattr(pipe, "components"):
+            candidates += list(pipe.components.values())
+        for value in candidates:
+            if isinstance(value, nn.Module):
+                found.setdefault(id(value), value)
+        return list(found.values())
+
+    def token_grid(self) -> tuple[int, int] | None:
+        """(h, w) of one frame's tokens in transformer block outputs (frames outermost), when
+        the adapter knows it; None lets tools infer it from the resolution."""
+        return None
+
     def image_embedding(self, x: torch.Tensor) -> torch.Tensor | None:
         """The model's own image-encoder embedding of ``x`` (e.g. CLIP), differentiable;
         None for models that condition on the image through the VAE only."""

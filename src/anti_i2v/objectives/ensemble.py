@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch
 
 from anti_i2v.models.base import VideoModel
 from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw, draw_step
+from anti_i2v.offload import Residency
 
 
 @dataclass
@@ -20,6 +22,7 @@ class EnsembleMember:
     view: Callable[[torch.Tensor], torch.Tensor]  # optimised image -> this model's input
     t_range: tuple[int, int]
     weight: float = 1.0
+    model: VideoModel | None = None  # whose weights must be resident for its turn
 
 
 class EnsembleObjective(Objective):
@@ -28,12 +31,18 @@ class EnsembleObjective(Objective):
     The optimised image lives at the first member's input; every member sees it
     through its own view (carried to the full-size photo, then prepared as that
     model's pipeline prepares it), so models of different resolutions combine.
+
+    Each member's gradient is taken in its own turn and its graph freed before the
+    next member runs, so the peak memory is one member's, not the sum; between turns
+    a `Residency` may park members' weights on the CPU. The returned loss has the
+    summed value and the summed gradient with respect to the image.
     """
 
-    def __init__(self, members: list[EnsembleMember]) -> None:
+    def __init__(self, members: list[EnsembleMember], residency: Residency | None = None) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one model")
         self.members = members
+        self.residency = residency
 
     def prepare(self, model: VideoModel, x: torch.Tensor) -> None:
         """Members are prepared one by one when they are built; nothing to do here."""
@@ -41,15 +50,27 @@ class EnsembleObjective(Objective):
     def latent_shape(self) -> torch.Size:
         return self.members[0].objective.latent_shape()
 
+    def _turn(self, member: EnsembleMember):
+        if self.residency is None or member.model is None:
+            return contextlib.nullcontext()
+        return self.residency.turn(member.model)
+
     def __call__(self, x_adv: torch.Tensor, draw: StepDraw) -> ObjectiveOutput:
-        total: torch.Tensor | None = None
+        image = x_adv.detach().requires_grad_(True)
+        grad = torch.zeros_like(image)
+        total = 0.0
         parts: dict[str, float] = {}
         for index, member in enumerate(self.members):
             own = draw if index == 0 else draw_step(draw.generator, member.objective.latent_shape(), member.t_range)
-            out = member.objective(member.view(x_adv), own)
-            loss = member.weight * out.loss.to(x_adv.device)
-            total = loss if total is None else total + loss
+            with self._turn(member):
+                out = member.objective(member.view(image), own)
+                loss = member.weight * out.loss
+                (member_grad,) = torch.autograd.grad(loss, image, allow_unused=True)
+            if member_grad is not None:
+                grad += member_grad.to(grad)
+            total += float(loss.detach())
             parts.update({f"{member.name}.{k}": v for k, v in out.parts.items()})
-        assert total is not None
-        parts["total"] = float(total.detach())
-        return ObjectiveOutput(total, parts)
+        parts["total"] = total
+        # linear in x_adv with the summed gradient, valued at the summed loss
+        surrogate = (x_adv * grad).sum()
+        return ObjectiveOutput(surrogate - surrogate.detach() + total, parts)

@@ -1,0 +1,118 @@
+"""Ensemble members taking turns on one accelerator, and the per-member gradients of an ensemble."""
+
+from __future__ import annotations
+
+import torch
+
+from anti_i2v.objectives.base import Objective, ObjectiveOutput, draw_step
+from anti_i2v.objectives.ensemble import EnsembleMember, EnsembleObjective
+from anti_i2v.offload import Residency, weight_bytes
+
+
+class FakeAcceleratedModel:
+    """Just what `Residency` reads of a model: a name, an accelerator device and weight modules."""
+
+    def __init__(self, name: str, width: int) -> None:
+        self.name = name
+        self.device = torch.device("meta")  # any non-CPU device counts as an accelerator
+        self.layer = torch.nn.Linear(width, width)
+
+    def weight_modules(self) -> list[torch.nn.Module]:
+        return [self.layer]
+
+
+class FakeAccelerator:
+    """A device of fixed capacity: free memory is what the resident models' weights leave."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.resident: list[FakeAcceleratedModel] = []
+        self.log: list[tuple[str, str]] = []
+
+    def free_bytes(self, _device: torch.device) -> int:
+        return self.capacity - sum(weight_bytes(m) for m in self.resident)
+
+    def move(self, model: FakeAcceleratedModel, device: torch.device) -> None:
+        self.log.append((model.name, device.type))
+        if device.type == "cpu":
+            self.resident.remove(model)
+        else:
+            assert self.free_bytes(device) >= weight_bytes(model), "moved in without room"
+            self.resident.append(model)
+
+
+def _rounds(residency: Residency, models, rounds: int) -> None:
+    for _ in range(rounds):
+        for model in models:
+            with residency.turn(model):
+                assert residency.is_resident(model)
+
+
+def test_models_that_fit_together_stay_resident_after_the_first_round():
+    a, b = FakeAcceleratedModel("a", 64), FakeAcceleratedModel("b", 64)
+    device = FakeAccelerator(capacity=3 * weight_bytes(a))
+    residency = Residency([a, b], free_bytes=device.free_bytes, move=device.move)
+    _rounds(residency, [a, b], 2)
+    moves_after_two = residency.moves
+    _rounds(residency, [a, b], 5)
+    assert residency.moves == moves_after_two  # no transfer once both are known to fit
+    assert {m.name for m in device.resident} == {"a", "b"}
+
+
+def test_models_that_do_not_fit_together_take_turns():
+    a, b = FakeAcceleratedModel("a", 64), FakeAcceleratedModel("b", 64)
+    device = FakeAccelerator(capacity=weight_bytes(a) + weight_bytes(a) // 2)
+    residency = Residency([a, b], free_bytes=device.free_bytes, move=device.move)
+    _rounds(residency, [a, b], 3)
+    assert len(device.resident) <= 1  # never both on the device
+    # every turn after the first parks the other model and brings this one in
+    assert device.log[-4:] == [("b", "cpu"), ("a", "meta"), ("a", "cpu"), ("b", "meta")]
+    assert residency.moves == 1 + 2 * 5
+
+
+def test_cpu_models_are_never_moved():
+    class CpuModel(FakeAcceleratedModel):
+        def __init__(self) -> None:
+            super().__init__("cpu-model", 8)
+            self.device = torch.device("cpu")
+
+    model = CpuModel()
+    moved = []
+    residency = Residency([model, CpuModel()], free_bytes=lambda _d: 0, move=lambda m, d: moved.append(d))
+    _rounds(residency, residency.models, 2)
+    assert moved == [] and residency.moves == 0
+
+
+class Quadratic(Objective):
+    """A toy loss ``sum(w * x^2)``, enough to check how the ensemble combines gradients."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def prepare(self, model, x) -> None:
+        pass
+
+    def latent_shape(self) -> torch.Size:
+        return torch.Size([2])
+
+    def __call__(self, x_adv, draw) -> ObjectiveOutput:
+        loss = (self.weight * x_adv.pow(2)).sum()
+        return ObjectiveOutput(loss, {"q": float(loss.detach())})
+
+
+def test_ensemble_loss_and_gradient_equal_the_weighted_sum():
+    members = [
+        EnsembleMember("a", Quadratic(1.0), lambda x: x, (0, 9), weight=1.0),
+        EnsembleMember("b", Quadratic(3.0), lambda x: x * 0.5 + 0.1, (0, 9), weight=0.5),
+    ]
+    x = torch.rand(1, 3, 4, 4, requires_grad=True)
+    draw = draw_step(torch.Generator().manual_seed(0), torch.Size([2]), (0, 9))
+    out = EnsembleObjective(members)(x, draw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+
+    y = x.detach().requires_grad_(True)
+    expected = (y.pow(2)).sum() + 0.5 * (3.0 * (y * 0.5 + 0.1).pow(2)).sum()
+    (expected_grad,) = torch.autograd.grad(expected, y)
+    assert torch.allclose(out.loss, expected) and abs(out.parts["total"] - float(expected)) < 1e-4
+    assert torch.allclose(grad, expected_grad)
+    assert set(out.parts) == {"a.q", "b.q", "total"}
