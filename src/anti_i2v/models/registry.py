@@ -128,16 +128,24 @@ def _tiny_ltx(source: str | None, device: torch.device, dtype: torch.dtype) -> V
     return LTXVideoI2V.tiny(seed=0, device=device)
 
 
-def _wan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
-    from anti_i2v.models.wan import WanI2V
+def _wan(name: str) -> Callable[..., VideoModel]:
+    def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+        from anti_i2v.models.wan import WanI2V
 
-    return WanI2V.from_pretrained(source, device=device, dtype=dtype, gradient_checkpointing=device.type == "cuda")
+        return WanI2V.from_pretrained(
+            source, device=device, dtype=dtype, name=name, gradient_checkpointing=device.type == "cuda"
+        )
+
+    return build
 
 
-def _tiny_wan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
-    from anti_i2v.models.wan import WanI2V
+def _tiny_wan(variant: str) -> Callable[..., VideoModel]:
+    def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+        from anti_i2v.models.wan import WanI2V
 
-    return WanI2V.tiny(seed=0, device=device)
+        return WanI2V.tiny(seed=0, device=device, variant=variant)
+
+    return build
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -184,9 +192,22 @@ MODELS: dict[str, ModelSpec] = {
                   "Stable Video Diffusion architecture with random weights, 64x64, 8 frames: protects against nothing",
                   _tiny_svd),
         ModelSpec("wan-i2v", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
-                  "Wan 2.1 image-to-video 14B, 480x832, 81 frames (720P: pass the 720P weights)", _wan),
+                  "Wan 2.1 image-to-video 14B, 480x832, 81 frames (720P: pass the 720P weights)", _wan("wan-i2v")),
         ModelSpec("tiny-wan-i2v", None,
-                  "Wan 2.1 I2V architecture with random weights, 64x64, 9 frames: protects against nothing", _tiny_wan),
+                  "Wan 2.1 I2V architecture with random weights, 64x64, 9 frames: protects against nothing",
+                  _tiny_wan("2.1")),
+        ModelSpec("wan2.2-i2v", "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+                  "Wan 2.2 image-to-video A14B (two 14B experts split at a timestep), 480x832, 81 frames",
+                  _wan("wan2.2-i2v")),
+        ModelSpec("tiny-wan2.2-i2v", None,
+                  "Wan 2.2 I2V-A14B architecture (two experts) with random weights, 64x64, 9 frames: protects "
+                  "against nothing", _tiny_wan("2.2-a14b")),
+        ModelSpec("wan2.2-ti2v", "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+                  "Wan 2.2 TI2V-5B (first-frame conditioning, 48-channel VAE), 704x1280, 121 frames",
+                  _wan("wan2.2-ti2v")),
+        ModelSpec("tiny-wan2.2-ti2v", None,
+                  "Wan 2.2 TI2V-5B architecture with random weights, 64x64, 9 frames: protects against nothing",
+                  _tiny_wan("2.2-ti2v")),
         ModelSpec("ltx-i2v", "Lightricks/LTX-Video", "LTX-Video image-to-video (DiT), 512x704, 161 frames", _ltx),
         ModelSpec("tiny-ltx-i2v", None,
                   "LTX-Video architecture with random weights, 64x64, 9 frames: protects against nothing", _tiny_ltx),

@@ -30,11 +30,18 @@ order) and a ``mid_block``; they are ``vae.down_blocks.<i>`` and ``vae.mid_block
 Wan VAE encodes the video causally in chunks (frame 0, then 4 frames at a time); a VAE
 tap records the first chunk, i.e. the features of the photo itself.
 
-Wan 2.2: diffusers runs Wan 2.2 I2V-A14B with this same pipeline (two experts,
-``transformer`` for high noise and ``transformer_2`` below ``boundary_ratio``, and no CLIP
-image encoder) and TI2V-5B with ``expand_timesteps=True`` (a 48-channel VAE, the image
-latent written into frame 0 instead of concatenated). This adapter refuses both with
-a `ModelError`: their conditioning and expert switch are not implemented here yet.
+Wan 2.2, as diffusers runs it with this same pipeline:
+
+* I2V-A14B (``wan2.2-i2v``): two experts of the 2.1 layout without CLIP (the image enters
+  through the VAE path only). ``transformer`` denoises timesteps at or above
+  ``boundary_ratio * num_train_timesteps`` (0.9 released), ``transformer_2`` those below.
+  Each pass goes to the expert of its timestep, and ``denoiser.<i>`` is block ``i`` of
+  that expert: IRC and IRA then act on whichever expert denoises at the drawn timestep.
+* TI2V-5B (``wan2.2-ti2v``, ``expand_timesteps=True``): a 48-channel VAE with 16x spatial
+  compression; the photo's latent is not concatenated but written into latent frame 0,
+  whose tokens get timestep 0 (the others the drawn one). `EncodedImage.latents` is that
+  single-frame latent (B, C, 1, h, w); the loss covers the generated frames 1.. only, as
+  frame 0 is given. No CLIP path either.
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ logger = logging.getLogger(__name__)
 
 HUB_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 HUB_ID_720P = "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"
+HUB_ID_22_A14B = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
+HUB_ID_22_TI2V = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
 # Released defaults (the Wan 2.1 I2V model cards / generate.py): 81 frames at 16 fps.
 RELEASED_480P = (480, 832)
@@ -78,6 +87,12 @@ RELEASED_720P = (720, 1280)
 RELEASED_FRAMES = 81
 RELEASED_GUIDANCE = 5.0
 RELEASED_MAX_SEQUENCE_LENGTH = 512
+# Wan 2.2 (its generate.py configs): A14B guidance 3.5 for both experts, boundary 0.9;
+# TI2V-5B 704x1280, 121 frames at 24 fps, guidance 5.
+RELEASED_GUIDANCE_22_A14B = 3.5
+RELEASED_BOUNDARY_22_A14B = 0.9
+RELEASED_TI2V = (704, 1280)
+RELEASED_TI2V_FRAMES = 121
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -106,6 +121,14 @@ _TINY_CLIP = dict(
     intermediate_size=16, patch_size=1,
 )
 _TINY_SHIFT = 7.0
+# TI2V-5B layout: a 48-channel residual VAE that patchifies 2x2 (16x spatial compression)
+_TINY_VAE_TI2V = dict(
+    base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2, dim_mult=[1, 1, 1, 1],
+    num_res_blocks=1, temperal_downsample=[False, True, True], scale_factor_spatial=16, scale_factor_temporal=4,
+    latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+)
+TINY_NAMES = {"2.1": "tiny-wan-i2v", "2.2-a14b": "tiny-wan2.2-i2v", "2.2-ti2v": "tiny-wan2.2-ti2v"}
+TINY_VARIANTS = tuple(TINY_NAMES)
 
 
 def _tiny_umt5_encoder(vocab_size: int, d_model: int) -> UMT5EncoderModel:
@@ -125,26 +148,43 @@ def _clip_processor(size: int):
     return Processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def tiny_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
-    """A complete Wan 2.1 I2V pipeline with seeded random weights (no download)."""
+def tiny_pipeline(seed: int = 0, variant: str = "2.1") -> WanImageToVideoPipeline:
+    """A complete Wan I2V pipeline with seeded random weights (no download).
+
+    ``variant``: "2.1" (CLIP + concatenated condition), "2.2-a14b" (two experts, no CLIP)
+    or "2.2-ti2v" (48-channel VAE, first-frame condition, ``expand_timesteps``).
+    """
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"unknown tiny Wan variant '{variant}'; choose from {', '.join(TINY_VARIANTS)}")
+    ti2v = variant == "2.2-ti2v"
+    transformer_config = dict(_TINY_TRANSFORMER)
+    if variant != "2.1":
+        transformer_config["image_dim"] = None
+    if ti2v:
+        transformer_config.update(in_channels=48, out_channels=48)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(**_TINY_TRANSFORMER)
+        transformer = WanTransformer3DModel(**transformer_config)
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKLWan(**_TINY_VAE)
+        vae = AutoencoderKLWan(**(_TINY_VAE_TI2V if ti2v else _TINY_VAE))
         torch.manual_seed(seed + 2)
-        image_encoder = CLIPVisionModel(CLIPVisionConfig(**_TINY_CLIP)).eval()
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(**_TINY_CLIP)).eval() if variant == "2.1" else None
         tokenizer = tiny_t5_tokenizer()
         torch.manual_seed(seed + 3)
         text_encoder = _tiny_umt5_encoder(len(tokenizer), _TINY_TRANSFORMER["text_dim"])
+        torch.manual_seed(seed + 4)
+        transformer_2 = WanTransformer3DModel(**transformer_config) if variant == "2.2-a14b" else None
     return WanImageToVideoPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=_TINY_SHIFT),
-        image_processor=_clip_processor(_TINY_CLIP["image_size"]),
+        image_processor=_clip_processor(_TINY_CLIP["image_size"]) if image_encoder is not None else None,
         image_encoder=image_encoder,
         transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=RELEASED_BOUNDARY_22_A14B if transformer_2 is not None else None,
+        expand_timesteps=ti2v,
     )
 
 
@@ -169,14 +209,13 @@ def _prompt_clean(text: str) -> str:
 
 
 class WanI2V(VideoModel):
-    """The `VideoModel` adapter for `WanImageToVideoPipeline` (Wan 2.1 I2V).
+    """The `VideoModel` adapter for `WanImageToVideoPipeline`: Wan 2.1 I2V and Wan 2.2 I2V-A14B / TI2V-5B.
 
     Args:
         pipe: a loaded (or tiny) pipeline.
         name: registry name, recorded in reports.
-        device: where the VAE, CLIP and transformer run.
-        dtype: compute dtype of the VAE and transformer (bf16 on GPU for 14B); CLIP
-            keeps its own dtype.
+        device: where the VAE, CLIP and transformer(s) run.
+        dtype: compute dtype of the VAE and transformers (bf16 on GPU); CLIP keeps its own dtype.
         resolution: (height, width); the released 480P default is 480x832.
         num_frames: pixel frames (81 released; must be 4k + 1).
         max_sequence_length: text tokens (512 released).
@@ -194,15 +233,13 @@ class WanI2V(VideoModel):
         max_sequence_length: int = RELEASED_MAX_SEQUENCE_LENGTH,
         gradient_checkpointing: bool = False,
     ) -> None:
-        if pipe.config.expand_timesteps or pipe.transformer_2 is not None:
+        if pipe.transformer is None:
+            raise ModelError(f"'{name}' has no (high-noise) transformer; load a complete Wan I2V checkpoint")
+        self.expand_timesteps = bool(pipe.config.expand_timesteps)
+        self.uses_clip = pipe.transformer.config.image_dim is not None
+        if self.uses_clip and pipe.image_encoder is None:
             raise ModelError(
-                f"'{name}' is a Wan 2.2 checkpoint (two experts or expand_timesteps); this adapter "
-                f"serves the Wan 2.1 I2V layout ({HUB_ID})"
-            )
-        if pipe.transformer is None or pipe.image_encoder is None or pipe.transformer.config.image_dim is None:
-            raise ModelError(
-                f"'{name}' is not a Wan 2.1 image-to-video checkpoint (no CLIP image encoder / image "
-                f"cross-attention); use {HUB_ID} or a copy of it"
+                f"'{name}' has image cross-attention but no CLIP image encoder; use {HUB_ID} or a complete copy of it"
             )
         self.pipe = pipe
         self.name = name
@@ -210,19 +247,25 @@ class WanI2V(VideoModel):
         self._dtype = dtype
         self.vae = place(pipe.vae, self._device, dtype)
         self.transformer = place(pipe.transformer, self._device, dtype)
-        self.image_encoder = pipe.image_encoder.to(self._device).eval().requires_grad_(False)
+        self.transformer_2 = place(pipe.transformer_2, self._device, dtype) if pipe.transformer_2 is not None else None
+        self.image_encoder = (
+            pipe.image_encoder.to(self._device).eval().requires_grad_(False) if self.uses_clip else None
+        )
         pipe.set_progress_bar_config(disable=True)
         self.scheduler = pipe.scheduler
         if pipe.text_encoder is not None:
             pipe.text_encoder.requires_grad_(False)
         if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+            for expert in self.experts:
+                expert.enable_gradient_checkpointing()
 
         cfg = self.transformer.config
-        if cfg.in_channels != 2 * self.vae.config.z_dim + pipe.vae_scale_factor_temporal:
+        z = self.vae.config.z_dim
+        expected = z if self.expand_timesteps else 2 * z + pipe.vae_scale_factor_temporal
+        if cfg.in_channels != expected:
             raise ModelError(
-                f"'{name}' is not an image-to-video Wan checkpoint (its transformer takes "
-                f"{cfg.in_channels} channels, not noisy + mask + image latents); use {HUB_ID}"
+                f"'{name}' is not an image-to-video Wan checkpoint (its transformer takes {cfg.in_channels} "
+                f"channels, not {expected}); use {HUB_ID}, {HUB_ID_22_A14B} or {HUB_ID_22_TI2V}"
             )
         self.resolution = tuple(resolution)
         self.num_frames = num_frames
@@ -230,29 +273,48 @@ class WanI2V(VideoModel):
         sched = self.scheduler.config
         self.num_train_timesteps = sched.get("num_train_timesteps", 1000)
         self.shift = float(sched.get("shift", None) or sched.get("flow_shift", None) or 1.0)
+        ratio = pipe.config.boundary_ratio if self.transformer_2 is not None else None
+        # experts switch on the timestep fed to the transformer (sigma * N), as the pipeline's loop does
+        self.boundary_timestep = None if ratio is None else ratio * self.num_train_timesteps
         self.latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-        size = self.image_encoder.config.image_size
-        proc = pipe.image_processor
-        self._clip_size = size
-        self._clip_mean = torch.tensor(getattr(proc, "image_mean", None) or _CLIP_MEAN).view(1, 3, 1, 1)
-        self._clip_std = torch.tensor(getattr(proc, "image_std", None) or _CLIP_STD).view(1, 3, 1, 1)
-        z = self.vae.config.z_dim
+        self._expert = self.transformer  # the expert whose blocks `module` names (set per pass)
+        if self.uses_clip:
+            proc = pipe.image_processor
+            self._clip_size = self.image_encoder.config.image_size
+            self._clip_mean = torch.tensor(getattr(proc, "image_mean", None) or _CLIP_MEAN).view(1, 3, 1, 1)
+            self._clip_std = torch.tensor(getattr(proc, "image_std", None) or _CLIP_STD).view(1, 3, 1, 1)
         self._lat_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(self._device, dtype)
         self._lat_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(self._device, dtype)
         self._prompt: str | None = None
         self._prompt_embeds: torch.Tensor | None = None
         self._negative_embeds: torch.Tensor | None = None
 
+    @property
+    def released_guidance(self) -> float:
+        """The classifier-free guidance of the release this checkpoint belongs to."""
+        return RELEASED_GUIDANCE_22_A14B if self.transformer_2 is not None else RELEASED_GUIDANCE
+
+    @property
+    def experts(self) -> list[torch.nn.Module]:
+        """The transformer(s): one for Wan 2.1 and TI2V-5B, high- then low-noise for A14B."""
+        return [self.transformer] + ([self.transformer_2] if self.transformer_2 is not None else [])
+
+    def expert_for(self, timestep: float) -> torch.nn.Module:
+        """The transformer that denoises at ``timestep`` (the value fed to it, sigma * N)."""
+        if self.boundary_timestep is None or timestep >= self.boundary_timestep:
+            return self.transformer
+        return self.transformer_2
+
     # --- construction -------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> WanI2V:
-        """The ``tiny-wan-i2v`` variant (64x64, 9 frames): demonstrates the pipeline, protects against nothing."""
-        kwargs.setdefault("name", "tiny-wan-i2v")
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", variant: str = "2.1", **kwargs) -> WanI2V:
+        """A tiny variant (64x64, 9 frames) of the given layout: demonstrates the pipeline, protects against nothing."""
+        kwargs.setdefault("name", TINY_NAMES.get(variant, "tiny-wan-i2v"))
         kwargs.setdefault("resolution", (TINY_HEIGHT, TINY_WIDTH))
         kwargs.setdefault("num_frames", TINY_FRAMES)
         kwargs.setdefault("max_sequence_length", TINY_MAX_SEQUENCE_LENGTH)
-        return cls(tiny_pipeline(seed), device=device, dtype=torch.float32, **kwargs)
+        return cls(tiny_pipeline(seed, variant), device=device, dtype=torch.float32, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -264,12 +326,16 @@ class WanI2V(VideoModel):
     ) -> WanI2V:
         """Load released weights from a hub id or a local folder (diffusers layout).
 
-        The resolution defaults to the release's: 720x1280 when ``source`` names a 720P
-        model, else 480x832; 81 frames.
+        Resolution and frames default to the release's: TI2V-5B 704x1280 and 121 frames;
+        otherwise 720x1280 when ``source`` names a 720P model, else 480x832, and 81 frames.
         """
+        pipe = load_pipeline(source, dtype)
+        if pipe.config.expand_timesteps:
+            kwargs.setdefault("resolution", RELEASED_TI2V)
+            kwargs.setdefault("num_frames", RELEASED_TI2V_FRAMES)
         kwargs.setdefault("resolution", RELEASED_720P if "720p" in str(source).lower() else RELEASED_480P)
         kwargs.setdefault("name", "wan-i2v")
-        model = cls(load_pipeline(source, dtype), device=device, dtype=dtype, **kwargs)
+        model = cls(pipe, device=device, dtype=dtype, **kwargs)
         model.source = str(source)
         return model
 
@@ -284,7 +350,7 @@ class WanI2V(VideoModel):
         return self._dtype
 
     def layers(self) -> ModelLayers:
-        """``denoiser.0..N-1`` (transformer blocks) and the VAE encoder's down blocks and mid block."""
+        """``denoiser.0..N-1`` (blocks of the expert at work) and the VAE encoder's down blocks and mid block."""
         n_blocks = len(self.transformer.blocks)
         n_down = len(self.vae.encoder.down_blocks)
         return ModelLayers(
@@ -292,10 +358,16 @@ class WanI2V(VideoModel):
             vae_encoder=[f"{VAE_PREFIX}down_blocks.{i}" for i in range(n_down)] + [f"{VAE_PREFIX}mid_block"],
         )
 
+    def token_grid(self) -> tuple[int, int]:
+        """Tokens per frame: the latent grid (VAE factor 8, or 16 for TI2V-5B) over the 2x2 patches."""
+        _, ph, pw = self.transformer.config.patch_size
+        stride = self.pipe.vae_scale_factor_spatial
+        return self.resolution[0] // stride // ph, self.resolution[1] // stride // pw
+
     def module(self, name: str) -> torch.nn.Module:
         try:
             if name.startswith(DENOISER_PREFIX):
-                return self.transformer.blocks[int(name[len(DENOISER_PREFIX) :])]
+                return self._expert.blocks[int(name[len(DENOISER_PREFIX) :])]
             if name.startswith(VAE_PREFIX):
                 return self.vae.encoder.get_submodule(name[len(VAE_PREFIX) :])
         except (ValueError, IndexError, AttributeError):
@@ -371,8 +443,11 @@ class WanI2V(VideoModel):
         x = (x - self._clip_mean.to(x.device)) / self._clip_std.to(x.device)
         return x.to(enc_dtype)
 
-    def image_embedding(self, x: torch.Tensor) -> torch.Tensor:
-        """CLIP penultimate hidden states (B, tokens, D) of ``x`` in [0, 1], differentiable."""
+    def image_embedding(self, x: torch.Tensor) -> torch.Tensor | None:
+        """CLIP penultimate hidden states (B, tokens, D) of ``x`` in [0, 1], differentiable (Wan 2.1);
+        None for Wan 2.2, which sees the image through the VAE only."""
+        if not self.uses_clip:
+            return None
         out = self.image_encoder(pixel_values=self._clip_pixels(x), output_hidden_states=True)
         return out.hidden_states[-2]
 
@@ -382,31 +457,34 @@ class WanI2V(VideoModel):
         taps: Sequence[str] = (),
         generator: torch.Generator | None = None,
     ) -> EncodedImage:
-        """The pipeline's condition (B, 4 + C, F_latent, h, w) and the CLIP tokens, differentiably.
+        """The pipeline's condition and, for Wan 2.1, the CLIP tokens, differentiably.
 
-        ``generator`` is unused: Wan encodes the condition with the posterior mode.
+        The condition is (B, 4 + C, F_latent, h, w) (mask + latents of ``[image, 0, ...]``),
+        or for TI2V-5B the photo's own latent (B, C, 1, h, w). ``generator`` is unused:
+        Wan encodes the condition with the posterior mode.
         """
         pixels = x.to(self._device, torch.float32) * 2 - 1  # the video processor's [-1, 1]
         height, width = self.resolution
         z = self.vae.config.z_dim
+        spatial = self.pipe.vae_scale_factor_spatial
         with FeatureTaps({n: self.module(n) for n in taps}).capture(first_only=True) as feats:
             conds = []
             # zero `latents` keep the global RNG untouched; one image at a time, because
             # prepare_latents repeats its VAE output batch_size times
-            shape = (1, z, self.latent_frames, height // self.pipe.vae_scale_factor_spatial,
-                     width // self.pipe.vae_scale_factor_spatial)
+            shape = (1, z, self.latent_frames, height // spatial, width // spatial)
             for image in pixels.split(1):
-                _, cond = self.pipe.prepare_latents(
+                prepared = self.pipe.prepare_latents(
                     image, 1, z, height, width, self.num_frames, dtype=self._dtype, device=self._device,
                     latents=pixels.new_zeros(shape),
                 )
-                conds.append(cond.to(self._dtype))
-        context = self.image_embedding(x).to(self._dtype)
-        return EncodedImage(torch.cat(conds), dict(feats), context=context)
+                conds.append(prepared[1].to(self._dtype))
+        context = self.image_embedding(x)
+        return EncodedImage(torch.cat(conds), dict(feats), context=None if context is None else context.to(self._dtype))
 
     def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
-        """The normalised latent of frame 0 (the photo), after the 4 mask channels."""
-        return encoded.latents[:, self.pipe.vae_scale_factor_temporal :, 0]
+        """The normalised latent of frame 0 (the photo), after the 4 mask channels where there are any."""
+        channels = 0 if self.expand_timesteps else self.pipe.vae_scale_factor_temporal
+        return encoded.latents[:, channels:, 0]
 
     def still_video(self, latent: torch.Tensor) -> torch.Tensor:
         """The image latent repeated over the latent frames: (B, C, F_latent, h, w)."""
@@ -434,10 +512,10 @@ class WanI2V(VideoModel):
         with_loss: bool = False,
         with_eps: bool = False,
     ) -> DenoiserResult:
-        """One transformer pass on ``(1 - sigma) x0 + sigma noise``; stops after the deepest tap
-        unless the loss or the noise prediction is wanted."""
+        """One pass of the timestep's expert on ``(1 - sigma) x0 + sigma noise``; stops after the
+        deepest tap unless the loss or the noise prediction is wanted."""
         prompt_embeds = self._require_condition()
-        if image.context is None:
+        if self.uses_clip and image.context is None:
             raise ModelError("Wan 2.1 I2V needs the CLIP image tokens (EncodedImage.context)")
         batch = image.latents.shape[0]
         sigma = self.sigmas(t.to(self._device).reshape(-1)).expand(batch)
@@ -445,16 +523,27 @@ class WanI2V(VideoModel):
         video_latents = video_latents.to(self._device, self._dtype).expand(batch, -1, -1, -1, -1)
         noise = noise.to(self._device, self._dtype).expand_as(video_latents)
         noisy = ((1 - s) * video_latents.float() + s * noise.float()).to(self._dtype)
-        model_input = torch.cat([noisy, image.latents.to(self._dtype)], dim=1)
         timestep = (sigma * self.num_train_timesteps).to(self._dtype)
+        generated = torch.ones_like(noisy[:1, :1])  # 1 on the frames being generated
+        if self.expand_timesteps:
+            # TI2V: frame 0 is the photo's latent at timestep 0, the others are noised
+            generated[:, :, 0] = 0
+            model_input = (1 - generated) * image.latents.to(self._dtype) + generated * noisy
+            patch = self.transformer.config.patch_size
+            per_token = generated[0, 0][:, :: patch[1], :: patch[2]].flatten()
+            timestep = per_token.unsqueeze(0) * timestep.view(-1, 1)
+        else:
+            model_input = torch.cat([noisy, image.latents.to(self._dtype)], dim=1)
+        self._expert = self.expert_for(float(sigma[0]) * self.num_train_timesteps)
 
         need_output = with_loss or with_eps
         output, feats = self.tapped_forward(
-            lambda: self.transformer(
+            lambda: self._expert(
                 hidden_states=model_input,
                 timestep=timestep,
                 encoder_hidden_states=prompt_embeds.expand(batch, -1, -1),
-                encoder_hidden_states_image=image.context.to(self._dtype).expand(batch, -1, -1),
+                encoder_hidden_states_image=None if image.context is None else image.context.to(self._dtype).expand(
+                    batch, -1, -1),
                 return_dict=False,
             ),
             taps,
@@ -464,7 +553,8 @@ class WanI2V(VideoModel):
         if need_output:
             prediction = output[0].float()
             if with_loss:
-                result.loss = F.mse_loss(prediction, noise.float() - video_latents.float())
+                error = (prediction - (noise.float() - video_latents.float())).pow(2) * generated
+                result.loss = error.sum() / (generated.sum() * error.numel() / generated.numel())
             if with_eps:
                 result.eps = noisy.float() + (1 - s) * prediction
         return result
@@ -478,7 +568,8 @@ class WanI2V(VideoModel):
         seed: int = 0,
         guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """Sample a video from an 8-bit copy of ``image`` with the diffusers pipeline (guidance 5 by default)."""
+        """Sample a video from an 8-bit copy of ``image`` with the diffusers pipeline (released guidance:
+        5, or 3.5 for both Wan 2.2 A14B experts)."""
         self.condition(prompt)
         pil = to_pil_8bit(image)
         height, width = self.resolution
@@ -490,7 +581,7 @@ class WanI2V(VideoModel):
             width=width,
             num_frames=self.num_frames,
             num_inference_steps=steps,
-            guidance_scale=RELEASED_GUIDANCE if guidance_scale is None else guidance_scale,
+            guidance_scale=self.released_guidance if guidance_scale is None else guidance_scale,
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="pt",
             max_sequence_length=self.max_sequence_length,
