@@ -24,3 +24,12 @@ def test_photo_benchmark_reports_the_saved_budget(tmp_path):
                    check=True, capture_output=True, timeout=300)
     run = json.loads(out.read_text())["runs"][0]
     assert run["budget"]["within_budget"] and run["photo_size"] == [512, 512]
+
+
+def test_ensemble_benchmark_reports_steps_and_evictions(tmp_path):
+    out = tmp_path / "ensemble.json"
+    subprocess.run([sys.executable, "bench_ensemble.py", "--steps", "2", "--out", str(out)], cwd=BENCHMARKS,
+                   check=True, capture_output=True, timeout=300)
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["models"] == ["tiny-cogvideox", "tiny-dynamicrafter"] and run["seconds_per_later_step"] > 0
+    assert run["evictions_total"] == 0 and run["linf_255"] <= 8  # CPU models never move

@@ -175,9 +175,11 @@ def test_verify_reports_on_each_model_of_an_ensemble(tmp_path, photos):
     result = run("verify", photos / "alice.jpg", protected / "alice_protected.png", "--model",
                  "tiny-cogvideox,tiny-opensora", "--steps", "1", "--purify", "none", "--out", tmp_path / "report")
     assert result.exit_code == 0, result.output
+    summary = (tmp_path / "report" / "summary.md").read_text()
     for name in ("tiny-cogvideox", "tiny-opensora"):
         assert (tmp_path / "report" / name / "report.md").is_file()
         assert f"against {name}" in result.text
+        assert f"| {name} | " in summary and f"[{name}/report.md]" in summary
 
 
 def test_evaluate_builds_the_transfer_table(tmp_path, photos):

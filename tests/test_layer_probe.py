@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from anti_i2v.cli import app
 from anti_i2v.layer_probe import linear_cka, probe_layers, write_layer_report
 from anti_i2v.models.cogvideox import CogVideoXI2V
+from anti_i2v.models.registry import MODELS, load_model
 
 PROMPT = "a person talking to the camera"
 
@@ -54,3 +56,11 @@ def test_layers_command_prints_suggestions_protect_accepts(tmp_path):
                                 "--out", str(tmp_path / "out"), *args])
     assert again.exit_code == 0, again.output
     assert (tmp_path / "layers" / "layers_pca.png").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, spec in MODELS.items() if spec.is_tiny))
+def test_the_probe_reads_every_block_of_every_backbone(name, portrait):
+    model = load_model(name, device="cpu")
+    report, maps = probe_layers(model, model.prepare_image(portrait[0]), PROMPT, timesteps=(500,))
+    assert report.blocks == model.layers().denoiser
+    assert all(m.dim() == 3 and m.shape[1] >= 1 for m in maps.values())

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from anti_i2v.errors import ModelError
 from anti_i2v.models.base import VideoModel
 from anti_i2v.objectives.base import draw_step
 
@@ -29,8 +30,8 @@ def frame_maps(feature: torch.Tensor, model: VideoModel) -> torch.Tensor | None:
     """Frame 0 of a block output as a (C, h, w) map, or None when its token layout is unknown.
 
     U-Net blocks give (N, C, h, w) maps (frame 0 first). Transformer blocks give
-    (B, tokens, C): the token grid is inferred from the model's latent grid at patch
-    sizes 1 and 2, frames outermost (text tokens appended to image tokens are not).
+    (B, tokens, C), frames outermost: the token grid is the model's `token_grid`, or
+    else inferred from its resolution at a VAE factor of 8 and patch sizes 1 and 2.
     """
     if feature.dim() == 4:
         return feature[0].float()
@@ -38,8 +39,10 @@ def frame_maps(feature: torch.Tensor, model: VideoModel) -> torch.Tensor | None:
         return None
     tokens, channels = feature.shape[1], feature.shape[2]
     height, width = model.resolution
-    for stride in (8, 16):  # VAE factor x patch size 1 or 2
-        gh, gw = height // stride, width // stride
+    grids = [model.token_grid()] if model.token_grid() is not None else [
+        (height // stride, width // stride) for stride in (8, 16)  # VAE factor x patch size 1 or 2
+    ]
+    for gh, gw in grids:
         if gh and gw and tokens % (gh * gw) == 0:
             return feature[0, : gh * gw].float().T.reshape(channels, gh, gw)
     return None
@@ -106,6 +109,8 @@ def probe_layers(
                 if fmap is not None:
                     maps[name] = maps.get(name, 0) + fmap.cpu() / len(timesteps)
     kept = [n for n in names if n in maps]
+    if not kept:
+        raise ModelError(f"cannot lay out {model.name}'s block outputs as frames; its adapter should give token_grid()")
     pooled = {n: F.adaptive_avg_pool2d(maps[n][None], POOL)[0].reshape(maps[n].shape[0], -1).T for n in kept}
     first = pooled[kept[0]]
 

@@ -154,3 +154,24 @@ def verify(
     sheet = contact_sheet(videos, images)
     write_atomic(out_dir / "contact_sheet.png", lambda tmp: sheet.save(tmp, format="PNG"))
     return report
+
+
+def write_models_summary(reports: dict[str, dict[str, Any]], out_dir: str | Path) -> Path:
+    """One row per model for a photo verified against several: the protected photo's verdict,
+    the worst case and its verdict. Writes ``summary.json`` and ``summary.md``; returns the latter."""
+    rows = {
+        name: {
+            "protected": report["runs"][PROTECTED]["verdict"],
+            "worst_case": report["worst_case"],
+            "worst_case_verdict": report["runs"][report["worst_case"]]["verdict"] if report["worst_case"] else None,
+            "report": f"{name}/report.md",
+        }
+        for name, report in reports.items()
+    }
+    out_dir = Path(out_dir)
+    write_json_atomic(out_dir / "summary.json", rows)
+    lines = ["# Protection against each model", "", "| model | protected photo | worst case | its verdict | report |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['protected']} | {r['worst_case']} | {r['worst_case_verdict']} | [{r['report']}]({r['report']}) |"
+              for name, r in rows.items()]
+    return write_atomic(out_dir / "summary.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
