@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -30,6 +27,7 @@ import anti_i2v  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
 from anti_i2v.models.registry import load_model  # noqa: E402
 from anti_i2v.offload import park_for_next_load  # noqa: E402
+from bench_protect import FULL_SIZE, emit  # noqa: E402
 
 
 class _CountParks(logging.Handler):
@@ -86,8 +84,6 @@ def time_ensemble(models: list[VideoModel], steps: int, label: str) -> dict:
 
 def full_size_members() -> list[VideoModel]:
     """The three full-size random-weight models, each parked on the CPU once built."""
-    from bench_protect import FULL_SIZE
-
     models = []
     for build in FULL_SIZE.values():
         models.append(build(True))
@@ -119,11 +115,7 @@ def main() -> None:
                 results["runs"].append(time_ensemble(models, args.steps, label))
             except torch.OutOfMemoryError as err:
                 results["runs"].append({"case": label, "error": f"out of memory: {str(err).splitlines()[0]}"})
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ GPU, for the full-size CogVideoX-5B-I2V and DynamiCrafter-512 configurations wit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import tempfile
@@ -22,7 +21,7 @@ import torch  # noqa: E402
 
 import anti_i2v  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
-from bench_protect import FULL_SIZE  # noqa: E402
+from bench_protect import FULL_SIZE, emit  # noqa: E402
 
 
 def run_photo(model: str | VideoModel, device: str, steps: int) -> dict:
@@ -63,11 +62,7 @@ def main() -> None:
         for build in FULL_SIZE.values():
             runs.append(run_photo(build(True), "cuda", args.steps))
             torch.cuda.empty_cache()
-    text = json.dumps({"torch": torch.__version__, "runs": runs}, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text + "\n")
+    emit({"torch": torch.__version__, "runs": runs}, args.out)
 
 
 if __name__ == "__main__":

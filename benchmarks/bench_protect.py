@@ -123,6 +123,15 @@ FULL_SIZE = {
 }
 
 
+def emit(results: dict, out: str | None) -> None:
+    """Print the results as JSON, and write them to ``out`` when given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as handle:
+            handle.write(text + "\n")
+
+
 def main() -> None:
     """Print one JSON document with every measurement this machine allows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -149,11 +158,7 @@ def main() -> None:
                 results["runs"].append(record)
                 gc.collect()
                 torch.cuda.empty_cache()
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":
