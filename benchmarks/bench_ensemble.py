@@ -1,12 +1,13 @@
 """One perturbation against several models: seconds per step, peak memory and weight transfers, as JSON.
 
 Always: ``tiny-cogvideox`` + ``tiny-dynamicrafter`` on the CPU (one thread). With a CUDA
-GPU: the full-size CogVideoX-5B-I2V, DynamiCrafter 512 and Open-Sora 1.2 (random
-weights, bf16, gradient checkpointing) as one ensemble, first with the whole GPU
-(they fit together, so no weights should move after the first step), then with this
-process capped at ``--cap-gib`` (they do not, so they take turns on the GPU).
+GPU: full-size models as one ensemble (random weights, bf16, gradient checkpointing;
+``--models``, default the paper's three: CogVideoX-5B-I2V, DynamiCrafter 512, Open-Sora
+1.2). First with the whole GPU (they fit together, so no weights should move after the
+first step), then with this process capped at ``--cap-gib`` (they do not, so they take
+turns on the GPU).
 
-    python benchmarks/bench_ensemble.py [--steps 4] [--cap-gib 32] [--out results.json]
+    python benchmarks/bench_ensemble.py [--steps 4] [--models a,b] [--cap-gib 32] [--out results.json]
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import anti_i2v  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
 from anti_i2v.models.registry import load_model  # noqa: E402
 from anti_i2v.offload import park_for_next_load  # noqa: E402
-from bench_protect import FULL_SIZE, emit  # noqa: E402
+from bench_protect import emit  # noqa: E402
+from full_size import FULL_SIZE, PAPER_MODELS  # noqa: E402
 
 
 class _CountParks(logging.Handler):
@@ -82,11 +84,11 @@ def time_ensemble(models: list[VideoModel], steps: int, label: str) -> dict:
     return record
 
 
-def full_size_members() -> list[VideoModel]:
-    """The three full-size random-weight models, each parked on the CPU once built."""
+def full_size_members(names: list[str]) -> list[VideoModel]:
+    """Full-size random-weight models, each parked on the CPU once built."""
     models = []
-    for build in FULL_SIZE.values():
-        models.append(build(True))
+    for name in names:
+        models.append(FULL_SIZE[name](True))
         park_for_next_load(models[-1])
     return models
 
@@ -95,6 +97,8 @@ def main() -> None:
     """Print one JSON document with every measurement this machine allows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--models", default=",".join(PAPER_MODELS),
+                        help=f"full-size ensemble members on a GPU, from: {', '.join(FULL_SIZE)}")
     parser.add_argument("--cap-gib", type=float, default=32.0, help="GPU memory cap of the second GPU case")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -103,7 +107,7 @@ def main() -> None:
     tiny = [load_model("tiny-cogvideox", device="cpu"), load_model("tiny-dynamicrafter", device="cpu")]
     results["runs"].append(time_ensemble(tiny, args.steps, "tiny models, CPU"))
     if torch.cuda.is_available():
-        models = full_size_members()
+        models = full_size_members(args.models.split(","))
         for label, cap in (("whole GPU", None), (f"GPU capped at {args.cap_gib:g} GiB", args.cap_gib)):
             for model in models:
                 park_for_next_load(model)

@@ -2,7 +2,7 @@
 
 Prints JSON: wall seconds, seconds per step, peak memory and the budget measured on
 the saved file, for ``tiny-cogvideox`` on every available device and, with a CUDA
-GPU, for the full-size CogVideoX-5B-I2V and DynamiCrafter-512 configurations with random weights.
+GPU, for full-size configurations with random weights (``--models``, default the paper's three).
 
     python benchmarks/bench_photo.py [--steps 4] [--out results.json]
 """
@@ -21,7 +21,8 @@ import torch  # noqa: E402
 
 import anti_i2v  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
-from bench_protect import FULL_SIZE, emit  # noqa: E402
+from bench_protect import emit  # noqa: E402
+from full_size import FULL_SIZE, PAPER_MODELS  # noqa: E402
 
 
 def run_photo(model: str | VideoModel, device: str, steps: int) -> dict:
@@ -53,14 +54,16 @@ def main() -> None:
     """Print one JSON document with every run this machine allows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--models", default=",".join(PAPER_MODELS),
+                        help=f"full-size models to run on a GPU, from: {', '.join(FULL_SIZE)}")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     runs = [run_photo("tiny-cogvideox", "cpu", args.steps)]
     if torch.cuda.is_available():
         runs.append(run_photo("tiny-cogvideox", "cuda", args.steps))
-        for build in FULL_SIZE.values():
-            runs.append(run_photo(build(True), "cuda", args.steps))
+        for name in args.models.split(","):
+            runs.append(run_photo(FULL_SIZE[name](True), "cuda", args.steps))
             torch.cuda.empty_cache()
     emit({"torch": torch.__version__, "runs": runs}, args.out)
 

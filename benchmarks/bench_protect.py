@@ -1,11 +1,11 @@
 """Seconds per Anti-I2V step and peak memory, printed as JSON.
 
-Always: ``tiny-cogvideox`` on the CPU (one thread). With a CUDA GPU: the full-size
-CogVideoX-5B-I2V configuration (480x720, 49 frames, 42 blocks) with random weights,
-in bf16, with and without gradient checkpointing. Random weights have the real
-speed and memory; nothing is downloaded.
+Always: ``tiny-cogvideox`` on the CPU (one thread). With a CUDA GPU: full-size
+configurations with random weights (`full_size.py`; ``--models``, default the paper's
+three), in bf16, with and without gradient checkpointing. Random weights have the
+real speed and memory; nothing is downloaded.
 
-    python benchmarks/bench_protect.py [--steps 10] [--out results.json]
+    python benchmarks/bench_protect.py [--steps 10] [--models cogvideox,svd-xt] [--out results.json]
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from anti_i2v.config import DEFAULT_PROMPT, ProtectConfig  # noqa: E402
+from anti_i2v.config import ProtectConfig  # noqa: E402
 from anti_i2v.engine import run_pgd  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
-from anti_i2v.models.cogvideox import FULL_TRANSFORMER, FULL_VAE, CogVideoXI2V, random_pipeline  # noqa: E402
+from anti_i2v.models.cogvideox import CogVideoXI2V  # noqa: E402
 from anti_i2v.objectives import AntiI2VObjective  # noqa: E402
 from anti_i2v.spaces import build_space  # noqa: E402
+from full_size import FULL_SIZE, PAPER_MODELS  # noqa: E402
 
 
 def _peak_rss_mb() -> float:
@@ -72,57 +73,6 @@ def time_steps(model: VideoModel, steps: int, warmup: int = 2) -> dict:
     return record
 
 
-def full_size_cogvideox(gradient_checkpointing: bool) -> CogVideoXI2V:
-    """CogVideoX-5B-I2V of the released size with random weights, bf16, on the GPU."""
-    with torch.device("cuda"):
-        pipe = random_pipeline(FULL_TRANSFORMER, FULL_VAE)
-    model = CogVideoXI2V(
-        pipe, name="cogvideox-5b-random", device="cuda", dtype=torch.bfloat16,
-        gradient_checkpointing=gradient_checkpointing,
-    )
-    embeds = torch.randn(1, FULL_TRANSFORMER["max_text_seq_length"], FULL_TRANSFORMER["text_embed_dim"])
-    model.use_prompt_embeds(embeds, label=DEFAULT_PROMPT)  # stands in for the encoded default prompt
-    return model
-
-
-def full_size_dynamicrafter(gradient_checkpointing: bool, variant: str = "512") -> VideoModel:
-    """DynamiCrafter of the released size with random weights, bf16, on the GPU."""
-    from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
-    from anti_i2v.models.dynamicrafter.model import DynamiCrafterModel
-
-    with torch.device("cuda"):
-        net = DynamiCrafterModel(variant)
-    model = DynamiCrafterI2V(net, name=f"dynamicrafter-{variant}-random", device="cuda", dtype=torch.bfloat16,
-                             gradient_checkpointing=gradient_checkpointing)
-    model.use_prompt_embeds(torch.randn(1, 77, net.config.unet["context_dim"]), label=DEFAULT_PROMPT)
-    return model
-
-
-def full_size_opensora(gradient_checkpointing: bool) -> VideoModel:
-    """Open-Sora 1.2 (STDiT3-XL/2 + its VAE) of the released size with random weights, bf16, 240p, 51 frames."""
-    from anti_i2v.models.opensora.adapter import OpenSoraI2V
-    from anti_i2v.models.opensora.checkpoint import build_stdit3, build_vae
-    from anti_i2v.models.opensora.configs import get_config
-
-    config = get_config("opensora-v1.2")
-    with torch.device("cuda"):
-        stdit3, vae = build_stdit3(config.stdit3), build_vae(config.vae)
-    model = OpenSoraI2V(stdit3, vae, None, config, name="opensora-random", device="cuda", dtype=torch.bfloat16,
-                        gradient_checkpointing=gradient_checkpointing)
-    length = config.model_max_length
-    mask = torch.zeros(1, length, dtype=torch.long)
-    mask[:, :20] = 1  # a 20-token prompt
-    model.use_prompt_embeds(torch.randn(1, 1, length, config.stdit3["caption_channels"]), mask, label=DEFAULT_PROMPT)
-    return model
-
-
-FULL_SIZE = {
-    "cogvideox": full_size_cogvideox,
-    "dynamicrafter-512": full_size_dynamicrafter,
-    "opensora": full_size_opensora,
-}
-
-
 def emit(results: dict, out: str | None) -> None:
     """Print the results as JSON, and write them to ``out`` when given."""
     text = json.dumps(results, indent=2)
@@ -136,7 +86,8 @@ def main() -> None:
     """Print one JSON document with every measurement this machine allows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--models", default=",".join(FULL_SIZE), help="full-size models to time on a GPU")
+    parser.add_argument("--models", default=",".join(PAPER_MODELS),
+                        help=f"full-size models to time on a GPU, from: {', '.join(FULL_SIZE)}")
     parser.add_argument("--checkpointing", default="on,off", help="gradient checkpointing settings to time")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()

@@ -33,3 +33,39 @@ def test_ensemble_benchmark_reports_steps_and_evictions(tmp_path):
     run = json.loads(out.read_text())["runs"][0]
     assert run["models"] == ["tiny-cogvideox", "tiny-dynamicrafter"] and run["seconds_per_later_step"] > 0
     assert run["evictions_total"] == 0 and run["linf_255"] <= 8  # CPU models never move
+
+
+def test_full_size_configurations_have_the_released_sizes():
+    """The random-weight stand-ins have the released shapes: block counts and parameter counts."""
+    printed = subprocess.run([sys.executable, "full_size.py"], cwd=BENCHMARKS, check=True, capture_output=True,
+                             text=True, timeout=300).stdout
+    counts = json.loads(printed)
+    released = {  # registry name: (denoiser blocks, denoiser parameters in billions, resolution, frames)
+        "cogvideox": (42, 5.57, [480, 720], 49),
+        "svd-xt": (9, 1.52, [576, 1024], 25),
+        "wan-i2v": (40, 16.4, [480, 832], 81),
+        "wan2.2-i2v": (40, 14.3, [480, 832], 81),
+        "wan2.2-ti2v": (30, 5.0, [704, 1280], 121),
+        "ltx-i2v": (28, 1.92, [512, 704], 161),
+        "hunyuan-i2v": (60, 12.8, [720, 1280], 129),
+    }
+    for name, (blocks, billions, resolution, frames) in released.items():
+        record = counts[name]
+        assert record["denoiser_blocks"] == blocks and record["resolution"] == resolution, name
+        assert record["frames"] == frames, name
+        denoisers = [b for kind, b in record["billion_parameters"] if "Transformer" in kind or "UNet" in kind]
+        assert abs(denoisers[0] - billions) / billions < 0.02, (name, denoisers)
+    assert len([k for k, _ in counts["wan2.2-i2v"]["billion_parameters"] if k == "WanTransformer3DModel"]) == 2
+
+
+def test_every_full_size_configuration_runs_one_step_on_the_meta_device():
+    """Each adapter's path (conditioning, tokens, taps, loss, gradient) holds at the released size."""
+    names = "cogvideox,dynamicrafter-512,svd-xt,wan-i2v,wan2.2-i2v,wan2.2-ti2v,ltx-i2v,hunyuan-i2v"
+    printed = subprocess.run([sys.executable, "full_size.py", "--meta-step", names], cwd=BENCHMARKS, check=True,
+                             capture_output=True, text=True, timeout=600).stdout
+    steps = json.loads(printed)
+    assert steps["wan2.2-ti2v"]["latents"] == [1, 48, 31, 44, 80]
+    assert steps["hunyuan-i2v"]["t100"]["features"]["denoiser.3"] == [1, 33 * 45 * 80, 3072]
+    for name, record in steps.items():
+        height, width = record["t100"]["gradient"][-2:]
+        assert record["t950"]["gradient"] == record["t100"]["gradient"] and height * width > 0, name

@@ -534,7 +534,8 @@ class WanI2V(VideoModel):
             timestep = per_token.unsqueeze(0) * timestep.view(-1, 1)
         else:
             model_input = torch.cat([noisy, image.latents.to(self._dtype)], dim=1)
-        self._expert = self.expert_for(float(sigma[0]) * self.num_train_timesteps)
+        # the expert follows the drawn timestep, read on the CPU (no device sync)
+        self._expert = self.expert_for(float(self.sigmas(t.detach().reshape(-1)[:1].cpu())[0]) * self.num_train_timesteps)
 
         need_output = with_loss or with_eps
         output, feats = self.tapped_forward(

@@ -77,7 +77,8 @@ class AntiI2VObjective(Objective):
         assert self.video_latents is not None, "call prepare() first"
         return self.video_latents.shape
 
-    def _denoiser_taps(self) -> list[str]:
+    def denoiser_taps(self) -> list[str]:
+        """The denoiser blocks the active terms read: IRC's shallow and deep blocks, IRA's blocks."""
         taps: list[str] = []
         if self.config.weight_irc:
             taps += [self.shallow, *self.deep]
@@ -90,7 +91,7 @@ class AntiI2VObjective(Objective):
         assert self.video_latents is not None, "call prepare() first"
         encoded = model.encode_image(x_adv, self.vae_layers if cfg.weight_ira else (), draw.generator)
         result = model.denoise(
-            encoded, self.video_latents, draw.t, draw.noise, self._denoiser_taps(), with_loss=bool(cfg.weight_dm)
+            encoded, self.video_latents, draw.t, draw.noise, self.denoiser_taps(), with_loss=bool(cfg.weight_dm)
         )
         loss = torch.zeros((), device=model.device)
         parts: dict[str, float] = {}

@@ -1,0 +1,263 @@
+"""Every backbone at its released size, with random weights, for speed and memory measurements.
+
+Random weights have the real speed and memory, and nothing is downloaded. Each builder
+takes gradient checkpointing and a device: ``cuda`` to measure, or ``meta`` to build
+without memory (parameter counts, construction checks). Each conditions its model on
+random prompt embeddings of the released shape, standing in for the text encoder, which
+the tool frees before optimising.
+
+    python benchmarks/full_size.py                     # parameter counts, as JSON (meta device)
+    python benchmarks/full_size.py --meta-step svd-xt  # one full-size step on the meta device
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from anti_i2v.config import DEFAULT_PROMPT, ProtectConfig  # noqa: E402
+from anti_i2v.models.base import VideoModel  # noqa: E402
+from anti_i2v.objectives import AntiI2VObjective, draw_step  # noqa: E402
+from anti_i2v.offload import weight_bytes  # noqa: E402
+
+BF16 = torch.bfloat16
+PAPER_MODELS = ("cogvideox", "dynamicrafter-512", "opensora")
+
+# Released configurations that differ from the diffusers defaults (the model repos' config.json).
+_CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                   patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu")
+_SVD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                layers_per_block=2, latent_channels=4, sample_size=768)
+_WAN21_I2V_14B = dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120)  # else the 14B defaults
+_WAN22_A14B = dict(in_channels=36)  # two experts of the 14B layout, no image cross-attention
+_WAN22_TI2V_5B = dict(num_attention_heads=24, num_layers=30, ffn_dim=14336, in_channels=48, out_channels=48)
+_WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+                  patch_size=2, scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+_HUNYUAN_I2V = dict(in_channels=33, image_condition_type="latent_concat", guidance_embeds=False)
+
+
+def cogvideox(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
+    """CogVideoX-5B-I2V: 480x720, 49 frames."""
+    from anti_i2v.models.cogvideox import FULL_TRANSFORMER, FULL_VAE, CogVideoXI2V, random_pipeline
+
+    with torch.device(device):
+        pipe = random_pipeline(FULL_TRANSFORMER, FULL_VAE)
+    model = CogVideoXI2V(pipe, name="cogvideox-5b-random", device=device, dtype=BF16,
+                         gradient_checkpointing=gradient_checkpointing)
+    embeds = torch.randn(1, FULL_TRANSFORMER["max_text_seq_length"], FULL_TRANSFORMER["text_embed_dim"])
+    model.use_prompt_embeds(embeds, label=DEFAULT_PROMPT)
+    return model
+
+
+def dynamicrafter_512(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
+    """DynamiCrafter 512: 320x512, 16 frames."""
+    from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
+    from anti_i2v.models.dynamicrafter.model import DynamiCrafterModel
+
+    with torch.device(device):
+        net = DynamiCrafterModel("512")
+    model = DynamiCrafterI2V(net, name="dynamicrafter-512-random", device=device, dtype=BF16,
+                             gradient_checkpointing=gradient_checkpointing)
+    model.use_prompt_embeds(torch.randn(1, 77, net.config.unet["context_dim"]), label=DEFAULT_PROMPT)
+    return model
+
+
+def opensora(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
+    """Open-Sora 1.2 (STDiT3-XL/2 + its VAE): 240x426, 51 frames."""
+    from anti_i2v.models.opensora.adapter import OpenSoraI2V
+    from anti_i2v.models.opensora.checkpoint import build_stdit3, build_vae
+    from anti_i2v.models.opensora.configs import get_config
+
+    config = get_config("opensora-v1.2")
+    with torch.device(device):
+        stdit3, vae = build_stdit3(config.stdit3), build_vae(config.vae)
+    model = OpenSoraI2V(stdit3, vae, None, config, name="opensora-random", device=device, dtype=BF16,
+                        gradient_checkpointing=gradient_checkpointing)
+    length = config.model_max_length
+    mask = torch.zeros(1, length, dtype=torch.long)
+    mask[:, :20] = 1  # a 20-token prompt
+    model.use_prompt_embeds(torch.randn(1, 1, length, config.stdit3["caption_channels"]), mask, label=DEFAULT_PROMPT)
+    return model
+
+
+def svd_xt(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
+    """Stable Video Diffusion XT: 576x1024, 25 frames (the released U-Net config: the defaults, sample size 96)."""
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from anti_i2v.models.svd import SCHEDULER, StableVideoDiffusionI2V
+
+    with torch.device(device):  # schedulers stay outside: they compute on the CPU
+        vae = AutoencoderKLTemporalDecoder(**_SVD_VAE)
+        unet = UNetSpatioTemporalConditionModel(sample_size=96, num_frames=25)
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**_CLIP_VIT_H))
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER),
+        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
+    )
+    return StableVideoDiffusionI2V(pipe, name="svd-xt-random", device=device, dtype=BF16,
+                                   gradient_checkpointing=gradient_checkpointing)
+
+
+def _wan(name: str, device: str, gradient_checkpointing: bool, transformer: dict, vae: dict, two_experts: bool,
+         expand_timesteps: bool, clip: bool, **kwargs) -> VideoModel:
+    """A Wan image-to-video model of the given layout, random weights, no text encoder."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from anti_i2v.models.wan import RELEASED_BOUNDARY_22_A14B, RELEASED_MAX_SEQUENCE_LENGTH, WanI2V
+
+    with torch.device(device):
+        experts = [WanTransformer3DModel(**transformer) for _ in range(2 if two_experts else 1)] + [None]
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(**_CLIP_VIT_H)) if clip else None
+        autoencoder = AutoencoderKLWan(**vae)
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=autoencoder, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        image_processor=None, image_encoder=image_encoder, transformer=experts[0], transformer_2=experts[1],
+        boundary_ratio=RELEASED_BOUNDARY_22_A14B if two_experts else None, expand_timesteps=expand_timesteps,
+    )
+    model = WanI2V(pipe, name=name, device=device, dtype=BF16, gradient_checkpointing=gradient_checkpointing, **kwargs)
+    model.use_prompt_embeds(torch.randn(1, RELEASED_MAX_SEQUENCE_LENGTH, 4096), label=DEFAULT_PROMPT)
+    return model
+
+
+def wan21_i2v(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
+    """Wan 2.1 I2V 14B (480P): 480x832, 81 frames, CLIP ViT-H image tokens."""
+    return _wan("wan-i2v-random", device, gradient_checkpointing, _WAN21_I2V_14B, {}, two_experts=False,
+                expand_timesteps=False, clip=True)
+
+
+def wan22_i2v(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
+    """Wan 2.2 I2V-A14B: two 14B experts, 480x832, 81 frames."""
+    return _wan("wan2.2-i2v-random", device, gradient_checkpointing, _WAN22_A14B, {}, two_experts=True,
+                expand_timesteps=False, clip=False)
+
+
+def wan22_ti2v(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
+    """Wan 2.2 TI2V-5B: 704x1280, 121 frames, 48-channel VAE."""
+    from anti_i2v.models.wan import RELEASED_TI2V, RELEASED_TI2V_FRAMES
+
+    return _wan("wan2.2-ti2v-random", device, gradient_checkpointing, _WAN22_TI2V_5B, _WAN22_VAE, two_experts=False,
+                expand_timesteps=True, clip=False, resolution=RELEASED_TI2V, num_frames=RELEASED_TI2V_FRAMES)
+
+
+def ltx_i2v(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
+    """LTX-Video 2B (the diffusers defaults are the release's): 512x704, 161 frames."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXImageToVideoPipeline
+    from diffusers import LTXVideoTransformer3DModel
+
+    from anti_i2v.models.ltx import RELEASED_MAX_SEQUENCE_LENGTH, LTXVideoI2V
+
+    with torch.device(device):
+        vae, transformer = AutoencoderKLLTXVideo(), LTXVideoTransformer3DModel()
+    pipe = LTXImageToVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                   tokenizer=None, transformer=transformer)
+    model = LTXVideoI2V(pipe, name="ltx-i2v-random", device=device, dtype=BF16,
+                        gradient_checkpointing=gradient_checkpointing)
+    model.use_prompt_embeds(torch.randn(1, RELEASED_MAX_SEQUENCE_LENGTH, 4096), label=DEFAULT_PROMPT)
+    return model
+
+
+def hunyuan_i2v(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
+    """HunyuanVideo-I2V 13B (latent concat): 720x1280, 129 frames."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoImageToVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+
+    from anti_i2v.models.hunyuan import RELEASED_MAX_SEQUENCE_LENGTH, HunyuanVideoI2V
+
+    with torch.device(device):
+        transformer, vae = HunyuanVideoTransformer3DModel(**_HUNYUAN_I2V), AutoencoderKLHunyuanVideo()
+    pipe = HunyuanVideoImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None,
+        image_processor=None,
+    )
+    model = HunyuanVideoI2V(pipe, name="hunyuan-i2v-random", device=device, dtype=BF16,
+                            gradient_checkpointing=gradient_checkpointing)
+    model.use_prompt_embeds(torch.randn(1, RELEASED_MAX_SEQUENCE_LENGTH, 4096), torch.randn(1, 768),
+                            label=DEFAULT_PROMPT)
+    return model
+
+
+FULL_SIZE: dict[str, Callable[..., VideoModel]] = {
+    "cogvideox": cogvideox,
+    "dynamicrafter-512": dynamicrafter_512,
+    "opensora": opensora,
+    "svd-xt": svd_xt,
+    "wan-i2v": wan21_i2v,
+    "wan2.2-i2v": wan22_i2v,
+    "wan2.2-ti2v": wan22_ti2v,
+    "ltx-i2v": ltx_i2v,
+    "hunyuan-i2v": hunyuan_i2v,
+}
+
+
+def parameter_counts() -> dict[str, dict]:
+    """Build every configuration on the meta device: its shape, weight size and parameters per module."""
+    counts = {}
+    for name, build in FULL_SIZE.items():
+        model = build(True, device="meta")
+        modules = model.weight_modules()
+        counts[name] = {
+            "resolution": list(model.resolution),
+            "frames": model.num_frames,
+            "denoiser_blocks": len(model.layers().denoiser),
+            "weights_gib_bf16": round(weight_bytes(model) / 2**30, 2),
+            "billion_parameters": [
+                [type(m).__name__, round(sum(p.numel() for p in m.parameters()) / 1e9, 3)] for m in modules
+            ],
+        }
+    return counts
+
+
+def meta_step(name: str) -> dict:
+    """One forward and backward pass of the Anti-I2V terms on the meta device, at full size.
+
+    Checks every shape of the adapter's path (conditioning, token layout, taps, loss,
+    gradient to the photo) at the released size, in seconds and without memory. Both
+    ends of the timestep range are run, so that a two-expert model runs each expert.
+    """
+    model = FULL_SIZE[name](True, device="meta")
+    x = torch.rand(1, 3, *model.resolution).to("meta")
+    objective = AntiI2VObjective(model, ProtectConfig())
+    objective.prepare(model, x)
+    record = {"latents": list(objective.latent_shape())}
+    for t in (100, 950):
+        draw = draw_step(torch.Generator().manual_seed(0), objective.latent_shape(), (t, t))
+        image = x.clone().requires_grad_(True)
+        encoded = model.encode_image(image, objective.vae_layers)
+        result = model.denoise(encoded, objective.video_latents, draw.t, draw.noise, objective.denoiser_taps(),
+                               with_loss=True)
+        features = [*result.features.values(), *encoded.features.values()]
+        loss = result.loss + sum(f.float().pow(2).mean() for f in features)
+        (grad,) = torch.autograd.grad(loss, image)
+        record[f"t{t}"] = {"features": {k: list(v.shape) for k, v in result.features.items()},
+                           "gradient": list(grad.shape)}
+    return record
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--meta-step", default=None, help="models to run one full-size step on the meta device")
+    args = parser.parse_args()
+    if args.meta_step:
+        print(json.dumps({name: meta_step(name) for name in args.meta_step.split(",")}, indent=2))
+    else:
+        print(json.dumps(parameter_counts(), indent=2))
+    sys.exit(0)
