@@ -119,9 +119,12 @@ def _load_models(
         raise ConfigError("--model-path serves one model; load the others from the hub cache")
     models = []
     for index, item in enumerate(items):
-        models.append(item if isinstance(item, VideoModel) else load_model(item, model_path, device, dtype))
+        if isinstance(item, VideoModel):
+            models.append(item)
+            continue
+        models.append(load_model(item, model_path, device, dtype))
         if index < len(items) - 1:
-            park_for_next_load(models[-1])  # a Residency brings it back for its turn
+            park_for_next_load(models[-1])  # make room for the next; a Residency brings it back for its turn
     return models
 
 
