@@ -7,7 +7,7 @@ GPU: full-size models as one ensemble (random weights, bf16, gradient checkpoint
 first step), then with this process capped at ``--cap-gib`` (they do not, so they take
 turns on the GPU).
 
-    python benchmarks/bench_ensemble.py [--steps 4] [--models a,b] [--cap-gib 32] [--out results.json]
+    python benchmarks/bench_ensemble.py [--steps 4] [--models a,b] [--cap-gib 24] [--out results.json]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import anti_i2v  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
 from anti_i2v.models.registry import load_model  # noqa: E402
-from anti_i2v.offload import park_for_next_load  # noqa: E402
+from anti_i2v.offload import park_for_next_load, peak_memory_allocated, reset_peak_memory  # noqa: E402
 from bench_protect import emit  # noqa: E402
 from full_size import FULL_SIZE, PAPER_MODELS  # noqa: E402
 
@@ -54,7 +54,7 @@ def time_ensemble(models: list[VideoModel], steps: int, label: str) -> dict:
     parks_after_first: list[int] = []
     cuda = models[0].device.type == "cuda"
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory()
 
     def on_step(report) -> None:
         stamps.append(time.perf_counter())
@@ -79,7 +79,7 @@ def time_ensemble(models: list[VideoModel], steps: int, label: str) -> dict:
         "linf_255": round(result.budget.linf * 255, 2),
     }
     if cuda:
-        record["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        record["peak_gpu_memory_gib"] = round(peak_memory_allocated() / 2**30, 2)
         record["gpu"] = torch.cuda.get_device_name()
     return record
 
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--models", default=",".join(PAPER_MODELS),
                         help=f"full-size ensemble members on a GPU, from: {', '.join(FULL_SIZE)}")
-    parser.add_argument("--cap-gib", type=float, default=32.0, help="GPU memory cap of the second GPU case")
+    parser.add_argument("--cap-gib", type=float, default=24.0, help="GPU memory cap of the second GPU case")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)

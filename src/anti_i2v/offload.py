@@ -139,8 +139,36 @@ class Residency:
         self.activate(model)
         cuda = model.device.type == "cuda"
         if cuda:
+            _fold_peak(model.device)
             torch.cuda.reset_peak_memory_stats(model.device)
             base = torch.cuda.memory_allocated(model.device)
         yield
         self._working[id(model)] = torch.cuda.max_memory_allocated(model.device) - base if cuda else 0
+
+
+# torch's peak counter is reset at every turn to measure that member alone; the
+# high-water mark of the earlier turns is kept here for `peak_memory_allocated`
+_EARLIER_PEAKS: dict[int, int] = {}
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _fold_peak(device: torch.device) -> None:
+    index = _cuda_index(device)
+    _EARLIER_PEAKS[index] = max(_EARLIER_PEAKS.get(index, 0), torch.cuda.max_memory_allocated(device))
+
+
+def peak_memory_allocated(device: torch.device | str = "cuda") -> int:
+    """``torch.cuda.max_memory_allocated``, counting the turns an ensemble reset it for."""
+    device = torch.device(device)
+    return max(_EARLIER_PEAKS.get(_cuda_index(device), 0), torch.cuda.max_memory_allocated(device))
+
+
+def reset_peak_memory(device: torch.device | str = "cuda") -> None:
+    """Reset `peak_memory_allocated` (and torch's own counter)."""
+    device = torch.device(device)
+    _EARLIER_PEAKS.pop(_cuda_index(device), None)
+    torch.cuda.reset_peak_memory_stats(device)
 
