@@ -1,6 +1,7 @@
-"""Wan 2.1 image-to-video (480P / 720P), backed by diffusers' `WanImageToVideoPipeline`.
+"""Wan image-to-video: 2.1 (480P / 720P) and 2.2 (I2V-A14B, TI2V-5B), backed by diffusers'
+`WanImageToVideoPipeline`.
 
-Conditioning, as the pipeline does it, on two paths:
+Wan 2.1 conditioning, as the pipeline does it, on two paths:
 
 * VAE path: the condition video ``[image, 0, ..., 0]`` (F pixel frames) is encoded
   with the Wan VAE (posterior mode, ``sample_mode="argmax"``), normalised with the
