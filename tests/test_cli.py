@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -167,6 +169,14 @@ def test_one_perturbation_against_two_models_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     assert "tiny-cogvideox 64x96x9, tiny-opensora 64x64x17" in result.text
     assert (tmp_path / "sample_protected.png").is_file()
+    weighted = run("protect", "--sample", "--model", "tiny-cogvideox,tiny-opensora", "--model-weights", "2,1",
+                   "--steps", "1", "--out", tmp_path / "weighted")
+    assert weighted.exit_code == 0, weighted.output
+    sidecar = json.loads((tmp_path / "weighted" / "sample_protected.json").read_text())
+    assert sidecar["config"]["model_weights"] == [2.0, 1.0]
+    mismatch = run("protect", "--sample", "--model", "tiny-cogvideox,tiny-opensora", "--model-weights", "1",
+                   "--out", tmp_path / "bad")
+    assert mismatch.exit_code == 2 and "1 weights for 2 models" in mismatch.text
 
 
 def test_verify_reports_on_each_model_of_an_ensemble(tmp_path, photos):

@@ -11,6 +11,7 @@ from feature_shift import deep_feature_shift
 
 import anti_i2v
 from anti_i2v.config import ProtectConfig
+from anti_i2v.errors import ConfigError
 from anti_i2v.models.cogvideox import CogVideoXI2V
 from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
 from anti_i2v.objectives import AntiI2VObjective, draw_step
@@ -55,3 +56,16 @@ def test_ensemble_sidecar_lists_every_model_and_parts(tmp_path, models, portrait
     assert [m["name"] for m in record["model"]] == ["tiny-cogvideox", "tiny-dynamicrafter"]
     assert result.model == "tiny-cogvideox+tiny-dynamicrafter"
     assert any(k.startswith("tiny-dynamicrafter.") for k in result.history[0]) and result.budget.within_budget
+
+
+def test_model_weights_steer_the_ensemble(models, portrait):
+    photo = torch.nn.functional.interpolate(portrait, size=(64, 64), mode="area")[0]
+    cog, dyn = models
+    heavy_dyn = _as_tensor(anti_i2v.protect(photo, [cog, dyn], steps=15, prompt=PROMPT, model_weights=(0.01, 1)).image)
+    heavy_cog = _as_tensor(anti_i2v.protect(photo, [cog, dyn], steps=15, prompt=PROMPT, model_weights=(1, 0.01)).image)
+    assert _shift_on(dyn, photo, heavy_dyn) > _shift_on(dyn, photo, heavy_cog)
+    assert _shift_on(cog, photo, heavy_cog) > _shift_on(cog, photo, heavy_dyn)
+    with pytest.raises(ConfigError, match="one weight per model"):
+        anti_i2v.protect(photo, [cog, dyn], steps=1, prompt=PROMPT, model_weights=(1, 1, 1))
+    with pytest.raises(ConfigError, match="not all 0"):
+        anti_i2v.protect(photo, [cog, dyn], steps=1, prompt=PROMPT, model_weights=(0, 0))

@@ -177,6 +177,9 @@ def _optimise(
     target = None
     if config.target is not None:
         target = load_photo(config.target).rgb.unsqueeze(0)
+    weights = config.model_weights or (1.0,) * len(models)
+    if len(weights) != len(models):
+        raise ConfigError(f"{len(weights)} model weights for {len(models)} models; give one weight per model")
     residency = Residency(models) if len(models) > 1 else None
     members = []
     for index, model in enumerate(models):
@@ -192,7 +195,7 @@ def _optimise(
                            model.name)
         needs_view = index > 0 or (config.through_resize and photo.size != tuple(model.resolution))
         members.append(EnsembleMember(model.name, objective, _photo_view(model, photo, x, config.eps) if needs_view
-                                      else (lambda x_adv: x_adv), _t_range(model, config), model=model))
+                                      else (lambda x_adv: x_adv), _t_range(model, config), weights[index], model))
     single = len(members) == 1
     result = run_pgd(
         members[0].objective if single else EnsembleObjective(members, residency),

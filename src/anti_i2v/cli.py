@@ -50,6 +50,13 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
         raise ConfigError(f"{option} takes comma-separated block indices such as -3,-2,-1 (got '{text}')") from err
 
 
+def _float_list(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError as err:
+        raise ConfigError(f"{option} takes comma-separated numbers such as 2,1 (got '{text}')") from err
+
+
 def _weights(text: str | None) -> dict[str, float]:
     if not text:
         return {}
@@ -103,6 +110,7 @@ def protect(
     ira_blocks: Annotated[Optional[str], typer.Option(help="IRA denoiser blocks (default: the IRC deep blocks).")] = None,
     aux_model: Annotated[Optional[str], typer.Option(help="Hub id or folder of the CLIP vision model of the auxiliary term.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save optimisation state every N steps, to resume after a crash.")] = 0,
+    model_weights: Annotated[Optional[str], typer.Option(help="With several --model: each one's weight in the sum, e.g. 2,1 (default: all 1).")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Protect the bundled sample portrait.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo photos already protected in --out.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -143,6 +151,7 @@ def protect(
             irc_deep=_int_list(irc_deep, "--irc-deep"),
             ira_blocks=_int_list(ira_blocks, "--ira-blocks") if ira_blocks else None,
             aux_model=aux_model,
+            model_weights=_float_list(model_weights, "--model-weights") if model_weights else None,
             **_weights(weights),
         )
         cfg = ProtectConfig.from_preset(preset, **{k: v for k, v in options.items() if k != "preset"})
@@ -156,6 +165,8 @@ def protect(
     names = [m.strip() for m in model.split(",") if m.strip()]
     if model_path is not None and len(names) > 1:
         raise _fail(ConfigError("--model-path serves one model; load the others from the hub cache"))
+    if cfg.model_weights is not None and len(cfg.model_weights) != len(names):
+        raise _fail(ConfigError(f"--model-weights gives {len(cfg.model_weights)} weights for {len(names)} models"))
     video_models = []
     for index, name in enumerate(names):
         video_models.append(_load_for_cli(name, model_path, device, dtype))

@@ -83,6 +83,8 @@ class ProtectConfig:
             to the full-size photo and that photo is resized to the model's input, rather
             than the model-resolution image itself (ours; see docs/method.md).
         checkpoint_every: save optimisation state every N steps (0: never).
+        model_weights: with several models, the weight of each one's objective in the
+            sum, in the order the models are given (None: all 1).
     """
 
     method: str = "anti-i2v"
@@ -113,6 +115,7 @@ class ProtectConfig:
     aux_model: str = DEFAULT_AUX_MODEL
     through_resize: bool = True
     checkpoint_every: int = 0
+    model_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         self.eps = parse_eps(self.eps)
@@ -135,6 +138,10 @@ class ProtectConfig:
             self.ira_blocks = tuple(self.ira_blocks)
         if self.ira_vae_layers is not None:
             self.ira_vae_layers = tuple(self.ira_vae_layers)
+        if self.model_weights is not None:
+            self.model_weights = tuple(float(w) for w in self.model_weights)
+            if any(w < 0 for w in self.model_weights) or not any(self.model_weights):
+                raise ConfigError(f"model weights must be >= 0 and not all 0 (got {self.model_weights})")
 
     @classmethod
     def from_preset(cls, preset: str = DEFAULT_PRESET, **overrides: Any) -> ProtectConfig:
