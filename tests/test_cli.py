@@ -197,9 +197,10 @@ def test_evaluate_builds_the_transfer_table(tmp_path, photos):
     dataset.mkdir()
     (photos / "alice.jpg").rename(dataset / "alice.jpg")
     result = run("evaluate", dataset, "--model", "tiny-cogvideox,tiny-opensora", "--protect-with",
-                 "tiny-cogvideox,tiny-opensora", "--methods", "anti-i2v", "--steps", "2", "--generation-steps", "2",
-                 "--out", tmp_path / "eval")
+                 "tiny-cogvideox,tiny-opensora,tiny-cogvideox+tiny-opensora", "--methods", "anti-i2v", "--steps", "2",
+                 "--generation-steps", "2", "--out", tmp_path / "eval")
     assert result.exit_code == 0, result.output
     table = (tmp_path / "eval" / "cross_model.md").read_text()
     assert "| tiny-cogvideox |" in table and "| tiny-opensora |" in table and " - " not in table
+    assert "| tiny-cogvideox+tiny-opensora |" in table  # the ensemble is a row of its own
     assert (tmp_path / "eval" / "tiny-opensora" / "from-tiny-cogvideox" / "table.md").is_file()

@@ -383,7 +383,7 @@ def _print_verdicts(report: dict, title: str, folder: Path) -> None:
 def evaluate(
     dataset: Annotated[Path, typer.Argument(help="Folder of photos.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model(s) to protect against and generate with, comma-separated.")] = "cogvideox",
-    protect_with: Annotated[Optional[str], typer.Option(help="Also protect against these models and generate with every --model: the transfer table (cross_model.md).")] = None,
+    protect_with: Annotated[Optional[str], typer.Option(help="Also protect against these models (a+b: one ensemble) and generate with every --model: the transfer table (cross_model.md).")] = None,
     methods: Annotated[str, typer.Option(help="Methods, comma-separated (anti-i2v, ablations, advdm, mist, photoguard, sds, clip-embed, random).")] = "anti-i2v,advdm,mist,photoguard,sds,random",
     prompts: Annotated[Optional[Path], typer.Option(help="CSV (image,prompt) or JSON-lines prompts file.")] = None,
     eps: Annotated[str, typer.Option(help="L-inf budget in [0,1] pixel units, the same for every method.")] = "8/255",
@@ -440,7 +440,7 @@ def evaluate(
                         scorer=VideoScorer(dino=dino_model or DEFAULT_DINO, device=video_model.device),
                         on_item=lambda item: status.update(f"{name}: {item}"),
                         diffpure_model=diffpure_model,
-                        protect_model=get(against) if against != name else None,
+                        protect_model=[get(member) for member in against.split("+")] if against != name else None,
                     )
                 except AntiI2VError as err:
                     raise _fail(err) from None

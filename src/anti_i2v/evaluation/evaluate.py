@@ -221,27 +221,31 @@ def evaluate(
     scorer: VideoScorer | None = None,
     on_item: Callable[[str], None] | None = None,
     diffpure_model: str | None = None,
-    protect_model: VideoModel | None = None,
+    protect_model: VideoModel | Sequence[VideoModel] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Protect, generate and score every (photo, method[, purification]); returns the summary table.
 
     A photo that cannot be read, or a method that does not apply to the model, is
-    logged and skipped; the rest goes on. With ``protect_model``, photos are protected
-    against that model and generated with ``model`` (transfer); results then go to
-    ``<out>/<model>/from-<protect_model>/``.
+    logged and skipped; the rest goes on. With ``protect_model`` (one model, or several
+    for an ensemble), photos are protected against it and generated with ``model``
+    (transfer); results then go to ``<out>/<model>/from-<name>/``, where an ensemble's
+    name joins its members' with "+".
     """
-    protector = protect_model if protect_model is not None else model
+    protectors = [model] if protect_model is None else (
+        [protect_model] if isinstance(protect_model, VideoModel) else list(protect_model))
+    protector_name = "+".join(m.name for m in protectors)
+    protector = protectors[0] if len(protectors) == 1 else protectors
     ProtectConfig(eps=eps, steps=steps, seed=seed)  # same checks as protection, before anything is recorded
     if generation_steps < 1:
         raise ConfigError(f"generation steps must be at least 1 (got {generation_steps})")
     scorer = scorer if scorer is not None else VideoScorer(device=model.device)
     root = Path(out_dir) / model.name
-    if protector is not model:
-        root = root / f"from-{protector.name}"
+    if protectors != [model]:
+        root = root / f"from-{protector_name}"
     root.mkdir(parents=True, exist_ok=True)
     prompts = hashlib.sha256(json.dumps([[s.path.name, s.prompt] for s in samples]).encode()).hexdigest()[:16]
     _check_same_run(root / "run.json", {
-        "model": model.identity, "protected_against": protector.identity, "eps": eps, "steps": steps, "seed": seed, "generation_steps": generation_steps,
+        "model": model.identity, "protected_against": "+".join(m.identity for m in protectors), "eps": eps, "steps": steps, "seed": seed, "generation_steps": generation_steps,
         "guidance_scale": guidance_scale, "prompts_sha256": prompts, "identity_model": scorer.identity_model,
         "skipped_metrics": sorted(scorer.skipped), "diffpure_model": diffpure_model,
     })
