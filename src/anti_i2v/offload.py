@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+
 from anti_i2v.models.base import VideoModel
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ def move_weights(model: VideoModel, device: torch.device) -> None:
     """Move every weight module of ``model`` to ``device`` (its dtype is kept)."""
     for module in model.weight_modules():
         module.to(device)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)  # "cuda" is "cuda:0" here
 
 
 def uses_accelerator(model: VideoModel) -> bool:
@@ -116,7 +121,7 @@ class Residency:
         resident = any(m is model for m in self._recent)
         working = self._working.get(id(model))
         need = (0 if resident else self._weights[id(model)]) + (working or 0)
-        others = [m for m in self._recent if m is not model and m.device == model.device]
+        others = [m for m in self._recent if m is not model and _same_device(m.device, model.device)]
         # an unmeasured model runs alone, so that its working memory can be measured
         while others and (working is None or self._free(model.device) < need):
             victim = others.pop(0)
