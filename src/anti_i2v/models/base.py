@@ -150,15 +150,18 @@ class VideoModel(ABC):
     num_frames: int
     num_train_timesteps: int = 1000
 
-    @property
-    @abstractmethod
-    def device(self) -> torch.device:
-        """Device the denoiser runs on."""
+    _device: torch.device  # set by each adapter
+    _dtype: torch.dtype
 
     @property
-    @abstractmethod
+    def device(self) -> torch.device:
+        """Device the denoiser runs on."""
+        return self._device
+
+    @property
     def dtype(self) -> torch.dtype:
         """Compute dtype of the denoiser."""
+        return self._dtype
 
     @abstractmethod
     def layers(self) -> ModelLayers:

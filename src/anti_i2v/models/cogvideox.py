@@ -36,7 +36,14 @@ from anti_i2v.models.base import (
     ModelLayers,
     VideoModel,
 )
-from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, to_pil_8bit
+from anti_i2v.models.diffusers_common import (
+    CachedPromptEmbeds,
+    drop_text_encoders,
+    load_diffusers_pipeline,
+    place,
+    standard_layers,
+    to_pil_8bit,
+)
 from anti_i2v.models.tiny_text import tiny_t5_encoder, tiny_t5_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -159,7 +166,7 @@ def load_pipeline(source: str, dtype: torch.dtype) -> CogVideoXImageToVideoPipel
     return load_diffusers_pipeline(CogVideoXImageToVideoPipeline, source, dtype, "CogVideoX-I2V", HUB_ID, "tiny-cogvideox")
 
 
-class CogVideoXI2V(VideoModel):
+class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
     """The `VideoModel` adapter for `CogVideoXImageToVideoPipeline`.
 
     Args:
@@ -242,22 +249,9 @@ class CogVideoXI2V(VideoModel):
 
     # --- the seam -------------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
     def layers(self) -> ModelLayers:
         """``denoiser.0..N-1`` (transformer blocks) and the VAE encoder's blocks."""
-        n_blocks = len(self.transformer.transformer_blocks)
-        n_down = len(self.vae.encoder.down_blocks)
-        return ModelLayers(
-            denoiser=[f"{DENOISER_PREFIX}{i}" for i in range(n_blocks)],
-            vae_encoder=[f"{VAE_PREFIX}down_blocks.{i}" for i in range(n_down)] + [f"{VAE_PREFIX}mid_block"],
-        )
+        return standard_layers(len(self.transformer.transformer_blocks), self.vae.encoder)
 
     def module(self, name: str) -> torch.nn.Module:
         if name.startswith(DENOISER_PREFIX):
@@ -290,25 +284,9 @@ class CogVideoXI2V(VideoModel):
         self._prompt_embeds = pos.to(self._device)
         self._negative_embeds = neg.to(self._device)
 
-    def use_prompt_embeds(self, embeds: torch.Tensor, negative: torch.Tensor | None = None, label: str = "") -> None:
-        """Condition on precomputed T5 embeddings (1, L, D) instead of a prompt string."""
-        self._prompt = label
-        self._prompt_embeds = embeds.to(self._device, self._dtype)
-        self._negative_embeds = (negative if negative is not None else torch.zeros_like(embeds)).to(
-            self._device, self._dtype
-        )
-
     def release_text_encoder(self) -> None:
         """Drop the T5 encoder (about 9 GB in bf16 for the 5B model) once a prompt is cached."""
-        if self.pipe.text_encoder is not None:
-            self.pipe.text_encoder = None
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def _require_condition(self) -> torch.Tensor:
-        if self._prompt_embeds is None:
-            raise ModelError("call condition(prompt) before running the denoiser")
-        return self._prompt_embeds
+        drop_text_encoders(self.pipe, self._device, "text_encoder")
 
     def encode_image(
         self,

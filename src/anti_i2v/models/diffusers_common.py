@@ -1,4 +1,5 @@
-"""What the diffusers-backed adapters share: loading, placing modules, 8-bit input images."""
+"""What the diffusers-backed adapters share: loading, placing modules, layer names, text conditioning,
+8-bit input images."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from PIL import Image
 
 from anti_i2v.errors import ModelError
+from anti_i2v.models.base import DENOISER_PREFIX, VAE_PREFIX, ModelLayers
 
 
 def load_diffusers_pipeline(pipeline_cls: type, source: str, dtype: torch.dtype, family: str, hub_id: str, tiny: str):
@@ -34,3 +36,46 @@ def to_pil_8bit(image: torch.Tensor) -> Image.Image:
     """(3, H, W) or (1, 3, H, W) in [0, 1] as the 8-bit picture an attacker's pipeline reads."""
     array = (image[0] if image.dim() == 4 else image).permute(1, 2, 0).float().cpu().numpy()
     return Image.fromarray(np.round(array.clip(0, 1) * 255).astype(np.uint8))
+
+
+def standard_layers(n_blocks: int, vae_encoder: torch.nn.Module) -> ModelLayers:
+    """``denoiser.0..n_blocks-1`` and the VAE encoder's ``down_blocks.<i>`` then ``mid_block``."""
+    return ModelLayers(
+        denoiser=[f"{DENOISER_PREFIX}{i}" for i in range(n_blocks)],
+        vae_encoder=[f"{VAE_PREFIX}down_blocks.{i}" for i in range(len(vae_encoder.down_blocks))]
+        + [f"{VAE_PREFIX}mid_block"],
+    )
+
+
+def drop_text_encoders(pipe, device: torch.device, *names: str) -> None:
+    """Free the pipeline's text encoder(s) ``names`` once the prompt is cached."""
+    if any(getattr(pipe, n) is not None for n in names):
+        for n in names:
+            setattr(pipe, n, None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class CachedPromptEmbeds:
+    """Text conditioning held as one (prompt, negative) pair of embeddings without a mask,
+    as CogVideoX and Wan use it; `condition` fills it from the text encoder."""
+
+    _device: torch.device
+    _dtype: torch.dtype
+    _prompt: str | None = None
+    _prompt_embeds: torch.Tensor | None = None
+    _negative_embeds: torch.Tensor | None = None
+
+    def use_prompt_embeds(self, embeds: torch.Tensor, negative: torch.Tensor | None = None, label: str = "") -> None:
+        """Condition on precomputed text-encoder embeddings (1, L, D) instead of a prompt string
+        (the negative defaults to zeros)."""
+        self._prompt = label
+        self._prompt_embeds = embeds.to(self._device, self._dtype)
+        self._negative_embeds = (negative if negative is not None else torch.zeros_like(embeds)).to(
+            self._device, self._dtype
+        )
+
+    def _require_condition(self) -> torch.Tensor:
+        if self._prompt_embeds is None:
+            raise ModelError("call condition(prompt) before running the denoiser")
+        return self._prompt_embeds

@@ -73,7 +73,14 @@ from anti_i2v.models.base import (
     ModelLayers,
     VideoModel,
 )
-from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, to_pil_8bit
+from anti_i2v.models.diffusers_common import (
+    drop_text_encoders,
+    load_diffusers_pipeline,
+    place,
+    standard_layers,
+    to_pil_8bit,
+)
+from anti_i2v.models.sampling import shifted_flow_sigmas
 from anti_i2v.models.tiny_text import tiny_t5_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -269,25 +276,12 @@ class HunyuanVideoI2V(VideoModel):
     # --- the seam -------------------------------------------------------------------
 
     @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
     def _n_dual(self) -> int:
         return len(self.transformer.transformer_blocks)
 
     def layers(self) -> ModelLayers:
         """``denoiser.<i>``: dual-stream blocks, then single-stream blocks; VAE down blocks and mid block."""
-        n = self._n_dual + len(self.transformer.single_transformer_blocks)
-        n_down = len(self.vae.encoder.down_blocks)
-        return ModelLayers(
-            denoiser=[f"{DENOISER_PREFIX}{i}" for i in range(n)],
-            vae_encoder=[f"{VAE_PREFIX}down_blocks.{i}" for i in range(n_down)] + [f"{VAE_PREFIX}mid_block"],
-        )
+        return standard_layers(self._n_dual + len(self.transformer.single_transformer_blocks), self.vae.encoder)
 
     def module(self, name: str) -> nn.Module:
         try:
@@ -366,11 +360,7 @@ class HunyuanVideoI2V(VideoModel):
     def release_text_encoder(self) -> None:
         """Drop LLaVA-Llama (about 16 GB in bf16) and CLIP text, or the tiny text path, once a prompt is cached."""
         self.text_path = None
-        if self.pipe.text_encoder is not None or self.pipe.text_encoder_2 is not None:
-            self.pipe.text_encoder = None
-            self.pipe.text_encoder_2 = None
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
+        drop_text_encoders(self.pipe, self._device, "text_encoder", "text_encoder_2")
 
     def _require_condition(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._prompt_embeds is None:
@@ -429,8 +419,7 @@ class HunyuanVideoI2V(VideoModel):
 
     def sigmas(self, t: torch.Tensor) -> torch.Tensor:
         """Flow-matching noise level of integer timesteps ``t``: ``s = t / N`` shifted by ``shift``."""
-        s = t.float() / self.num_train_timesteps
-        return self.shift * s / (1 + (self.shift - 1) * s)
+        return shifted_flow_sigmas(t, self.shift, self.num_train_timesteps)
 
     def denoise(
         self,

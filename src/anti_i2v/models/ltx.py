@@ -55,7 +55,13 @@ from anti_i2v.models.base import (
     ModelLayers,
     VideoModel,
 )
-from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, to_pil_8bit
+from anti_i2v.models.diffusers_common import (
+    drop_text_encoders,
+    load_diffusers_pipeline,
+    place,
+    standard_layers,
+    to_pil_8bit,
+)
 from anti_i2v.models.tiny_text import tiny_t5_encoder, tiny_t5_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -222,22 +228,9 @@ class LTXVideoI2V(VideoModel):
 
     # --- the seam -------------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
     def layers(self) -> ModelLayers:
         """``denoiser.0..N-1`` (transformer blocks) and the VAE encoder's down blocks and mid block."""
-        n_blocks = len(self.transformer.transformer_blocks)
-        n_down = len(self.vae.encoder.down_blocks)
-        return ModelLayers(
-            denoiser=[f"{DENOISER_PREFIX}{i}" for i in range(n_blocks)],
-            vae_encoder=[f"{VAE_PREFIX}down_blocks.{i}" for i in range(n_down)] + [f"{VAE_PREFIX}mid_block"],
-        )
+        return standard_layers(len(self.transformer.transformer_blocks), self.vae.encoder)
 
     def module(self, name: str) -> torch.nn.Module:
         try:
@@ -298,10 +291,7 @@ class LTXVideoI2V(VideoModel):
 
     def release_text_encoder(self) -> None:
         """Drop the T5-XXL encoder (about 9 GB in bf16) once a prompt is cached."""
-        if self.pipe.text_encoder is not None:
-            self.pipe.text_encoder = None
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
+        drop_text_encoders(self.pipe, self._device, "text_encoder")
 
     def _require_condition(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._prompt_embeds is None or self._prompt_mask is None:

@@ -1,4 +1,4 @@
-"""What the samplers of our ported backbones share: where each step's noise comes from."""
+"""What the samplers and losses of several backbones share: each step's noise, flow-matching noise levels."""
 
 from __future__ import annotations
 
@@ -29,3 +29,10 @@ def step_noise(
     if tuple(n.shape) != tuple(x.shape):
         raise ValueError(f"noise for step {i} has shape {tuple(n.shape)}, expected {tuple(x.shape)}")
     return n.to(device=x.device, dtype=x.dtype)
+
+
+def shifted_flow_sigmas(t: torch.Tensor, shift: float, num_train_timesteps: int) -> torch.Tensor:
+    """Flow-matching noise level of integer timesteps ``t``: ``s = t / N``, shifted as the
+    schedulers' training sigmas are, ``shift * s / (1 + (shift - 1) * s)``."""
+    s = t.float() / num_train_timesteps
+    return shift * s / (1 + (shift - 1) * s)

@@ -79,7 +79,7 @@ from anti_i2v.models.base import (
     ModelLayers,
     VideoModel,
 )
-from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, to_pil_8bit
+from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, standard_layers, to_pil_8bit
 
 logger = logging.getLogger(__name__)
 
@@ -246,24 +246,12 @@ class StableVideoDiffusionI2V(VideoModel):
 
     # --- the seam -------------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
     def _denoiser_blocks(self) -> list[torch.nn.Module]:
         return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
 
     def layers(self) -> ModelLayers:
         """``denoiser.<i>``: down blocks, mid block, up blocks; and the VAE encoder's blocks."""
-        n_down = len(self.vae.encoder.down_blocks)
-        return ModelLayers(
-            denoiser=[f"{DENOISER_PREFIX}{i}" for i in range(len(self._denoiser_blocks()))],
-            vae_encoder=[f"{VAE_PREFIX}down_blocks.{i}" for i in range(n_down)] + [f"{VAE_PREFIX}mid_block"],
-        )
+        return standard_layers(len(self._denoiser_blocks()), self.vae.encoder)
 
     def module(self, name: str) -> torch.nn.Module:
         if name.startswith(DENOISER_PREFIX):

@@ -72,7 +72,15 @@ from anti_i2v.models.base import (
     ModelLayers,
     VideoModel,
 )
-from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, to_pil_8bit
+from anti_i2v.models.diffusers_common import (
+    CachedPromptEmbeds,
+    drop_text_encoders,
+    load_diffusers_pipeline,
+    place,
+    standard_layers,
+    to_pil_8bit,
+)
+from anti_i2v.models.sampling import shifted_flow_sigmas
 from anti_i2v.models.tiny_text import tiny_t5_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -209,7 +217,7 @@ def _prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-class WanI2V(VideoModel):
+class WanI2V(CachedPromptEmbeds, VideoModel):
     """The `VideoModel` adapter for `WanImageToVideoPipeline`: Wan 2.1 I2V and Wan 2.2 I2V-A14B / TI2V-5B.
 
     Args:
@@ -342,22 +350,9 @@ class WanI2V(VideoModel):
 
     # --- the seam -------------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
     def layers(self) -> ModelLayers:
         """``denoiser.0..N-1`` (blocks of the expert at work) and the VAE encoder's down blocks and mid block."""
-        n_blocks = len(self.transformer.blocks)
-        n_down = len(self.vae.encoder.down_blocks)
-        return ModelLayers(
-            denoiser=[f"{DENOISER_PREFIX}{i}" for i in range(n_blocks)],
-            vae_encoder=[f"{VAE_PREFIX}down_blocks.{i}" for i in range(n_down)] + [f"{VAE_PREFIX}mid_block"],
-        )
+        return standard_layers(len(self.transformer.blocks), self.vae.encoder)
 
     def token_grid(self) -> tuple[int, int]:
         """Tokens per frame: the latent grid (VAE factor 8, or 16 for TI2V-5B) over the 2x2 patches."""
@@ -409,25 +404,9 @@ class WanI2V(VideoModel):
         out[:, :n] = embeds[:, :n]
         return out
 
-    def use_prompt_embeds(self, embeds: torch.Tensor, negative: torch.Tensor | None = None, label: str = "") -> None:
-        """Condition on precomputed UMT5 embeddings (1, L, D) instead of a prompt string."""
-        self._prompt = label
-        self._prompt_embeds = embeds.to(self._device, self._dtype)
-        self._negative_embeds = (negative if negative is not None else torch.zeros_like(embeds)).to(
-            self._device, self._dtype
-        )
-
     def release_text_encoder(self) -> None:
         """Drop the UMT5-XXL encoder (about 11 GB in bf16) once a prompt is cached."""
-        if self.pipe.text_encoder is not None:
-            self.pipe.text_encoder = None
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def _require_condition(self) -> torch.Tensor:
-        if self._prompt_embeds is None:
-            raise ModelError("call condition(prompt) before running the denoiser")
-        return self._prompt_embeds
+        drop_text_encoders(self.pipe, self._device, "text_encoder")
 
     def _clip_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """``CLIPImageProcessor`` in torch: short side to the CLIP size (bicubic), centre crop, normalise."""
@@ -500,8 +479,7 @@ class WanI2V(VideoModel):
 
     def sigmas(self, t: torch.Tensor) -> torch.Tensor:
         """Flow-matching noise level of integer timesteps ``t``: ``s = t / N`` shifted by ``shift``."""
-        s = t.float() / self.num_train_timesteps
-        return self.shift * s / (1 + (self.shift - 1) * s)
+        return shifted_flow_sigmas(t, self.shift, self.num_train_timesteps)
 
     def denoise(
         self,

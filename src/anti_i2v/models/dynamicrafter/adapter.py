@@ -118,14 +118,6 @@ class DynamiCrafterI2V(VideoModel):
 
     # --- the seam -------------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
     def _blocks(self) -> list[torch.nn.Module]:
         return [*self.unet.input_blocks, self.unet.middle_block, *self.unet.output_blocks]
 

@@ -134,14 +134,6 @@ class OpenSoraI2V(VideoModel):
 
     # --- the seam -------------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
     def layers(self) -> ModelLayers:
         """``denoiser.0..27`` (spatial+temporal pairs) and the spatial VAE encoder's blocks."""
         encoder = self.vae.spatial_vae.module.encoder
