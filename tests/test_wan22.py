@@ -156,3 +156,15 @@ def test_a_saved_ti2v_folder_loads_with_its_release_defaults(tmp_path):
                                  num_frames=9, max_sequence_length=16)
     assert two.transformer_2 is not None and two.boundary_timestep == pytest.approx(900.0)
     assert {id(e) for e in two.experts} <= {id(m) for m in two.weight_modules()}
+
+
+def test_a_ti2v_folder_saved_as_the_text_to_video_pipeline_loads(tmp_path):
+    """TI2V-5B serves both tasks; a folder whose model_index names `WanPipeline` still loads for I2V."""
+    from diffusers import WanPipeline
+
+    p = tiny_pipeline(seed=1, variant="2.2-ti2v")
+    WanPipeline(tokenizer=p.tokenizer, text_encoder=p.text_encoder, vae=p.vae, scheduler=p.scheduler,
+                transformer=p.transformer, expand_timesteps=True).save_pretrained(tmp_path / "t2v")
+    loaded = WanI2V.from_pretrained(tmp_path / "t2v", device="cpu", dtype=torch.float32, resolution=(64, 64),
+                                    num_frames=9, max_sequence_length=16)
+    assert loaded.expand_timesteps and loaded.image_embedding(torch.rand(1, 3, 64, 64)) is None
