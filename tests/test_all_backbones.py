@@ -1,9 +1,12 @@
-"""Every method runs on every tiny backbone, with no model-specific code outside the adapters."""
+"""What every tiny backbone must do through the seam alone: every method within the budget, gradients
+to the photo, early exit, and a protection that beats random noise."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from feature_shift import protection_vs_random_noise
 from PIL import Image
 
 import anti_i2v
@@ -46,3 +49,60 @@ def test_weight_modules_hold_every_tapped_layer(name):
     layers = model.layers()
     for layer in layers.denoiser + layers.vae_encoder:
         assert all(id(p) in held for p in model.module(layer).parameters()), (name, layer)
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    """Each tiny backbone, conditioned on the prompt, built once for the tests below."""
+    models = {}
+    for name in TINY:
+        models[name] = load_model(name, device="cpu")
+        models[name].condition(PROMPT)
+    return models
+
+
+def _draw(model, x, t: int = 600):
+    latents = model.encode_video(model.repeat_frames(x))
+    return latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)), torch.tensor([t])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_gradients_of_features_and_loss_reach_the_photo(name, tiny_models, portrait):
+    model = tiny_models[name]
+    x = model.prepare_image(portrait[0]).detach().requires_grad_(True)
+    video, noise, t = _draw(model, x.detach())
+    layers = model.layers()
+    encoded = model.encode_image(x, layers.vae_encoder[-1:], torch.Generator().manual_seed(0))
+    result = model.denoise(encoded, video, t, noise, layers.denoiser[1:2], with_loss=True)
+    loss = result.loss + sum(f.float().pow(2).mean() for f in [*result.features.values(), *encoded.features.values()])
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(grad).all() and (grad != 0).float().mean() > 0.99, name
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_early_exit_equals_the_full_forward_and_skips_later_blocks(name, tiny_models, portrait):
+    model = tiny_models[name]
+    x = model.prepare_image(portrait[0])
+    video, noise, t = _draw(model, x)
+    encoded = model.encode_image(x, (), torch.Generator().manual_seed(0))
+    blocks = model.layers().denoiser
+    taps = blocks[len(blocks) // 2 - 1 : len(blocks) // 2 + 1]  # mid-depth (Hunyuan: across dual and single stream)
+    full = model.denoise(encoded, video, t, noise, taps, with_loss=True)
+    calls = []
+    handle = model.module(blocks[-1]).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        early = model.denoise(encoded, video, t, noise, taps)
+        assert early.loss is None and calls == [], name
+        model.denoise(encoded, video, t, noise, taps, with_loss=True)
+        assert calls, name  # the hook does fire on a full pass
+    finally:
+        handle.remove()
+    for layer in taps:
+        torch.testing.assert_close(early.features[layer], full.features[layer])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_protection_moves_deep_features_further_than_random_noise(name, tiny_models, portrait):
+    model = tiny_models[name]
+    attacked, random_noise = protection_vs_random_noise(model, model.prepare_image(portrait[0]), PROMPT)
+    assert attacked >= 2 * random_noise, (name, attacked, random_noise)

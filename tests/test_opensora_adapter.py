@@ -9,11 +9,9 @@ import torch
 from PIL import Image
 
 import anti_i2v
-from feature_shift import protection_vs_random_noise
 from anti_i2v.evaluation.generate import GenerationSettings
 from anti_i2v.evaluation.scoring import VideoScorer
 from anti_i2v.evaluation.verify import verify
-from anti_i2v.methods import METHODS
 from anti_i2v.models.opensora.adapter import OpenSoraI2V
 from anti_i2v.models.opensora.sampler import rf_training_target
 
@@ -68,21 +66,6 @@ def test_gradients_reach_the_photo_and_sampling_gives_the_frames(model, x):
     video = model.generate(x, PROMPT, steps=2, seed=0)
     assert video.shape == (model.num_frames, 3, *model.resolution)
     torch.testing.assert_close(video, model.generate(x, PROMPT, steps=2, seed=0))
-
-
-def test_protection_moves_deep_features_further_than_random_noise(model, x):
-    attacked, random_noise = protection_vs_random_noise(model, x, PROMPT)
-    assert attacked >= 2 * random_noise, (attacked, random_noise)
-
-
-@pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "clip-embed"))
-def test_every_method_runs_on_it_within_the_budget(method, tmp_path, portrait, model):
-    array = (portrait[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(array).resize((96, 80)).save(tmp_path / "face.png")
-    result = anti_i2v.protect(tmp_path / "face.png", model, out=tmp_path / "out", method=method, steps=2,
-                              eps="4/255", prompt=PROMPT)
-    saved = np.asarray(Image.open(result.path), dtype=np.int16)
-    assert np.abs(saved - np.asarray(Image.open(tmp_path / "face.png"), dtype=np.int16)).max() <= 4
 
 
 def test_verify_runs_on_it_and_the_registry_builds_it(tmp_path, portrait, model):
