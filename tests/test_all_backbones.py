@@ -1,5 +1,5 @@
 """What every tiny backbone must do through the seam alone: every method within the budget, gradients
-to the photo, early exit, and a protection that beats random noise."""
+to the photo, early exit, a protection that beats random noise, seeded generation, text-encoder release."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from feature_shift import protection_vs_random_noise
 from PIL import Image
 
 import anti_i2v
-from anti_i2v.errors import ConfigError
+from anti_i2v.errors import ConfigError, ModelError
 from anti_i2v.methods import METHODS
 from anti_i2v.models.registry import MODELS, load_model
 
@@ -106,3 +106,24 @@ def test_protection_moves_deep_features_further_than_random_noise(name, tiny_mod
     model = tiny_models[name]
     attacked, random_noise = protection_vs_random_noise(model, model.prepare_image(portrait[0]), PROMPT)
     assert attacked >= 2 * random_noise, (name, attacked, random_noise)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_generation_is_seeded(name, tiny_models, portrait):
+    model = tiny_models[name]
+    x = model.prepare_image(portrait[0])
+    video = model.generate(x, PROMPT, steps=2, seed=0)
+    assert video.shape[0] >= 1 and video.shape[1:] == (3, *model.resolution), name
+    assert 0 <= video.min() and video.max() <= 1
+    torch.testing.assert_close(video, model.generate(x, PROMPT, steps=2, seed=0))
+    assert not torch.equal(video, model.generate(x, PROMPT, steps=2, seed=1))
+
+
+@pytest.mark.parametrize("name", [n for n in TINY if n != "tiny-svd"])  # SVD takes no text
+def test_a_released_text_encoder_refuses_a_new_prompt(name):
+    model = load_model(name, device="cpu")
+    model.condition("a man")
+    model.release_text_encoder()
+    model.condition("a man")  # cached: fine
+    with pytest.raises(ModelError, match="released"):
+        model.condition("a woman")

@@ -161,12 +161,3 @@ def test_eps_and_interpolation_variants_follow_their_conditioning(x):
     result = m.denoise(encoded, latents, t, noise, with_loss=True, with_eps=True)
     torch.testing.assert_close(result.loss, torch.nn.functional.mse_loss(result.eps, noise))
     assert m.generate(x, PROMPT, steps=3, seed=0).shape[0] == m.num_frames  # 3 steps: not a divisor of 1000
-
-
-def test_released_text_encoder_refuses_a_new_prompt(x):
-    m = DynamiCrafterI2V.tiny(seed=1)
-    m.condition(PROMPT)
-    m.release_text_encoder()
-    assert m.net.cond_stage_model is None
-    with pytest.raises(Exception, match="released"):
-        m.condition("another prompt")

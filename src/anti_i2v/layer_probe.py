@@ -39,7 +39,8 @@ def frame_maps(feature: torch.Tensor, model: VideoModel) -> torch.Tensor | None:
         return None
     tokens, channels = feature.shape[1], feature.shape[2]
     height, width = model.resolution
-    grids = [model.token_grid()] if model.token_grid() is not None else [
+    known = model.token_grid()
+    grids = [known] if known is not None else [
         (height // stride, width // stride) for stride in (8, 16)  # VAE factor x patch size 1 or 2
     ]
     for gh, gw in grids:
