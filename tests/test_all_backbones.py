@@ -102,6 +102,39 @@ def test_early_exit_equals_the_full_forward_and_skips_later_blocks(name, tiny_mo
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_clean_and_noise_predictions_renoise_to_the_same_input(name, tiny_models, portrait):
+    """Noising the predicted x0 with the predicted noise at the same timestep gives back the pass's own
+    input, so that (x0, eps) chained over timesteps is a deterministic sampler (the sampler term's)."""
+    model = tiny_models[name]
+    x = model.prepare_image(portrait[0])
+    video, noise, t = _draw(model, x)
+    encoded = model.encode_image(x, (), torch.Generator().manual_seed(0))
+    first = model.denoise(encoded, video, t, noise, with_eps=True)
+    assert first.x0 is not None and first.x0.shape == first.eps.shape, name
+    again = model.denoise(encoded, first.x0, t, first.eps, with_eps=True)
+    torch.testing.assert_close(again.x0, first.x0, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(again.eps, first.eps, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_the_guidance_branch_differs_and_leaves_the_condition_as_it_was(name, tiny_models, portrait):
+    """Where `generate` samples with classifier-free guidance, the adapter gives its unconditional branch."""
+    model = tiny_models[name]
+    guidance = model.sampling_guidance()
+    if guidance is None:  # HunyuanVideo-I2V samples without CFG
+        assert name == "tiny-hunyuan-i2v"
+        return
+    assert float(guidance.max()) > 1, name
+    x = model.prepare_image(portrait[0])
+    video, noise, t = _draw(model, x)
+    encoded = model.encode_image(x, (), torch.Generator().manual_seed(0))
+    conditional = model.denoise(encoded, video, t, noise, with_eps=True)
+    free = model.denoise_unconditional(encoded, video, t, noise)
+    assert free.x0.shape == conditional.x0.shape and not torch.allclose(free.eps, conditional.eps), name
+    torch.testing.assert_close(model.denoise(encoded, video, t, noise, with_eps=True).eps, conditional.eps)
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_protection_moves_deep_features_further_than_random_noise(name, tiny_models, portrait):
     model = tiny_models[name]
     attacked, random_noise = protection_vs_random_noise(model, model.prepare_image(portrait[0]), PROMPT)

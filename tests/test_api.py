@@ -47,7 +47,8 @@ def test_sidecar_records_model_config_seed_and_figures(tmp_path, photo_path, tin
     record = json.loads(result.sidecar.read_text())
     assert result.sidecar == tmp_path / "face_protected.json"
     assert record["model"]["name"] == "tiny-cogvideox" and record["seed"] == 3
-    assert record["config"]["steps"] == STEPS and record["config"]["space"] == "dual"
+    assert record["config"]["steps"] == STEPS and record["config"]["space"] == "rgb"
+    assert record["method"] == "anti-i2v" and record["config"]["weight_sampler"] == 1
     assert record["budget"]["linf"] == pytest.approx(result.budget.linf)
     assert record["budget"]["within_budget"] is True
     assert set(record["budget"]) >= {"linf", "linf_255", "psnr", "ssim"}

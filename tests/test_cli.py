@@ -140,9 +140,10 @@ def test_verify_and_evaluate_run_from_the_command_line(tmp_path, photos):
     protected = tmp_path / "p"
     assert run("protect", photos / "alice.jpg", "--model", "tiny-cogvideox", "--steps", "2", "--out", protected).exit_code == 0
     result = run("verify", photos / "alice.jpg", protected / "alice_protected.png", "--model", "tiny-cogvideox",
-                 "--steps", "2", "--purify", "jpeg75", "--out", tmp_path / "report")
+                 "--steps", "2", "--purify", "jpeg75,social48", "--out", tmp_path / "report")
     assert result.exit_code == 0, result.output
     assert "protected+jpeg75" in result.text and "worst case" in result.text and "random weights" in result.text
+    assert "protected+social48" in result.text and "random noise (same" in result.text  # the table may crop the name
     assert (tmp_path / "report" / "report.md").is_file()
     dataset = tmp_path / "ds"
     dataset.mkdir()

@@ -88,7 +88,7 @@ def test_verify_runs_on_it(tmp_path, portrait, model):
     report = verify(tmp_path / "face.png", protected, model, tmp_path / "report",
                     GenerationSettings(prompt=PROMPT, steps=2), purifiers=["jpeg75"],
                     scorer=VideoScorer(dino=None, qalign=None))
-    assert set(report["runs"]) == {"original", "protected", "protected+jpeg75"}
+    assert set(report["runs"]) == {"original", "protected", "random noise (same budget)", "protected+jpeg75"}
     assert (tmp_path / "report" / "contact_sheet.png").is_file()
 
 

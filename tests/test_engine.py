@@ -102,3 +102,107 @@ def test_gray_photos_stay_gray(tiny_model, portrait_small):
     x_adv = run_pgd(objective, space, gray, config, t_range=(0, 999), keep_gray=True).x_adv
     assert torch.allclose(x_adv[:, 0], x_adv[:, 1]) and torch.allclose(x_adv[:, 1], x_adv[:, 2])
     assert (x_adv - gray).abs().max() <= config.eps + 1e-6
+
+
+def test_momentum_and_random_start_resume_to_the_same_result(tmp_path, tiny_model, portrait_small):
+    """The momentum buffers are checkpointed with the rest, and the random start is drawn from the seed."""
+    config, objective, space = _setup(tiny_model, portrait_small, steps=4, checkpoint_every=2, momentum=0.9,
+                                      random_start=True, space="rgb")
+    reference = run_pgd(objective, space, portrait_small, config, t_range=(0, 999)).x_adv
+    plain = run_pgd(objective, space, portrait_small, ProtectConfig(prompt=PROMPT, steps=4, space="rgb"),
+                    t_range=(0, 999)).x_adv
+    assert not torch.equal(reference, plain)
+
+    def crash(report):
+        if report.step == 3:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run_pgd(objective, space, portrait_small, config, t_range=(0, 999), run_id="m", callback=crash,
+                checkpoint_path=ckpt)
+    resumed = run_pgd(objective, space, portrait_small, config, t_range=(0, 999), run_id="m", checkpoint_path=ckpt)
+    assert resumed.resumed_from == 2
+    torch.testing.assert_close(resumed.x_adv, reference)
+
+
+def test_sign_momentum_follows_the_accumulated_direction():
+    from anti_i2v.engine import SignMomentum
+
+    momentum = SignMomentum(0.9)
+    first = momentum("rgb", torch.tensor([1.0, -1.0, 2.0]))
+    second = momentum("rgb", torch.tensor([-0.1, -1.0, -0.1]))
+    assert torch.equal(torch.sign(second), torch.tensor([1.0, -1.0, 1.0]))  # a small reversal is outvoted
+    assert torch.equal(SignMomentum(0.0)("rgb", torch.tensor([-0.1])), torch.tensor([-0.1]))
+    assert first.abs().mean() == pytest.approx(1.0)
+
+
+def test_the_sampler_term_pushes_the_sampled_video_further_than_random_noise(tiny_model, portrait_small):
+    """The default's term: after a few steps the protected photo's guided sampler run lands further from
+    the clean photo's than a random-noise photo's does, on the same noise draws."""
+    from anti_i2v.objectives.anti_i2v import sampler_run
+
+    config, objective, space = _setup(tiny_model, portrait_small, steps=8, space="rgb", step_size=1 / 255,
+                                      weight_irc=0, weight_ira=0, weight_dm=0, weight_sampler=1.0, sampler_steps=2)
+    x_adv = run_pgd(objective, space, portrait_small, config, t_range=(0, 999)).x_adv
+    noise = (torch.rand(portrait_small.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1) * config.eps
+    noisy = project(portrait_small + noise, portrait_small, config.eps)
+
+    def distance(image):
+        total = 0.0
+        for draw in _fixed_draws(objective, n=3):
+            with torch.no_grad():
+                encoded = tiny_model.encode_image(image, (), torch.Generator().manual_seed(0))
+                ran = sampler_run(tiny_model, encoded, draw.noise, 2, 999)
+                clean = sampler_run(tiny_model, objective.clean_encoded, draw.noise, 2, 999)
+            total += float((ran - clean).pow(2).mean())
+        return total
+
+    assert distance(x_adv) >= 2 * distance(noisy)
+
+
+def test_checkpointed_sampler_steps_give_the_same_loss_and_gradient(tiny_model, portrait_small, monkeypatch):
+    import anti_i2v.objectives.anti_i2v as anti
+
+    noise = torch.randn(tiny_model.encode_video(tiny_model.repeat_frames(portrait_small)).shape,
+                        generator=torch.Generator().manual_seed(2))
+
+    def run(checkpointed):
+        monkeypatch.setattr(anti, "checkpoints_sampler", lambda model: checkpointed)
+        x = portrait_small.clone().requires_grad_(True)
+        encoded = tiny_model.encode_image(x, (), torch.Generator().manual_seed(0))
+        out = anti.sampler_run(tiny_model, encoded, noise, 3, 999).pow(2).mean()
+        return out, torch.autograd.grad(out, x)[0]
+
+    (plain, plain_grad), (saved, saved_grad) = run(False), run(True)
+    torch.testing.assert_close(saved, plain)
+    torch.testing.assert_close(saved_grad, plain_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_cosine_schedule_decays_to_a_tenth():
+    from anti_i2v.engine import scheduled
+
+    sizes = [scheduled(1.0, i, 5, "cosine") for i in range(5)]
+    assert sizes[0] == pytest.approx(1.0) and sizes[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(sizes, sizes[1:]))
+    assert scheduled(1.0, 3, 5, "constant") == 1.0
+    with pytest.raises(Exception, match="step_schedule"):
+        ProtectConfig(step_schedule="linear")
+
+
+def test_the_psnr_floor_scales_the_perturbation_down_to_it_and_no_further():
+    from anti_i2v.engine import limit_psnr
+
+    x = torch.full((1, 3, 16, 16), 0.5)
+    x_adv = x + (8 / 255) * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    limited = limit_psnr(x_adv, x, 32.0)
+    psnr = -10 * torch.log10((limited - x).pow(2).mean())
+    assert float(psnr) == pytest.approx(32.0, abs=1e-3) and (limited - x).abs().max() <= 8 / 255
+    assert torch.equal(limit_psnr(x_adv, x, 25.0), x_adv) and torch.equal(limit_psnr(x_adv, x, None), x_adv)
+
+
+def test_protect_honours_the_psnr_floor_on_the_saved_file(tiny_model, portrait):
+    import anti_i2v
+
+    result = anti_i2v.protect(portrait[0, :, :128, :192], tiny_model, steps=3, min_psnr=33.0, prompt=PROMPT)
+    assert result.budget.psnr >= 33.0 - 0.1 and result.budget.within_budget  # 8-bit rounding of the saved file

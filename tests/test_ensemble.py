@@ -17,6 +17,7 @@ from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
 from anti_i2v.objectives import AntiI2VObjective, draw_step
 
 PROMPT = "a person talking to the camera"
+METHOD = "anti-i2v-paper"  # the deep-feature shift measured below is what the paper's terms move
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,8 @@ def _as_tensor(image) -> torch.Tensor:
 def test_an_ensemble_protects_against_both_models_better_than_one(models, portrait):
     photo = torch.nn.functional.interpolate(portrait, size=(96, 96), mode="area")[0]
     cog, dyn = models
-    one = _as_tensor(anti_i2v.protect(photo, cog, steps=20, prompt=PROMPT).image)
-    both = _as_tensor(anti_i2v.protect(photo, [cog, dyn], steps=20, prompt=PROMPT).image)
+    one = _as_tensor(anti_i2v.protect(photo, cog, steps=20, prompt=PROMPT, method=METHOD).image)
+    both = _as_tensor(anti_i2v.protect(photo, [cog, dyn], steps=20, prompt=PROMPT, method=METHOD).image)
     single = _shift_on(cog, photo, one) + _shift_on(dyn, photo, one)
     ensemble = _shift_on(cog, photo, both) + _shift_on(dyn, photo, both)
     assert ensemble > single, (ensemble, single)
@@ -61,8 +62,8 @@ def test_ensemble_sidecar_lists_every_model_and_parts(tmp_path, models, portrait
 def test_model_weights_steer_the_ensemble(models, portrait):
     photo = torch.nn.functional.interpolate(portrait, size=(64, 64), mode="area")[0]
     cog, dyn = models
-    heavy_dyn = _as_tensor(anti_i2v.protect(photo, [cog, dyn], steps=15, prompt=PROMPT, model_weights=(0.01, 1)).image)
-    heavy_cog = _as_tensor(anti_i2v.protect(photo, [cog, dyn], steps=15, prompt=PROMPT, model_weights=(1, 0.01)).image)
+    heavy_dyn = _as_tensor(anti_i2v.protect(photo, [cog, dyn], steps=15, prompt=PROMPT, method=METHOD, model_weights=(0.01, 1)).image)
+    heavy_cog = _as_tensor(anti_i2v.protect(photo, [cog, dyn], steps=15, prompt=PROMPT, method=METHOD, model_weights=(1, 0.01)).image)
     assert _shift_on(dyn, photo, heavy_dyn) > _shift_on(dyn, photo, heavy_cog)
     assert _shift_on(cog, photo, heavy_cog) > _shift_on(cog, photo, heavy_dyn)
     with pytest.raises(ConfigError, match="one weight per model"):

@@ -7,15 +7,25 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import anti_i2v
 from anti_i2v.errors import ConfigError
-from anti_i2v.evaluation.evaluate import evaluate, read_dataset, summarise
+from anti_i2v.evaluation.evaluate import evaluate, noise_reference, read_dataset, summarise, with_noise_reference
 from anti_i2v.evaluation.generate import GenerationSettings
-from anti_i2v.evaluation.scoring import VideoScorer, verdict
-from anti_i2v.evaluation.verify import verify
+from anti_i2v.evaluation.scoring import (
+    NOISE_PROTECTED_DB,
+    NOISE_WEAK_DB,
+    VERDICT_RULES,
+    VideoScorer,
+    needs_noise_reference,
+    noise_verdict,
+    verdict,
+)
+from anti_i2v.evaluation.verify import NOISE, PURIFIED_NOTE, same_budget_noise, verify, weakest_run
 from anti_i2v.methods import parse_methods
+from anti_i2v.photo import load_photo
 
 SETTINGS = GenerationSettings(prompt="a person talking to the camera", seed=0, steps=2)
 
@@ -43,15 +53,75 @@ def test_verify_writes_every_part_of_the_report(tmp_path, photos, tiny_model, sc
     for name in ("report.json", "report.md", "side_by_side.mp4", "side_by_side.webp", "contact_sheet.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "report.json").read_text())
-    assert list(saved["runs"]) == ["original", "protected", "protected+jpeg30", "protected+noise0.1"]
+    assert list(saved["runs"]) == ["original", "protected", NOISE, "protected+jpeg30", "protected+noise0.1"]
     assert saved["runs"]["original"]["verdict"] == "reference"
     assert saved["fidelity"]["linf_255"] <= 8 and saved["fidelity"]["ciede2000"] > 0
+    assert 0 < saved["fidelity"]["flip"] < 1
+    assert saved["noise_reference"]["linf_255"] == saved["fidelity"]["linf_255"]
+    assert saved["worst_case"] not in ("original", NOISE)
     assert saved["worst_case"] in saved["runs"]
     assert "dino" in saved["skipped_metrics"] and "qalign" in saved["skipped_metrics"]
     assert report["runs"]["protected"]["scores"]["psnr_to_clean_video"] < 200
     sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.height >= 4 * 96  # one row per video
-    assert "| protected+jpeg30 |" in (out / "report.md").read_text()
+    assert sheet.height >= 5 * 96  # one row per video
+    markdown = (out / "report.md").read_text()
+    assert "| protected+jpeg30 |" in markdown and f"| {NOISE} |" in markdown
+    assert "| FLIP |" in markdown and f"{NOISE_PROTECTED_DB:g} dB below the noise video's" in markdown
+    assert PURIFIED_NOTE in markdown  # no face, no DINO: purified rows are measured against unpurified noise
+
+
+def _checkerboard(photo: np.ndarray, step: int, square: int = 16) -> np.ndarray:
+    """``photo`` (H, W, 3 uint8) plus +-step/255 in squares of ``square`` pixels: a clearly visible change."""
+    rows, cols = np.indices(photo.shape[:2])
+    sign = ((rows // square + cols // square) % 2 * 2 - 1)[..., None]
+    return np.clip(photo.astype(int) + step * sign, 0, 255).astype(np.uint8)
+
+
+def test_verify_judges_against_noise_of_the_same_budget(tmp_path, photos, tiny_model, scorer):
+    """Without faces or DINO, the verdict compares with the video of the same-budget noise."""
+    original = photos / "astronaut.png"
+    clean = np.array(Image.open(original))
+    Image.fromarray(_checkerboard(clean, 8)).save(tmp_path / "checker.png")
+    report = verify(original, tmp_path / "checker.png", tiny_model, tmp_path / "report", SETTINGS,
+                    purifiers=["jpeg75"], scorer=scorer)
+    runs = report["runs"]
+    assert needs_noise_reference(runs["original"]["scores"])  # no face in the tiny model's videos, no DINO
+    # the noise photo has the checkerboard's budget, and its video moves less than the checkerboard's
+    assert report["noise_reference"]["linf_255"] == pytest.approx(8.0)
+    assert report["noise_reference"]["fidelity"]["linf_255"] == pytest.approx(8.0)
+    assert report["noise_reference"]["fidelity"]["flip"] < report["fidelity"]["flip"]  # noise is less visible
+    assert runs[NOISE]["scores"]["psnr_to_clean_video"] < 100
+    assert runs["protected"]["verdict"] == "protected"
+    assert runs["protected+jpeg75"]["verdict"] == "protected"
+    assert runs[NOISE]["verdict"] == "not protected"
+    # no face: the worst case is the attacked video closest to the clean one, not the first of equal ISMs
+    attacked = {name: run["scores"]["psnr_to_clean_video"] for name, run in runs.items() if name.startswith("protected")}
+    assert report["worst_case"] == max(attacked, key=attacked.get)
+    clean_scores, noise_scores = runs["original"]["scores"], runs[NOISE]["scores"]
+    assert verdict(clean_scores, clean_scores, noise=noise_scores) == "not protected"
+
+    # a "protected" file that is the original itself: zero budget, so the noise video is the clean video
+    Image.fromarray(clean).save(tmp_path / "same.png")
+    same = verify(original, tmp_path / "same.png", tiny_model, tmp_path / "same", SETTINGS, purifiers=[],
+                  scorer=scorer)
+    assert same["noise_reference"]["linf"] == 0.0
+    assert same["runs"][NOISE]["scores"]["psnr_to_clean_video"] == 100.0
+    assert same["runs"]["protected"]["verdict"] == "not protected"
+
+
+def test_same_budget_noise_is_seeded_and_within_budget(photos, tmp_path):
+    photo = load_photo(photos / "astronaut.png")
+    noisy = same_budget_noise(photo, 8 / 255, seed=3)
+    assert noisy.shape == photo.rgb.shape and noisy.dtype == torch.float32
+    assert torch.equal(noisy, same_budget_noise(photo, 8 / 255, seed=3))
+    assert not torch.equal(noisy, same_budget_noise(photo, 8 / 255, seed=4))
+    change = (noisy - photo.rgb).abs()
+    assert float(change.max()) * 255 == pytest.approx(8.0, abs=1e-3)  # the whole budget is used
+    assert float(change.mean()) * 255 == pytest.approx(4.0, abs=0.3)  # uniform: mean |noise| = eps / 2
+    assert torch.allclose(noisy * 255, (noisy * 255).round(), atol=1e-4)  # an 8-bit photo stays 8-bit
+    Image.open(photos / "astronaut.png").convert("L").save(tmp_path / "gray.png")
+    gray = same_budget_noise(load_photo(tmp_path / "gray.png"), 8 / 255, seed=3)
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])  # gray stays gray
 
 
 def test_verdicts_follow_the_stated_rules():
@@ -63,6 +133,65 @@ def test_verdicts_follow_the_stated_rules():
     no_face = {"ism": 0.0, "fdfr": 1.0, "frozen": 0.0}
     assert verdict(no_face, no_face) == "unknown"
     assert verdict({**no_face, "dino": 0.5}, {**no_face, "dino": 0.8}) == "protected"
+
+
+def test_noise_referenced_verdicts_follow_the_stated_rules():
+    assert (NOISE_WEAK_DB, NOISE_PROTECTED_DB) == (3.0, 6.0)
+    assert f"at least {NOISE_PROTECTED_DB:g} dB below" in VERDICT_RULES and "weak" in VERDICT_RULES
+    clean = {"fdfr": 1.0, "ism": 0.0, "frozen": 0.0, "psnr_to_clean_video": 100.0}
+    noise = {"fdfr": 1.0, "ism": 0.0, "frozen": 0.0, "psnr_to_clean_video": 50.0}
+
+    def row(psnr: float, **extra: float) -> dict[str, float]:
+        return {"fdfr": 1.0, "ism": 0.0, "frozen": 0.0, "psnr_to_clean_video": psnr, **extra}
+
+    assert needs_noise_reference(clean)
+    assert verdict(row(44.0), clean, noise=noise) == "protected"  # exactly 6 dB below
+    assert verdict(row(30.0), clean, noise=noise) == "protected"
+    assert verdict(row(44.01), clean, noise=noise) == "weak"
+    assert verdict(row(47.0), clean, noise=noise) == "weak"  # exactly 3 dB below
+    assert verdict(row(47.01), clean, noise=noise) == "not protected"
+    assert verdict(row(55.0), clean, noise=noise) == "not protected"  # closer to the clean video than noise
+    assert verdict(noise, clean, noise=noise) == "not protected"  # the reference itself
+    assert verdict(clean, clean, noise=noise) == "not protected"  # the clean photo
+    assert verdict(row(30.0), clean) == "unknown"  # no reference given
+    assert noise_verdict({"frozen": 0.0}, noise) == "unknown"  # a video of another shape has no PSNR
+    # frozen, the face rule and DINO come first wherever they apply
+    assert verdict(row(30.0, frozen=1.0), clean, noise=noise) == "frozen"
+    face = {"ism": 0.97, "fdfr": 0.0, "frozen": 0.0, "psnr_to_clean_video": 100.0}
+    assert not needs_noise_reference(face)
+    assert verdict({**face, "psnr_to_clean_video": 30.0}, face, noise=noise) == "not protected"
+    assert verdict({**face, "ism": 0.8, "psnr_to_clean_video": 60.0}, face, noise=noise) == "protected"
+    dino = {**clean, "dino": 0.8}
+    assert not needs_noise_reference(dino)
+    assert verdict(row(30.0, dino=0.79), dino, noise=noise) == "not protected"
+    assert verdict(row(60.0, dino=0.5), dino, noise=noise) == "protected"
+
+
+def test_worst_case_passes_over_ism_when_the_clean_video_shows_no_face():
+    rows = {"protected": {"ism": 0.0, "fdfr": 1.0, "psnr_to_clean_video": 40.0},
+            "protected+jpeg75": {"ism": 0.0, "fdfr": 1.0, "psnr_to_clean_video": 45.0}}
+    assert weakest_run(rows, {"ism": 0.0, "fdfr": 1.0}) == "protected+jpeg75"  # closest to the clean video
+    faces = {"protected": {"ism": 0.9, "fdfr": 0.0, "psnr_to_clean_video": 40.0},
+             "protected+jpeg75": {"ism": 0.7, "fdfr": 0.0, "psnr_to_clean_video": 45.0}}
+    assert weakest_run(faces, {"ism": 0.97, "fdfr": 0.0}) == "protected"  # the identity kept best
+
+
+def test_evaluation_takes_the_matching_random_row_as_reference():
+    rows = [
+        {"image": "a.png", "method": "random", "purify": None, "scores": {"psnr_to_clean_video": 50.0}},
+        {"image": "a.png", "method": "random", "purify": "jpeg75", "scores": {"psnr_to_clean_video": 45.0}},
+        {"image": "b.png", "method": "random", "purify": None, "scores": {"psnr_to_clean_video": 60.0}},
+        {"image": "a.png", "method": "advdm", "purify": None, "scores": {"psnr_to_clean_video": 30.0}},
+    ]
+    assert noise_reference(rows, "a.png", "jpeg75")["psnr_to_clean_video"] == 45.0
+    assert noise_reference(rows, "a.png", None)["psnr_to_clean_video"] == 50.0
+    assert noise_reference(rows, "a.png", "cleaner")["psnr_to_clean_video"] == 50.0  # unpurified fallback
+    assert noise_reference(rows, "b.png", "jpeg75")["psnr_to_clean_video"] == 60.0
+    assert noise_reference(rows, "c.png", None) is None
+    methods = parse_methods("advdm,random,photoguard")
+    assert [m.name for m in with_noise_reference(methods, needed=False)] == ["random", "advdm", "photoguard"]
+    assert [m.name for m in with_noise_reference(parse_methods("advdm"), needed=True)] == ["random", "advdm"]
+    assert [m.name for m in with_noise_reference(parse_methods("advdm"), needed=False)] == ["advdm"]
 
 
 def test_evaluation_tabulates_resumes_and_anti_i2v_beats_random_noise(tmp_path, photos, tiny_model, scorer, monkeypatch):
@@ -82,6 +211,13 @@ def test_evaluation_tabulates_resumes_and_anti_i2v_beats_random_noise(tmp_path, 
         assert table[name]["linf_255"]["worst"] <= 8
     # the optimised perturbation changes the generated video more than random noise of the same budget
     assert table["anti-i2v"]["psnr_to_clean_video"]["mean"] < table["random"]["psnr_to_clean_video"]["mean"] - 5
+    # ... and the verdicts, measured against the random rows of the same photo and purification, say so
+    verdicts = {(r["image"], r["method"], r["purify"]): r["verdict"] for r in rows}
+    for image in ("astronaut.png", "mirrored.jpg"):
+        assert verdicts[(image, "random", None)] == verdicts[(image, "random", "jpeg75")] == "not protected"
+        assert verdicts[(image, "anti-i2v", None)] == "protected"
+    assert table["random"]["protected_share"] == 0.0 and table["anti-i2v"]["protected_share"] == 1.0
+    assert "| weak |" in (root / "table.md").read_text()
 
     calls = []
     monkeypatch.setattr(anti_i2v.evaluation.evaluate, "protect", lambda *a, **k: calls.append(k))
@@ -110,6 +246,8 @@ def test_evaluation_keeps_the_text_encoder_and_survives_bad_photos(tmp_path, pho
                      steps=2, generation_steps=2, scorer=scorer)
     assert seen and all(k["release_text_encoder"] is False and k["checkpoint_every"] for k in seen)
     assert table["advdm"]["photos"] == 3  # broken.png skipped, the two astronaut files kept apart
+    # no face in the tiny model's videos and no DINO: random runs as the verdicts' reference
+    assert table["random"]["photos"] == 3 and table["random"]["protected_share"] == 0.0
     outputs = sorted(p.name for p in (tmp_path / "eval" / "tiny-cogvideox" / "protected" / "advdm").glob("*.png"))
     assert outputs == ["astronaut-png_protected.png", "astronaut_protected.png", "mirrored_protected.png"]
 

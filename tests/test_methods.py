@@ -35,10 +35,10 @@ def test_every_method_respects_the_budget_on_the_saved_file(name, tmp_path, phot
 
 
 def test_ablations_set_their_space_and_weights_but_explicit_values_win():
-    config = ProtectConfig.from_preset("fast", method="anti-i2v-lab")
+    config = ProtectConfig.from_preset("fast", method="anti-i2v-paper-lab")
     assert config.space == "lab" and config.weight_irc == 0 and config.weight_dm == 1
-    assert ProtectConfig.from_preset("fast", method="anti-i2v-lab", space="dct").space == "dct"
-    assert ProtectConfig.from_preset("fast", method="anti-i2v-ira").weight_ira == 1
+    assert ProtectConfig.from_preset("fast", method="anti-i2v-paper-lab", space="dct").space == "dct"
+    assert ProtectConfig.from_preset("fast", method="anti-i2v-paper-ira").weight_ira == 1
 
 
 def test_unknown_methods_and_inapplicable_attacks_are_refused(photo_path, tiny_model):

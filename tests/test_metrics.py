@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anti_i2v.errors import InputError, ModelError
+from anti_i2v.errors import ConfigError, InputError, ModelError
 from anti_i2v.evaluation import metrics as M
 from anti_i2v.evaluation.metrics.identity import detection_scale
 
@@ -161,7 +161,8 @@ def test_temporal_needs_two_frames(small_astronaut):
 
 def test_fidelity_of_identical_images(small_astronaut):
     scores = M.fidelity(small_astronaut, small_astronaut)
-    assert set(scores) == {"linf", "linf_255", "psnr", "ssim", "ciede2000"}
+    assert set(scores) == {"linf", "linf_255", "psnr", "ssim", "ciede2000", "flip"}
+    assert scores["flip"] == 0.0
     assert scores["linf"] == 0.0 and scores["linf_255"] == 0.0
     assert scores["psnr"] == math.inf
     assert scores["ssim"] == pytest.approx(1.0, abs=1e-4)
@@ -177,6 +178,31 @@ def test_fidelity_of_8_over_255_perturbation(small_astronaut):
     assert scores["psnr"] == pytest.approx(20 * math.log10(255 / 8), abs=0.05)  # 30.07 dB
     assert 0.0 < scores["ssim"] < 1.0
     assert scores["ciede2000"] > 0.5
+    assert 0.0 < scores["flip"] < 1.0
+
+
+def test_flip_is_zero_for_identical_images_and_grows_with_visibility(small_astronaut):
+    x = 0.1 + 0.8 * small_astronaut
+    assert M.flip_difference(x, x.clone()) == 0.0
+    generator = torch.Generator().manual_seed(5)
+    faint = x + (torch.rand(x.shape, generator=generator) * 2 - 1) / 255  # +-1/255 noise: invisible
+    strong = x + (torch.rand(x.shape, generator=generator) * 2 - 1) * 16 / 255
+    inverted = 1 - x  # a negative of the photo: as visible as a change gets
+    scores = [M.flip_difference(x, y) for y in (faint, strong, inverted)]
+    assert 0.0 < scores[0] < 0.02
+    assert scores[0] < scores[1] < scores[2] < 1.0
+    # symmetric enough to be a distance, and computed on the images as given (no resize)
+    assert M.flip_difference(strong, x) == pytest.approx(scores[1], rel=0.2)
+    assert M.FLIP.protection_direction == "lower" and M.FLIP.range == (0.0, 1.0)
+
+
+def test_flip_refuses_bad_input(small_astronaut):
+    with pytest.raises(InputError, match="one size"):
+        M.flip_difference(small_astronaut, small_astronaut[:, :64])
+    with pytest.raises(InputError):
+        M.flip_difference(small_astronaut[None], small_astronaut[None])
+    with pytest.raises(ConfigError):
+        M.flip_difference(small_astronaut, small_astronaut, pixels_per_degree=0)
 
 
 def test_fidelity_size_mismatch(small_astronaut):
@@ -278,7 +304,7 @@ def test_face_quality_with_local_torchscript(tmp_path, monkeypatch, faces, astro
 
 def test_every_metric_spec_has_range_and_direction():
     expected = {"ism", "fdfr", "dino", "qalign_frame", "qalign_video", "face_quality", "warp_error",
-                "motion", "frozen", "linf", "linf_255", "psnr", "ssim", "ciede2000"}
+                "motion", "frozen", "linf", "linf_255", "psnr", "ssim", "ciede2000", "flip"}
     assert set(M.ALL_METRICS) == expected
     for name, spec in M.ALL_METRICS.items():
         assert spec.name == name

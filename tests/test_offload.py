@@ -102,8 +102,8 @@ class Quadratic(Objective):
 
 def test_ensemble_loss_and_gradient_equal_the_weighted_sum():
     members = [
-        EnsembleMember("a", Quadratic(1.0), lambda x: x, (0, 9), weight=1.0),
-        EnsembleMember("b", Quadratic(3.0), lambda x: x * 0.5 + 0.1, (0, 9), weight=0.5),
+        EnsembleMember("a", Quadratic(1.0), lambda x, g: x, (0, 9), weight=1.0),
+        EnsembleMember("b", Quadratic(3.0), lambda x, g: x * 0.5 + 0.1, (0, 9), weight=0.5),
     ]
     x = torch.rand(1, 3, 4, 4, requires_grad=True)
     draw = draw_step(torch.Generator().manual_seed(0), torch.Size([2]), (0, 9))

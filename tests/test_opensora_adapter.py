@@ -75,7 +75,7 @@ def test_verify_runs_on_it_and_the_registry_builds_it(tmp_path, portrait, model)
     report = verify(tmp_path / "face.png", protected, model, tmp_path / "report",
                     GenerationSettings(prompt=PROMPT, steps=2), purifiers=["jpeg75"],
                     scorer=VideoScorer(dino=None, qalign=None))
-    assert set(report["runs"]) == {"original", "protected", "protected+jpeg75"}
+    assert set(report["runs"]) == {"original", "protected", "random noise (same budget)", "protected+jpeg75"}
     from anti_i2v.models.registry import MODELS, load_model
 
     assert load_model("tiny-opensora", device="cpu").name == "tiny-opensora"

@@ -50,7 +50,9 @@ def high_freq_energy(z: torch.Tensor, cutoff: float = 0.25) -> float:
 def test_names_and_default_battery():
     assert P.PURIFIER_NAMES[-1] == "diffpure"
     assert P.DEFAULT_BATTERY == tuple(n for n in P.PURIFIER_NAMES if n != "diffpure")
-    assert len(P.PURIFIER_NAMES) == 12
+    assert len(P.PURIFIER_NAMES) == 14
+    after_resize = P.DEFAULT_BATTERY.index("resize0.5") + 1
+    assert P.DEFAULT_BATTERY[after_resize : after_resize + 2] == ("long1080", "social")
 
 
 @pytest.mark.parametrize("name", P.DEFAULT_BATTERY)
@@ -63,7 +65,10 @@ def test_purifier_contract(name, photo):
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     assert torch.equal(out, purifier(photo, 3))
     assert torch.equal(out, P.purify(name, photo, seed=3))
-    assert float((out - photo).abs().mean()) > 1e-3, f"{name} left the image unchanged"
+    if name.startswith("long"):  # the 160x128 photo is within the 1080 px limit: never upscaled, kept as is
+        assert torch.equal(out, photo)
+    else:
+        assert float((out - photo).abs().mean()) > 1e-3, f"{name} left the image unchanged"
 
 
 @pytest.mark.parametrize("name", P.DEFAULT_BATTERY)
@@ -157,6 +162,71 @@ def test_crop_zooms_into_the_centre():
 
 def test_resize_back_identity_at_scale_one(photo):
     assert torch.allclose(P.resize_back(1.0)(photo, 0), photo)
+
+
+def test_long_edge_shrinks_to_the_limit_and_never_upscales(photo):
+    assert P.long_edge_size(160, 128, 80) == (80, 64)
+    assert P.long_edge_size(128, 160, 80) == (64, 80)
+    assert P.long_edge_size(160, 128, 160) == (160, 128)
+    assert P.long_edge_size(160, 128, 4000) == (160, 128)  # never an upscale
+    assert P.long_edge_size(1000, 3, 10) == (10, 1)
+    small = P.build_purifier("long64")(photo, 0)
+    assert small.shape == photo.shape and small.dtype == torch.float32
+    assert float(small.min()) >= 0.0 and float(small.max()) <= 1.0
+    assert torch.equal(small, P.resize_long_edge(64)(photo, 5))  # deterministic, seed ignored
+    # down to 64x51 and back: the same as resizing by hand, and a real (low-pass) change
+    by_hand = F.interpolate(photo[None], size=(64, 51), mode="bicubic", antialias=True).clamp(0, 1)
+    by_hand = F.interpolate(by_hand, size=photo.shape[-2:], mode="bicubic").clamp(0, 1)[0]
+    assert torch.allclose(small, by_hand, atol=1e-6)
+    assert 20.0 < psnr(small, photo) < 40.0
+    assert high_freq_energy(small) < 0.3 * high_freq_energy(photo)  # above the small copy's Nyquist
+    # a smaller limit removes more
+    assert psnr(P.resize_long_edge(32)(photo, 0), photo) < psnr(small, photo)
+    # at or above the photo's long edge nothing happens
+    for limit in (160, 1080):
+        assert torch.equal(P.resize_long_edge(limit)(photo, 0), photo)
+    assert torch.equal(P.build_purifier("long1080")(photo.double(), 0), photo)
+
+
+def test_chain_equals_applying_in_order(photo):
+    steps = (P.resize_long_edge(100), P.gaussian_noise(0.05), P.jpeg(50))
+    chained = P.chain(*steps)
+    expected = photo
+    for step in steps:
+        expected = step(expected, 7)
+    assert torch.equal(chained(photo, 7), expected)
+    assert not torch.equal(chained(photo, 7), chained(photo, 8))  # the seed reaches the noise step
+    assert torch.equal(P.chain(P.jpeg(75))(photo, 0), P.jpeg(75)(photo, 0))
+    # the order matters: JPEG last leaves the result on the 8-bit grid, noise last does not
+    levels = P.chain(P.gaussian_noise(0.05), P.jpeg(50))(photo, 0) * 255
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    levels = P.chain(P.jpeg(50), P.gaussian_noise(0.05))(photo, 0) * 255
+    assert not torch.allclose(levels, levels.round(), atol=1e-4)
+    assert "resize_long_edge(long_edge=100)" in chained.__name__ and "jpeg(quality=50)" in chained.__name__
+
+
+def test_social_is_long_edge_then_jpeg75(photo):
+    social64 = P.build_purifier("social64")
+    assert torch.equal(social64(photo, 0), P.jpeg(75)(P.resize_long_edge(64)(photo, 0), 0))
+    # plain "social" caps the long edge at 1080 px: a small photo only gets the JPEG
+    assert torch.equal(P.build_purifier("social")(photo, 0), P.jpeg(75)(photo, 0))
+    assert P.build_purifier("social") is P.build_purifier("social1080")
+    assert psnr(social64(photo, 0), photo) < psnr(P.jpeg(75)(photo, 0), photo)
+    levels = social64(photo, 0) * 255
+    assert torch.allclose(levels, levels.round(), atol=1e-4)  # ends with a JPEG: 8-bit values
+
+
+def test_sized_names_are_checked():
+    for name in ("long720", "long1", "social2048", "social"):
+        assert P.is_purifier_name(name), name
+    for name in ("long", "long0", "long07", "long-5", "long1.5", "social_1080", "sociall", "sharpen"):
+        assert not P.is_purifier_name(name), name
+        with pytest.raises(ConfigError, match="long<N>"):
+            P.build_purifier(name)
+    for make in (lambda: P.resize_long_edge(0), lambda: P.resize_long_edge(12.5), lambda: P.chain(),
+                 lambda: P.chain(P.jpeg(75), "jpeg75")):
+        with pytest.raises(ConfigError):
+            make()
 
 
 def test_build_purifier_caches_and_maps_parameters():

@@ -20,7 +20,8 @@ from PIL import Image
 from anti_i2v import __version__
 from anti_i2v.atomic import write_json_atomic
 from anti_i2v.config import DEFAULT_PRESET, ProtectConfig
-from anti_i2v.engine import PGDResult, StepReport, fingerprint, run_pgd
+from anti_i2v.engine import PGDResult, StepReport, View, fingerprint, run_pgd
+from anti_i2v.eot import ExpectationOverTransforms, parse_eot
 from anti_i2v.errors import ConfigError, OutputError
 from anti_i2v.models.base import VideoModel
 from anti_i2v.models.registry import load_model
@@ -181,6 +182,7 @@ def _optimise(
     if len(weights) != len(models):
         raise ConfigError(f"{len(weights)} model weights for {len(models)} models; give one weight per model")
     residency = Residency(models) if len(models) > 1 else None
+    eot = ExpectationOverTransforms(parse_eot(config.eot))
     members = []
     for index, model in enumerate(models):
         if residency is not None:
@@ -194,8 +196,8 @@ def _optimise(
             logger.warning("%s crops the photo: without through_resize the perturbation is not aligned with it",
                            model.name)
         needs_view = index > 0 or (config.through_resize and photo.size != tuple(model.resolution))
-        members.append(EnsembleMember(model.name, objective, _photo_view(model, photo, x, config.eps) if needs_view
-                                      else (lambda x_adv: x_adv), _t_range(model, config), weights[index], model))
+        view = _photo_view(model, photo, x, config.eps, eot) if needs_view else _model_view(eot)
+        members.append(EnsembleMember(model.name, objective, view, _t_range(model, config), weights[index], model))
     single = len(members) == 1
     result = run_pgd(
         members[0].objective if single else EnsembleObjective(members, residency),
@@ -213,14 +215,21 @@ def _optimise(
     return protected, result
 
 
-def _photo_view(model: VideoModel, photo: Photo, x: torch.Tensor, eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What ``model`` sees of the saved photo: the perturbation carried to full size, then prepared."""
+def _photo_view(model: VideoModel, photo: Photo, x: torch.Tensor, eps: float, eot: ExpectationOverTransforms) -> View:
+    """What ``model`` sees of the saved photo: the perturbation carried to full size, passed through
+    a random transform of the upload channel (EOT, when asked for), then prepared as its pipeline does."""
     full = photo.rgb.to(model.device)
 
-    def view(x_adv: torch.Tensor) -> torch.Tensor:
-        return model.prepare_image(carry_perturbation(full, x.to(model.device), x_adv.to(model.device), eps))
+    def view(x_adv: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        carried = carry_perturbation(full, x.to(model.device), x_adv.to(model.device), eps)
+        return model.prepare_image(eot(carried.unsqueeze(0), generator) if eot else carried)
 
     return view
+
+
+def _model_view(eot: ExpectationOverTransforms) -> View:
+    """The optimised image itself (already at the model's input), after an EOT draw when asked for."""
+    return lambda x_adv, generator: eot(x_adv, generator) if eot else x_adv
 
 
 def protect(

@@ -14,7 +14,9 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a hidden temp file beside ``path``, fsync it, rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keep the suffix: some writers pick formats by it
+    # one temp name per process, so that concurrent writers of one path never share a temp file;
+    # keep the suffix: some writers pick formats by it
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(tmp)
         with open(tmp, "rb") as handle:

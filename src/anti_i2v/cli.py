@@ -63,8 +63,10 @@ def _weights(text: str | None) -> dict[str, float]:
     weights = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
-        if name.strip() not in {"irc", "ira", "dm", "aux"} or not value:
-            raise ConfigError(f"--weights takes irc=, ira=, dm=, aux= entries such as irc=1,dm=0.5 (got '{item}')")
+        if name.strip() not in {"irc", "ira", "dm", "aux", "div", "latent"} or not value:
+            raise ConfigError(
+                f"--weights takes irc=, ira=, dm=, aux=, div=, latent= entries such as irc=1,dm=0.5 (got '{item}')"
+            )
         try:
             weights[f"weight_{name.strip()}"] = float(value)
         except ValueError as err:
@@ -89,24 +91,26 @@ def protect(
     preset: Annotated[str, typer.Option(help=f"Strength preset ({_PRESET_HELP}).")] = DEFAULT_PRESET,
     eps: Annotated[Optional[str], typer.Option(help="L-inf budget in [0,1] pixel units, e.g. 8/255 (default 8/255).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimisation steps (overrides the preset).")] = None,
-    method: Annotated[str, typer.Option(help="anti-i2v (default), an ablation (anti-i2v-rgb, -lab, -dct, -irc, -ira) or a baseline (advdm, mist, photoguard, sds, clip-embed, random).")] = "anti-i2v",
+    method: Annotated[str, typer.Option(help="anti-i2v (default), anti-i2v-paper (the published method) and its ablations (anti-i2v-paper-rgb, -lab, -dct, -irc, -ira), or a baseline (advdm, mist, photoguard, sds, clip-embed, random).")] = "anti-i2v",
     space: Annotated[Optional[str], typer.Option(help="Perturbation space: dual | lab | dct | rgb (default: the method's, dual for anti-i2v).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Text prompt the attacker is assumed to use.")] = None,
     target: Annotated[Optional[Path], typer.Option(help="IRA target image (default: a generated pattern).")] = None,
-    reference: Annotated[str, typer.Option(help="Reference video of the diffusion loss: repeat | generate | FILE.")] = "repeat",
+    reference: Annotated[Optional[str], typer.Option(help="Reference video of the diffusion loss: repeat | generate | FILE (default: the method's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random draw: same photo, config and seed give the same file on this machine.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: GPU if present).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="png (lossless, default), or jpg / webp (lossy: weakens protection).")] = "png",
     step_size: Annotated[Optional[float], typer.Option(help="RGB step in [0,1] units (default max(0.5/255, 2.5*eps/steps)).")] = None,
-    dct_band: Annotated[float, typer.Option(help="Share of the lowest DCT frequencies per axis that may change.")] = 0.25,
-    dct_block: Annotated[int, typer.Option(help="DCT tile size; 0 for one global DCT.")] = 8,
-    dual_period: Annotated[int, typer.Option(help="Steps per stage before the dual space switches Lab <-> DCT.")] = 1,
-    weights: Annotated[Optional[str], typer.Option(help="Loss weights, e.g. irc=1,ira=1,dm=1,aux=0 (default: unit weights; aux on only if its CLIP weights are local).")] = None,
-    t_min: Annotated[int, typer.Option(help="Smallest diffusion timestep sampled.")] = 0,
-    t_max: Annotated[int, typer.Option(help="Largest diffusion timestep sampled.")] = 999,
-    irc_shallow: Annotated[int, typer.Option(help="IRC anchor block (the paper's block 3).")] = 3,
-    irc_deep: Annotated[str, typer.Option(help="IRC deep blocks, negative from the end.")] = "-3,-2,-1",
+    dct_band: Annotated[Optional[float], typer.Option(help="Share of the lowest DCT frequencies per axis that may change (default 0.25).")] = None,
+    dct_block: Annotated[Optional[int], typer.Option(help="DCT tile size; 0 for one global DCT (default 8).")] = None,
+    dual_period: Annotated[Optional[int], typer.Option(help="Steps per stage before the dual space switches Lab <-> DCT (default 1).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Loss weights, e.g. irc=1,ira=1,dm=1,aux=0,div=0,latent=0 (default: the method's; aux on only if its CLIP weights are local).")] = None,
+    t_min: Annotated[Optional[int], typer.Option(help="Smallest diffusion timestep sampled (default 0).")] = None,
+    t_max: Annotated[Optional[int], typer.Option(help="Largest diffusion timestep sampled (default 999).")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="Momentum decay of the sign steps, 0 for plain sign-PGD (default: the method's).")] = None,
+    eot: Annotated[Optional[str], typer.Option(help="Random transforms optimised through, e.g. jpeg,resize,blur,noise, or none (default: the method's).")] = None,
+    irc_shallow: Annotated[Optional[int], typer.Option(help="IRC anchor block (default: the paper's block 3, earlier on shallow models).")] = None,
+    irc_deep: Annotated[Optional[str], typer.Option(help="IRC deep blocks, negative from the end (default: the last three).")] = None,
     ira_blocks: Annotated[Optional[str], typer.Option(help="IRA denoiser blocks (default: the IRC deep blocks).")] = None,
     aux_model: Annotated[Optional[str], typer.Option(help="Hub id or folder of the CLIP vision model of the auxiliary term.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save optimisation state every N steps, to resume after a crash.")] = 0,
@@ -147,8 +151,10 @@ def protect(
             dual_period=dual_period,
             t_min=t_min,
             t_max=t_max,
+            momentum=momentum,
+            eot=eot,
             irc_shallow=irc_shallow,
-            irc_deep=_int_list(irc_deep, "--irc-deep"),
+            irc_deep=_int_list(irc_deep, "--irc-deep") if irc_deep else None,
             ira_blocks=_int_list(ira_blocks, "--ira-blocks") if ira_blocks else None,
             aux_model=aux_model,
             model_weights=_float_list(model_weights, "--model-weights") if model_weights else None,
@@ -236,7 +242,7 @@ def _require_eval_extras() -> None:
     """End with one line when the evaluation extras are not installed."""
     import importlib.util
 
-    modules = ("cv2", "dlib", "face_recognition_models", "skimage", "imageio", "imageio_ffmpeg")
+    modules = ("cv2", "dlib", "face_recognition_models", "skimage", "flip_evaluator", "imageio", "imageio_ffmpeg")
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise _fail(AntiI2VError(f"this command needs the evaluation extras (missing {', '.join(missing)}): "
@@ -245,14 +251,15 @@ def _require_eval_extras() -> None:
 
 def _purifier_names(text: str, diffpure_model: str | None) -> list[str]:
     """``default``, ``none`` or a comma list -> checked purification names."""
-    from anti_i2v.evaluation.purify import DEFAULT_BATTERY, PURIFIER_NAMES, diffpure_available
+    from anti_i2v.evaluation.purify import DEFAULT_BATTERY, PURIFIER_NAMES, diffpure_available, is_purifier_name
 
     names = {"default": list(DEFAULT_BATTERY), "none": []}.get(text)
     if names is None:
         names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(PURIFIER_NAMES))
+    unknown = sorted(n for n in set(names) if not is_purifier_name(n))
     if unknown:
-        raise ConfigError(f"unknown purification(s) {', '.join(unknown)}; choose from {', '.join(PURIFIER_NAMES)}")
+        raise ConfigError(f"unknown purification(s) {', '.join(unknown)}; choose from {', '.join(PURIFIER_NAMES)} "
+                          "(or long<N>, social<N> for a long edge of N pixels)")
     if "diffpure" in names and not diffpure_available(diffpure_model):
         raise ModelError("diffpure needs an image diffusion model's weights locally (--diffpure-model DIR)")
     return names
@@ -330,7 +337,7 @@ def verify(
         video_model = _load_for_cli(model_name, model_path, device, dtype)
         # one report per model; with several models, each in its own sub-folder
         folder = out if len(model_names) == 1 else out / model_name
-        total = 2 + len(names)
+        total = 3 + len(names)  # original, protected, same-budget noise, then each purification
         with console.status("generating") as status:
             done = []
 
@@ -366,7 +373,7 @@ def _print_verdicts(report: dict, title: str, folder: Path) -> None:
     headers = {"warp_error": "warp", "psnr_to_clean_video": "PSNR→clean", "qalign_video": "Q-Align"}
     for m in metrics:
         table.add_column(headers.get(m, m), justify="right", no_wrap=True)
-    colours = {"protected": "green", "not protected": "red", "frozen": "yellow"}
+    colours = {"protected": "green", "weak": "dark_orange", "not protected": "red", "frozen": "yellow"}
     for name, run in report["runs"].items():
         colour = colours.get(run["verdict"], "white")
         cells = [f"{run['scores'][m]:.3g}" if m in run["scores"] else "-" for m in metrics]

@@ -25,6 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "strong": {"eps": 8 / 255, "steps": 1000},
 }
 DEFAULT_PRESET = "balanced"
+STEP_SCHEDULES = ("constant", "cosine")
 
 
 def parse_eps(value: str | float) -> float:
@@ -71,7 +72,19 @@ class ProtectConfig:
             the paper writes the sum). ``weight_aux=None`` (default) turns the auxiliary
             CLIP term on with weight 1 when ``aux_model``'s weights are present locally,
             and off (with a log line saying so) when they are not: none are bundled.
-        irc_shallow, irc_deep: IRC pulls the deep blocks' features to the shallow block's.
+        weight_div: weight of the output divergence, maximised (ours): how far the denoiser's
+            noise prediction with the protected photo moves from the one with the clean photo,
+            on the same noised reference video (see `objectives.divergence`).
+        weight_latent: weight of the image-latent push, maximised (ours): how far the VAE
+            latent of the protected photo moves from the clean photo's.
+        weight_sampler: weight of the sampler divergence, maximised (ours): how far a short
+            deterministic sampler run from fresh noise lands from the clean photo's run
+            (``sampler_steps`` denoiser passes, differentiated through), with the model's own
+            classifier-free guidance where it has one (``sampler_guidance``).
+        irc_shallow, irc_deep: IRC pulls the deep blocks' features to the shallow block's;
+            indices, negative from the end. None picks them from the model's depth: the paper's
+            block 3 and last three blocks where the model has three blocks after block 3,
+            else an earlier anchor (see `objectives.irc.default_irc_blocks`).
         ira_blocks: denoiser blocks pulled toward the target image (None: irc_deep).
         ira_vae_layers: VAE-encoder layers pulled toward the target (None: all encoder blocks).
         target: path of the IRA target image psi (None: a pattern generated in code).
@@ -79,6 +92,19 @@ class ProtectConfig:
             frames), "generate" (one clean generation, cached) or a video file path.
         reference_steps: sampling steps when reference == "generate".
         aux_model: hub id or local folder of the CLIP vision model of the auxiliary term.
+        min_psnr: a second, visibility budget (ours): after every step the perturbation is
+            scaled down, where needed, so that its PSNR at the model's input is at least this
+            many dB; the saved photo (the perturbation carried to full size by interpolation)
+            is then at least as far from visible. None: the L-infinity budget alone.
+        step_schedule: "constant" step sizes, or "cosine": each stage's step decays along a
+            half cosine from its size to a tenth of it by the last step (ours), so that the last
+            steps settle pixels rather than push every one to the edge of the budget.
+        momentum: decay of the gradient momentum of the sign steps (MI-FGSM, ours); 0 is
+            plain sign-PGD.
+        random_start: start from uniform noise in the eps ball instead of the photo.
+        eot: expectation over transformations (ours): comma-separated random, differentiable
+            transforms applied to what the model sees at each step, as an attacker's upload
+            channel would ("jpeg", "resize", "blur", "noise"; "" for none; see `anti_i2v.eot`).
         through_resize: optimise what the model sees after the perturbation is carried
             to the full-size photo and that photo is resized to the model's input, rather
             than the model-resolution image itself (ours; see docs/method.md).
@@ -105,14 +131,24 @@ class ProtectConfig:
     weight_ira: float = 1.0
     weight_dm: float = 1.0
     weight_aux: float | None = None
-    irc_shallow: int = 3
-    irc_deep: tuple[int, ...] = (-3, -2, -1)
+    weight_div: float = 0.0
+    weight_latent: float = 0.0
+    weight_sampler: float = 0.0
+    sampler_steps: int = 4
+    sampler_guidance: bool = True
+    irc_shallow: int | None = None
+    irc_deep: tuple[int, ...] | None = None
     ira_blocks: tuple[int, ...] | None = None
     ira_vae_layers: tuple[str, ...] | None = None
     target: str | None = None
     reference: str = "repeat"
     reference_steps: int = 50
     aux_model: str = DEFAULT_AUX_MODEL
+    min_psnr: float | None = None
+    step_schedule: str = "constant"
+    momentum: float = 0.0
+    random_start: bool = False
+    eot: str = ""
     through_resize: bool = True
     checkpoint_every: int = 0
     model_weights: tuple[float, ...] | None = None
@@ -127,13 +163,26 @@ class ProtectConfig:
             raise ConfigError(f"dct_band is a share of frequencies in (0, 1] (got {self.dct_band})")
         if self.dual_period < 1:
             raise ConfigError(f"dual_period must be at least 1 (got {self.dual_period})")
-        if not (self.weight_irc or self.weight_ira or self.weight_dm or self.weight_aux):
+        if not (self.weight_irc or self.weight_ira or self.weight_dm or self.weight_aux or self.weight_div
+                or self.weight_latent or self.weight_sampler):
             raise ConfigError("every loss weight is 0, so there is nothing to optimise; keep at least one non-zero")
         if self.reference not in ("repeat", "generate") and not Path(self.reference).is_file():
             raise ConfigError(
                 f"reference '{self.reference}' is neither 'repeat', 'generate' nor an existing video file"
             )
-        self.irc_deep = tuple(self.irc_deep)
+        if self.irc_deep is not None:
+            self.irc_deep = tuple(self.irc_deep)
+        if self.sampler_steps < 1:
+            raise ConfigError(f"sampler_steps must be at least 1 (got {self.sampler_steps})")
+        if self.min_psnr is not None and not 10 <= self.min_psnr <= 60:
+            raise ConfigError(f"min_psnr is in dB, between 10 and 60 (got {self.min_psnr})")
+        if self.step_schedule not in STEP_SCHEDULES:
+            raise ConfigError(f"step_schedule is one of {', '.join(STEP_SCHEDULES)} (got '{self.step_schedule}')")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum is a decay in [0, 1) (got {self.momentum})")
+        from anti_i2v.eot import parse_eot
+
+        self.eot = ",".join(parse_eot(self.eot))
         if self.ira_blocks is not None:
             self.ira_blocks = tuple(self.ira_blocks)
         if self.ira_vae_layers is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +95,59 @@ def step_sizes(space: PerturbationSpace, config: ProtectConfig) -> dict[str, flo
     }
 
 
+View = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+"""What the model sees of the optimised image at one step, given the step's generator (for EOT draws)."""
+
+
+def scheduled(size: float, step: int, total: int, schedule: str) -> float:
+    """The step size at step ``step`` (0-based) of ``total``: constant, or a half cosine from
+    ``size`` down to ``size / 10`` at the last step."""
+    if schedule == "constant" or total < 2:
+        return size
+    progress = step / (total - 1)
+    return size * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def limit_psnr(x_adv: torch.Tensor, x: torch.Tensor, min_psnr: float | None) -> torch.Tensor:
+    """``x_adv`` with its perturbation scaled toward ``x`` so that its PSNR is at least ``min_psnr`` dB
+    (unchanged when it already is, or when ``min_psnr`` is None). Scaling keeps it in the L-inf ball."""
+    if min_psnr is None:
+        return x_adv
+    delta = x_adv - x
+    rms = float(delta.float().pow(2).mean().sqrt())
+    allowed = 10 ** (-min_psnr / 20)
+    if rms <= allowed:
+        return x_adv
+    return (x + delta * (allowed / rms)).clamp(0, 1)
+
+
+def random_start(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """A uniform draw in the eps ball around ``x``, projected to [0, 1]."""
+    noise = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
+    return project(x + noise.to(x.device, x.dtype), x, eps)
+
+
+class SignMomentum:
+    """MI-FGSM momentum per stage: ``g <- mu g + grad / mean|grad|``; the sign step follows ``g``.
+
+    With ``mu = 0`` the gradient passes through unchanged (plain sign-PGD).
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, stage: str, grad: torch.Tensor) -> torch.Tensor:
+        if not self.decay:
+            return grad
+        grad = grad / grad.abs().mean().clamp_min(1e-12)
+        previous = self.buffers.get(stage)
+        if previous is not None and previous.shape == grad.shape:
+            grad = self.decay * previous + grad
+        self.buffers[stage] = grad.detach()
+        return grad
+
+
 def run_pgd(
     objective: Objective,
     space: PerturbationSpace,
@@ -103,7 +157,7 @@ def run_pgd(
     t_range: tuple[int, int],
     run_id: str = "",
     keep_gray: bool = False,
-    view: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    view: View | None = None,
     callback: Callable[[StepReport], None] | None = None,
     checkpoint_path: Path | None = None,
 ) -> PGDResult:
@@ -117,22 +171,25 @@ def run_pgd(
         t_range: inclusive timestep range to sample from.
         run_id: identity of the run; a checkpoint is resumed only if it matches.
         keep_gray: keep the image gray (all channels equal) for gray photos.
-        view: differentiable map from the optimised image to what the model sees
-            (e.g. carried to the full-size photo and resized back); identity if None.
+        view: differentiable map from the optimised image (and the step's generator) to
+            what the model sees (e.g. carried to the full-size photo, transformed for EOT,
+            resized back); identity if None.
         callback: called after every step with a `StepReport`.
         checkpoint_path: where to save state every ``config.checkpoint_every`` steps.
     """
     generator = torch.Generator().manual_seed(config.seed)
     x = x.detach()
-    x_adv = x.clone()
+    x_adv = random_start(x, config.eps, generator) if config.random_start else x.clone()
     history: list[dict[str, float]] = []
     start = 0
+    momentum = SignMomentum(config.momentum)
     state = load_checkpoint(checkpoint_path, run_id)
     if state is not None:
         x_adv = state["x_adv"].to(x.device, x.dtype)
         start = int(state["step"])
         generator.set_state(state["generator"])
         history = [dict(h) for h in state["history"]]
+        momentum.buffers = {k: v.to(x.device) for k, v in state.get("momentum", {}).items()}
         logger.info("resuming from step %d of %d", start, config.steps)
     sizes = step_sizes(space, config)
     began = time.perf_counter()
@@ -141,9 +198,10 @@ def run_pgd(
         stage = space.stage(i)
         param = space.parametrise(x_adv, x, config.eps, i)
         x_in = param.to_rgb()
-        output = objective(view(x_in) if view is not None else x_in, draw)
+        output = objective(view(x_in, draw.generator) if view is not None else x_in, draw)
         (grad,) = torch.autograd.grad(output.loss, param.params)
-        x_adv = param.step(grad, sizes[stage])
+        x_adv = param.step(momentum(stage, grad), scheduled(sizes[stage], i, config.steps, config.step_schedule))
+        x_adv = limit_psnr(x_adv, x, config.min_psnr)
         if keep_gray:
             x_adv = project(x_adv.mean(dim=1, keepdim=True).expand_as(x_adv), x, config.eps)
         history.append(output.parts)
@@ -158,6 +216,7 @@ def run_pgd(
                     "x_adv": x_adv.detach().cpu(),
                     "generator": generator.get_state(),
                     "history": history,
+                    "momentum": {k: v.cpu() for k, v in momentum.buffers.items()},
                 },
             )
     return PGDResult(x_adv=x_adv.detach(), history=history, resumed_from=start)

@@ -8,6 +8,12 @@ Layout of the output folder, per model::
 
 Every method runs with the same budget, steps and seed. Rows already in
 ``results.jsonl`` are not computed again, so an interrupted evaluation resumes.
+
+Where neither the face metrics nor DINO can judge a photo's videos, the verdicts are
+relative to the ``random`` method (uniform noise of the same budget, same seed and
+sampler): each row is compared with the ``random`` row of the same photo and the same
+purification (see `anti_i2v.evaluation.scoring.noise_verdict`). ``random`` then runs
+first for that photo, and is added for it when it was not asked for.
 """
 
 from __future__ import annotations
@@ -31,14 +37,15 @@ from anti_i2v.errors import AntiI2VError, ConfigError, InputError
 from anti_i2v.evaluation.generate import GenerationSettings, generate_video
 from anti_i2v.evaluation.metrics.fidelity import fidelity
 from anti_i2v.evaluation.purify import build_purifier
-from anti_i2v.evaluation.scoring import SCORED_METRICS, VideoScorer, verdict
-from anti_i2v.methods import Method
+from anti_i2v.evaluation.scoring import SCORED_METRICS, VideoScorer, needs_noise_reference, verdict
+from anti_i2v.methods import Method, get_method
 from anti_i2v.models.base import VideoModel
 from anti_i2v.photo import load_photo, output_path_for
 
 logger = logging.getLogger(__name__)
 
 CLEAN = "clean"
+RANDOM = "random"  # the method whose rows are the same-budget noise reference
 CHECKPOINT_EVERY = 50  # an interrupted optimisation resumes from its last checkpoint
 
 
@@ -127,6 +134,28 @@ def _check_same_run(path: Path, settings: dict[str, Any]) -> None:
         write_json_atomic(path, settings)
 
 
+def with_noise_reference(methods: Sequence[Method], needed: bool) -> list[Method]:
+    """``methods`` with ``random`` first (its rows are the other rows' reference), and added when
+    ``needed`` (the verdict falls back to the noise reference) but not asked for."""
+    ordered = sorted(methods, key=lambda method: method.name != RANDOM)  # stable: the rest keep their order
+    if needed and not any(method.name == RANDOM for method in ordered):
+        ordered.insert(0, get_method(RANDOM))
+    return ordered
+
+
+def noise_reference(rows: Sequence[dict[str, Any]], image: str, purify: str | None) -> dict[str, float] | None:
+    """Scores of the ``random`` row of ``image`` after the same purification (else unpurified), or None."""
+    fallback = None
+    for row in rows:
+        if row["image"] != image or row["method"] != RANDOM:
+            continue
+        if row.get("purify") == purify:
+            return row["scores"]
+        if row.get("purify") is None:
+            fallback = row["scores"]
+    return fallback
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method (and purification): mean and worst case over photos of every metric.
 
@@ -152,6 +181,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             summary[metric] = {"mean": sum(finite) / len(finite) if finite else None, "worst": worst(vals)}
         verdicts = [row["verdict"] for row in members]
         summary["protected_share"] = verdicts.count("protected") / len(verdicts)
+        summary["weak_share"] = verdicts.count("weak") / len(verdicts)
         summary["frozen"] = verdicts.count("frozen")
         table[name] = summary
     return table
@@ -191,8 +221,8 @@ def markdown_table(model: str, table: dict[str, dict[str, Any]]) -> str:
     lines = [
         f"# {model}: mean (worst case per photo)",
         "",
-        "| method | photos | protected | frozen | " + " | ".join(metrics) + " |",
-        "|---|---|---|---|" + "---|" * len(metrics),
+        "| method | photos | protected | weak | frozen | " + " | ".join(metrics) + " |",
+        "|---|---|---|---|---|" + "---|" * len(metrics),
     ]
     for name, s in table.items():
         cells = []
@@ -202,7 +232,9 @@ def markdown_table(model: str, table: dict[str, dict[str, Any]]) -> str:
                 cells.append("-")
             else:
                 cells.append(f"{entry['mean']:.3f} ({entry['worst']:.3f})")
-        lines.append(f"| {name} | {s['photos']} | {s['protected_share']:.0%} | {s['frozen']} | " + " | ".join(cells) + " |")
+        weak = s.get("weak_share", 0.0)
+        lines.append(f"| {name} | {s['photos']} | {s['protected_share']:.0%} | {weak:.0%} | {s['frozen']} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,7 +261,9 @@ def evaluate(
     logged and skipped; the rest goes on. With ``protect_model`` (one model, or several
     for an ensemble), photos are protected against it and generated with ``model``
     (transfer); results then go to ``<out>/<model>/from-<name>/``, where an ensemble's
-    name joins its members' with "+".
+    name joins its members' with "+". For a photo that neither the face metrics nor
+    DINO can judge, ``random`` runs first (and is added when not in ``methods``): its
+    rows are the noise reference of the verdicts.
     """
     protectors = [model] if protect_model is None else (
         [protect_model] if isinstance(protect_model, VideoModel) else list(protect_model))
@@ -268,7 +302,11 @@ def evaluate(
             row = {"image": sample.path.name, "method": CLEAN, "purify": None, "scores": clean_scores,
                    "verdict": "reference", "fidelity": None, "settings": asdict(settings)}
             _append_row(results, rows, row)
-        for method in methods:
+        needed = needs_noise_reference(clean_scores)
+        if needed and not any(method.name == RANDOM for method in methods):
+            logger.info("%s: no face or DINO verdict applies; adding '%s' as the noise reference",
+                        sample.path.name, RANDOM)
+        for method in with_noise_reference(methods, needed):
             keys = [(sample.path.name, method.name, p) for p in (None, *purifiers)]
             if all(k in done for k in keys):
                 continue
@@ -295,8 +333,11 @@ def evaluate(
                 else:
                     image = build_purifier(purify, diffpure_model=diffpure_model, device=model.device)(protected.rgb, seed)
                 scores = scorer.score(generate_video(model, image, settings))
+                # the noise rows are their own reference; the others take the matching noise row
+                noise = scores if method.name == RANDOM else noise_reference(rows, sample.path.name, purify)
                 row = {"image": sample.path.name, "method": method.name, "purify": purify, "scores": scores,
-                       "verdict": verdict(scores, clean_scores, scorer.identity_model), "fidelity": image_fidelity}
+                       "verdict": verdict(scores, clean_scores, scorer.identity_model, noise=noise),
+                       "fidelity": image_fidelity}
                 _append_row(results, rows, row)
     table = summarise(rows)
     write_json_atomic(root / "table.json", {"model": model.name, "eps": eps, "steps": steps, "seed": seed,

@@ -12,6 +12,12 @@ device. Given the same seed the result is always the same.
 * :func:`jpeg` / :func:`webp` - lossy re-encoding with Pillow, in memory (the
   image is rounded to 8 bits first, as any saved file would be).
 * :func:`resize_back` - antialiased bicubic downscale, bicubic upscale back.
+* :func:`resize_long_edge` - what an upload's size limit does: antialiased
+  bicubic downscale so that the long edge is at most ``long_edge`` pixels
+  (never an upscale), then bicubic upscale back to the original size.
+* :func:`chain` - several purifiers one after the other, e.g. ``social``: a
+  1080-pixel long edge, then JPEG 75 with 4:2:0 chroma (what a photo goes
+  through when it is posted and downloaded again).
 * :func:`gaussian_blur` - separable Gaussian blur (kornia).
 * :func:`gaussian_noise` - additive Gaussian noise from a seeded generator.
 * :func:`center_crop` - crop the centre and stretch it back to full size.
@@ -21,7 +27,9 @@ device. Given the same seed the result is always the same.
   model (diffusers ``UNet2DModel`` + ``DDPMScheduler``).
 
 :func:`build_purifier` turns the names in :data:`PURIFIER_NAMES` into
-purifiers; :data:`DEFAULT_BATTERY` is the set that needs no model weights.
+purifiers (plus ``long<N>`` and ``social<N>`` for any long edge ``N``, see
+:func:`is_purifier_name`); :data:`DEFAULT_BATTERY` is the set that needs no
+model weights.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import io
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +69,8 @@ PURIFIER_NAMES: tuple[str, ...] = (
     "jpeg30",
     "webp",
     "resize0.5",
+    "long1080",
+    "social",
     "blur",
     "noise0.05",
     "noise0.1",
@@ -67,7 +78,16 @@ PURIFIER_NAMES: tuple[str, ...] = (
     "cleaner",
     "diffpure",
 )
-"""Every purifier :func:`build_purifier` knows, mildest codecs first."""
+"""The named purifiers :func:`build_purifier` knows, mildest codecs first (it also takes
+``long<N>`` and ``social<N>`` for any long edge ``N``)."""
+
+SOCIAL_LONG_EDGE: int = 1080
+"""Long edge (pixels) of ``social``: a common size cap of photo-sharing uploads."""
+
+SOCIAL_JPEG_QUALITY: int = 75
+"""JPEG quality of ``social<N>`` (Pillow's default quality, with its default 4:2:0 chroma)."""
+
+_SIZED_NAME = re.compile(r"(long|social)([1-9][0-9]*)")
 
 DEFAULT_BATTERY: tuple[str, ...] = tuple(name for name in PURIFIER_NAMES if name != "diffpure")
 """The purifiers that need no model weights (all but ``diffpure``)."""
@@ -209,6 +229,72 @@ def resize_back(scale: float = 0.5) -> Purifier:
         return _finish(restored[0], image)
 
     return _named(purify_resize, f"resize_back(scale={scale:g})")
+
+
+def long_edge_size(height: int, width: int, long_edge: int) -> tuple[int, int]:
+    """``(height, width)`` scaled so that the longer side is at most ``long_edge``, aspect kept.
+
+    Sizes already within the limit come back unchanged (never an upscale); the
+    shorter side is rounded to the nearest pixel and kept at least 1.
+    """
+    longest = max(height, width)
+    if longest <= long_edge:
+        return height, width
+    scale = long_edge / longest
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_long_edge(long_edge: int = SOCIAL_LONG_EDGE) -> Purifier:
+    """Downscale so that the long edge is at most ``long_edge`` pixels (>= 1), then back up.
+
+    Models the size cap of an upload: takes a ``(3, H, W)`` float image in
+    [0, 1]; when ``max(H, W) > long_edge`` it shrinks it, aspect ratio kept, to
+    :func:`long_edge_size` with antialiased bicubic interpolation, enlarges it
+    back to ``(H, W)`` with bicubic interpolation and clamps to [0, 1]. A photo
+    whose long edge is already within the limit is returned unchanged (as
+    float32): it is never upscaled. Stays in float (no 8-bit rounding). The
+    seed is ignored.
+    """
+    if isinstance(long_edge, bool) or not isinstance(long_edge, (int, np.integer)) or long_edge < 1:
+        raise ConfigError(f"long edge must be a whole number of pixels >= 1, got {long_edge!r}")
+    long_edge = int(long_edge)
+
+    def purify_long_edge(image: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        _check_image(image)
+        height, width = image.shape[-2:]
+        small = long_edge_size(height, width, long_edge)
+        batch = image.detach().to(torch.float32).unsqueeze(0)
+        if small == (height, width):
+            return _finish(batch[0].clone(), image)
+        restored = _resize(_resize(batch, small).clamp_(0.0, 1.0), (height, width))
+        return _finish(restored[0], image)
+
+    return _named(purify_long_edge, f"resize_long_edge(long_edge={long_edge})")
+
+
+def chain(*purifiers: Purifier) -> Purifier:
+    """Apply ``purifiers`` in order, each to the previous one's output, all with the same seed.
+
+    Takes one or more purifiers (see :data:`Purifier`); the result is a purifier
+    itself: ``(3, H, W)`` float image in [0, 1] and a seed in, float32
+    ``(3, H, W)`` in [0, 1] out. ``chain(resize_long_edge(1080), jpeg(75))`` is
+    an upload to a photo-sharing site and the download of the result.
+    """
+    if not purifiers:
+        raise ConfigError("chain needs at least one purifier")
+    for purifier in purifiers:
+        if not callable(purifier):
+            raise ConfigError(f"chain takes purifiers (callables image, seed -> image), got {purifier!r}")
+
+    def purify_chain(image: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        _check_image(image)
+        result = image
+        for purifier in purifiers:
+            result = purifier(result, seed)
+        return _finish(result, image)
+
+    label = ", ".join(getattr(p, "__name__", type(p).__name__) for p in purifiers)
+    return _named(purify_chain, f"chain({label})")
 
 
 def gaussian_blur(sigma: float = 1.0) -> Purifier:
@@ -609,6 +695,12 @@ def _parse_number(name: str, prefix: str) -> float:
     return float(name[len(prefix) :])
 
 
+def is_purifier_name(name: str) -> bool:
+    """Whether :func:`build_purifier` knows ``name``: one of :data:`PURIFIER_NAMES`, or
+    ``long<N>`` / ``social<N>`` with a whole long edge ``N >= 1`` (e.g. ``long720``)."""
+    return name in PURIFIER_NAMES or _SIZED_NAME.fullmatch(name) is not None
+
+
 def build_purifier(
     name: str,
     *,
@@ -623,13 +715,17 @@ def build_purifier(
     ``noise0.1`` -> :func:`gaussian_noise`, ``crop`` -> :func:`center_crop`
     (0.9), ``cleaner`` -> :func:`cleaner`, ``diffpure`` -> :class:`DiffPure`
     loaded from ``diffpure_model`` (default :data:`DEFAULT_DIFFPURE_MODEL`) on
-    ``device``; loaded models are cached. Unknown names raise
+    ``device``; ``long<N>`` (e.g. ``long1080``) -> :func:`resize_long_edge`
+    (``N``), ``social<N>`` -> :func:`chain` of ``long<N>`` and JPEG 75 (4:2:0),
+    ``social`` -> ``social1080``; loaded models are cached. Unknown names raise
     :class:`ConfigError`; missing DiffPure weights raise :class:`ModelError`.
     Every purifier maps a ``(3, H, W)`` float image in [0, 1] and a seed to a
     float32 image of the same shape in [0, 1].
     """
-    if name not in PURIFIER_NAMES:
-        raise ConfigError(f"unknown purifier '{name}'; choose from {', '.join(PURIFIER_NAMES)}")
+    if not is_purifier_name(name):
+        raise ConfigError(
+            f"unknown purifier '{name}'; choose from {', '.join(PURIFIER_NAMES)} (or long<N>, social<N>)"
+        )
     if name == "diffpure":
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -646,6 +742,14 @@ def _build_simple(name: str) -> Purifier:
         return gaussian_noise(_parse_number(name, "noise"))
     if name.startswith("resize"):
         return resize_back(_parse_number(name, "resize"))
+    if name == "social":
+        return _build_simple(f"social{SOCIAL_LONG_EDGE}")
+    sized = _SIZED_NAME.fullmatch(name)
+    if sized is not None:
+        long_edge = int(sized.group(2))
+        if sized.group(1) == "long":
+            return resize_long_edge(long_edge)
+        return chain(_build_simple(f"long{long_edge}"), _build_simple(f"jpeg{SOCIAL_JPEG_QUALITY}"))
     builders: dict[str, Callable[[], Purifier]] = {
         "webp": webp,
         "blur": gaussian_blur,

@@ -3,6 +3,13 @@
 `VideoScorer` loads each metric's model once, skips (with one line saying why) the
 metrics whose weights are not present, and returns plain dicts. `verdict` turns a
 row of scores into a short judgement, with thresholds stated in `VERDICT_RULES`.
+
+Where no face metric applies (no face in the clean video, or no face model) and DINO
+is not available, the verdict is relative to the model itself: the video generated
+from the photo plus uniform random noise of the same L-inf budget (same seed, prompt
+and sampler) is the reference. Such noise is what "a perturbation of this size" does
+to the model by chance; a protection must move the generated video clearly further
+from the clean video than that. `noise_verdict` states the thresholds.
 """
 
 from __future__ import annotations
@@ -27,13 +34,24 @@ logger = logging.getLogger(__name__)
 ISM_DROP = {"dlib": 0.1, "arcface": 0.25}
 DINO_DROP = 0.15
 PSNR_CAP = 100.0  # dB reported for identical videos, so that every value stays finite
+# How far (dB) the video's PSNR to the clean video must fall below the same-budget noise video's.
+# 6 dB: its RMS distance to the clean video is at least twice the noise video's. 3 dB: twice the
+# squared error. On tiny-cogvideox, eight noise seeds of one budget spread over up to 6 dB (std 0.4-2.3
+# dB), so 3-6 dB can still be luck of the draw ("weak") and only 6 dB or more is called "protected".
+NOISE_PROTECTED_DB = 6.0
+NOISE_WEAK_DB = 3.0
 VERDICT_RULES = (
     f"protected: the video lost the identity (ISM at least {ISM_DROP['dlib']} below the clean video's with dlib, "
     f"{ISM_DROP['arcface']} with ArcFace, or no face in half "
     f"the frames) or, when the clean video shows no face, its DINO similarity fell at least {DINO_DROP} below "
     "the clean video's; "
+    "when neither identity nor DINO applies, the reference is the video generated from the clean photo plus "
+    "uniform random noise of the same L-inf budget (same seed, prompt and sampler): protected when the video's "
+    f"PSNR to the clean video is at least {NOISE_PROTECTED_DB:g} dB below the noise video's (at least twice its "
+    f"RMS distance to the clean video), weak when {NOISE_WEAK_DB:g} to {NOISE_PROTECTED_DB:g} dB below (more than "
+    "noise, but within what another noise draw can do), not protected otherwise; "
     "frozen: the video hardly moves (counted apart, never as a success); "
-    "not protected: neither; unknown: no identity or DINO score could be computed"
+    "not protected: none of these; unknown: no identity, DINO or noise-referenced score could be computed"
 )
 
 
@@ -131,13 +149,54 @@ class VideoScorer:
         return scores
 
 
-def verdict(scores: dict[str, float], clean: dict[str, float], identity_model: str = "dlib") -> str:
-    """"protected", "frozen", "not protected" or "unknown" by `VERDICT_RULES`."""
+def identity_applies(clean: dict[str, float]) -> bool:
+    """Whether the face rule can judge videos of this photo: ISM was measured and the clean video shows the face."""
+    return "ism" in clean and clean.get("fdfr", 1.0) < 1.0
+
+
+def needs_noise_reference(clean: dict[str, float]) -> bool:
+    """Whether `verdict` falls back to the same-budget noise video for this clean video's scores
+    (neither the face rule nor DINO applies)."""
+    return not identity_applies(clean) and "dino" not in clean
+
+
+def noise_verdict(scores: dict[str, float], noise: dict[str, float]) -> str:
+    """"protected", "weak", "not protected" or "unknown": the video's PSNR to the clean video against
+    the same-budget noise video's.
+
+    ``margin = noise["psnr_to_clean_video"] - scores["psnr_to_clean_video"]`` (dB):
+    protected when ``margin >= NOISE_PROTECTED_DB`` (6 dB, at least twice the noise
+    video's RMS distance to the clean video), weak when ``margin >= NOISE_WEAK_DB``
+    (3 dB), else not protected. Unknown when either PSNR is missing (a video of
+    another shape than the clean one).
+    """
+    if "psnr_to_clean_video" not in scores or "psnr_to_clean_video" not in noise:
+        return "unknown"
+    margin = noise["psnr_to_clean_video"] - scores["psnr_to_clean_video"]
+    if margin >= NOISE_PROTECTED_DB:
+        return "protected"
+    return "weak" if margin >= NOISE_WEAK_DB else "not protected"
+
+
+def verdict(
+    scores: dict[str, float],
+    clean: dict[str, float],
+    identity_model: str = "dlib",
+    noise: dict[str, float] | None = None,
+) -> str:
+    """"protected", "weak", "frozen", "not protected" or "unknown" by `VERDICT_RULES`.
+
+    ``scores`` are a video's, ``clean`` the clean video's; ``noise`` (optional) are
+    the scores of the video generated from the clean photo plus uniform noise of the
+    same L-inf budget, the reference when neither identity nor DINO applies.
+    """
     if scores.get("frozen") and not clean.get("frozen"):
         return "frozen"
-    if "ism" in scores and "ism" in clean and clean.get("fdfr", 1.0) < 1.0:  # the clean video shows the face
+    if "ism" in scores and identity_applies(clean):
         lost = scores["ism"] <= clean["ism"] - ISM_DROP[identity_model] or scores.get("fdfr", 0) >= max(0.5, clean.get("fdfr", 0) + 0.25)
         return "protected" if lost else "not protected"
     if "dino" in scores and "dino" in clean:
         return "protected" if scores["dino"] <= clean["dino"] - DINO_DROP else "not protected"
+    if noise is not None:
+        return noise_verdict(scores, noise)
     return "unknown"

@@ -56,12 +56,16 @@ class DenoiserResult:
     """What one denoiser pass returns: tapped features, and what else was asked for.
 
     ``loss`` is the model's own training loss; ``eps`` the prediction converted to
-    noise space (whatever the model predicts), for score-based attacks such as SDS.
+    noise space (whatever the model predicts), for score-based attacks such as SDS;
+    ``x0`` the same prediction as clean video latents, where the adapter provides it.
+    Noising ``x0`` with ``eps`` at a timestep (as `VideoModel.denoise` noises its
+    reference) is one deterministic (DDIM-like) sampler step to that timestep.
     """
 
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None
     eps: torch.Tensor | None = None
+    x0: torch.Tensor | None = None
 
 
 @dataclass
@@ -321,6 +325,21 @@ class VideoModel(ABC):
         """(h, w) of one frame's tokens in transformer block outputs (frames outermost), when
         the adapter knows it; None lets tools infer it from the resolution."""
         return None
+
+    def sampling_guidance(self) -> torch.Tensor | None:
+        """The classifier-free guidance `generate` samples with by default, as a scalar tensor or one
+        broadcastable over the video latents (e.g. per frame); None when the adapter has no
+        unconditional branch (`denoise_unconditional`)."""
+        return None
+
+    def denoise_unconditional(
+        self, image: EncodedImage, video_latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> DenoiserResult:
+        """The unconditional branch of classifier-free guidance, as the pipeline runs it (e.g. the empty
+        prompt), with ``eps`` and ``x0``; only where `sampling_guidance` is not None."""
+        from anti_i2v.errors import ModelError
+
+        raise ModelError(f"'{self.name}' has no unconditional branch for guidance")
 
     def image_embedding(self, x: torch.Tensor) -> torch.Tensor | None:
         """The model's own image-encoder embedding of ``x`` (e.g. CLIP), differentiable;

@@ -363,7 +363,12 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
             if with_eps:
                 alpha = self.scheduler.alphas_cumprod.to(prediction.device, prediction.dtype)[t].view(-1, 1, 1, 1, 1)
                 result.eps = alpha.sqrt() * prediction + (1 - alpha).sqrt() * noisy.float()
+                result.x0 = alpha.sqrt() * noisy.float() - (1 - alpha).sqrt() * prediction
         return result
+
+    def sampling_guidance(self) -> torch.Tensor:
+        """Guidance 6, the pipeline's default, which `generate` uses."""
+        return torch.tensor(6.0)
 
     @torch.no_grad()
     def generate(

@@ -75,6 +75,15 @@ class CachedPromptEmbeds:
             self._device, self._dtype
         )
 
+    def denoise_unconditional(self, image, video_latents, t, noise):
+        """The guidance branch the pipeline runs: the negative (empty) prompt, the same image condition."""
+        positive = self._require_condition()
+        self._prompt_embeds = self._negative_embeds
+        try:
+            return self.denoise(image, video_latents, t, noise, with_eps=True)
+        finally:
+            self._prompt_embeds = positive
+
     def _require_condition(self) -> torch.Tensor:
         if self._prompt_embeds is None:
             raise ModelError("call condition(prompt) before running the denoiser")

@@ -463,6 +463,7 @@ class HunyuanVideoI2V(VideoModel):
                 result.loss = F.mse_loss(prediction, noise.float() - video_latents.float())
             if with_eps:
                 result.eps = noisy.float() + (1 - s) * prediction
+                result.x0 = noisy.float() - s * prediction
         return result
 
     @torch.no_grad()

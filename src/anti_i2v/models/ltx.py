@@ -410,7 +410,21 @@ class LTXVideoI2V(VideoModel):
             if with_eps:
                 eps = model_input + (1 - s) * prediction
                 result.eps = torch.cat([noise.float()[:, :, :1], eps[:, :, 1:]], dim=2)
+                result.x0 = image.latents.float() * cmask + (model_input - s * prediction) * (1 - cmask)
         return result
+
+    def sampling_guidance(self) -> torch.Tensor:
+        """The released guidance, which `generate` uses."""
+        return torch.tensor(float(RELEASED_GUIDANCE))
+
+    def denoise_unconditional(self, image, video_latents, t, noise):
+        """The pipeline's guidance branch: the negative (empty) prompt and its mask, the same photo."""
+        saved = self._require_condition()
+        self._prompt_embeds, self._prompt_mask = self._negative_embeds, self._negative_mask
+        try:
+            return self.denoise(image, video_latents, t, noise, with_eps=True)
+        finally:
+            self._prompt_embeds, self._prompt_mask = saved
 
     @torch.no_grad()
     def generate(

@@ -365,7 +365,18 @@ class StableVideoDiffusionI2V(VideoModel):
                 result.loss = (weight * (denoised - video_latents.float()) ** 2).mean()
             if with_eps:
                 result.eps = (noisy - denoised) / sigma
+                result.x0 = denoised
         return result
+
+    def sampling_guidance(self) -> torch.Tensor:
+        """The pipeline's per-frame guidance, from 1 on the first frame to 3 on the last (as `generate`)."""
+        return torch.linspace(1.0, 3.0, self.num_frames).view(1, -1, 1, 1, 1)
+
+    def denoise_unconditional(self, image, video_latents, t, noise):
+        """The pipeline's guidance branch: zero image latents and a zero CLIP embedding."""
+        assert image.context is not None
+        empty = EncodedImage(torch.zeros_like(image.latents), context=torch.zeros_like(image.context))
+        return self.denoise(empty, video_latents, t, noise, with_eps=True)
 
     @torch.no_grad()
     def generate(

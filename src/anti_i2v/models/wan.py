@@ -536,8 +536,17 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
                 error = (prediction - (noise.float() - video_latents.float())).pow(2) * generated
                 result.loss = error.sum() / (generated.sum() * error.numel() / generated.numel())
             if with_eps:
-                result.eps = noisy.float() + (1 - s) * prediction
+                eps = noisy.float() + (1 - s) * prediction
+                x0 = noisy.float() - s * prediction
+                if self.expand_timesteps:  # frame 0 is the clean photo latent: nothing to predict there
+                    eps = generated * eps + (1 - generated) * noise.float()
+                    x0 = generated * x0 + (1 - generated) * image.latents.float()
+                result.eps, result.x0 = eps, x0
         return result
+
+    def sampling_guidance(self) -> torch.Tensor:
+        """The released guidance, which `generate` uses."""
+        return torch.tensor(float(self.released_guidance))
 
     @torch.no_grad()
     def generate(

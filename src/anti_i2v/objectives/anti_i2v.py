@@ -1,7 +1,19 @@
-"""The full Anti-I2V objective: ``L_IRC + L_IRA + L_aux - L_DM``, minimised.
+"""The Anti-I2V objective: ``L_IRC + L_IRA + L_aux - L_DM - L_div - L_latent``, minimised.
 
-One VAE encoding and one denoiser pass of the protected image serve all terms;
-the IRA target's denoiser features need one extra pass without gradients.
+The paper's terms (IRC, IRA, the auxiliary CLIP term and the diffusion loss) and two of
+ours, each with its weight in the config (0 turns a term off):
+
+- ``L_div``, output divergence: the relative squared distance between the denoiser's
+  noise prediction with the protected photo and with the clean photo, on the same
+  noised reference video, timestep and text. It is the diffusion loss with the clean
+  model's own prediction as the target: the same expected gradient once the prediction
+  has moved, without the per-draw noise of the training target.
+- ``L_latent``, image-latent push: the relative squared distance between the VAE latent
+  of the protected photo and the clean photo's.
+
+One VAE encoding and one denoiser pass of the protected image serve all terms; the IRA
+target's denoiser features and the clean prediction of ``L_div`` each need one extra
+pass without gradients.
 """
 
 from __future__ import annotations
@@ -10,14 +22,15 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from anti_i2v.config import ProtectConfig
 from anti_i2v.errors import ConfigError
-from anti_i2v.models.base import VAE_PREFIX, VideoModel
-from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw
+from anti_i2v.models.base import VAE_PREFIX, EncodedImage, VideoModel
+from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw, relative_sq_distance
 from anti_i2v.objectives.diffusion import reference_latents
 from anti_i2v.objectives.ira import default_target_image, ira_loss
-from anti_i2v.objectives.irc import irc_loss
+from anti_i2v.objectives.irc import default_irc_blocks, irc_loss
 from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity
 
 logger = logging.getLogger(__name__)
@@ -47,18 +60,20 @@ class AntiI2VObjective(Objective):
             raise ConfigError("weight_aux > 0 needs the auxiliary CLIP model (see resolve_aux_weight)")
         self.aux = aux if config.weight_aux else None
         layers = model.layers()
-        self.shallow = layers.resolve_denoiser([config.irc_shallow])[0]
-        self.deep = layers.resolve_denoiser(config.irc_deep)
+        shallow, deep = irc_blocks(len(layers.denoiser), config, needed=bool(config.weight_irc or config.weight_ira))
+        self.shallow = layers.resolve_denoiser([shallow])[0]
+        self.deep = layers.resolve_denoiser(deep)
         if config.weight_irc and not set(self.deep) - {self.shallow}:
             raise ConfigError(
-                f"IRC pulls deep blocks to block {config.irc_shallow}: give --irc-deep blocks other than that one"
+                f"IRC pulls deep blocks to block {shallow}: give --irc-deep blocks other than that one"
             )
-        self.ira_blocks = layers.resolve_denoiser(config.ira_blocks if config.ira_blocks is not None else config.irc_deep)
+        self.ira_blocks = layers.resolve_denoiser(config.ira_blocks if config.ira_blocks is not None else deep)
         self.vae_layers = [
             n if n.startswith(VAE_PREFIX) else VAE_PREFIX + n
             for n in (config.ira_vae_layers if config.ira_vae_layers is not None else layers.vae_encoder)
         ]
         self.video_latents: torch.Tensor | None = None
+        self.t_last = model.num_train_timesteps - 1
 
     def prepare(self, model: VideoModel, x: torch.Tensor) -> None:
         """Cache the text condition, reference latents and the target's VAE encoding."""
@@ -72,6 +87,9 @@ class AntiI2VObjective(Objective):
             self.psi_encoded = model.encode_image(psi, self.vae_layers if cfg.weight_ira else (), generator)
         if self.aux is not None:
             self.aux.prepare(x.to(model.device))
+        if cfg.weight_div or cfg.weight_latent or cfg.weight_sampler:
+            with torch.no_grad():  # one posterior draw of the clean photo, fixed for the whole run
+                self.clean_encoded = model.encode_image(x, (), torch.Generator().manual_seed(cfg.seed))
 
     def latent_shape(self) -> torch.Size:
         assert self.video_latents is not None, "call prepare() first"
@@ -91,7 +109,8 @@ class AntiI2VObjective(Objective):
         assert self.video_latents is not None, "call prepare() first"
         encoded = model.encode_image(x_adv, self.vae_layers if cfg.weight_ira else (), draw.generator)
         result = model.denoise(
-            encoded, self.video_latents, draw.t, draw.noise, self.denoiser_taps(), with_loss=bool(cfg.weight_dm)
+            encoded, self.video_latents, draw.t, draw.noise, self.denoiser_taps(), with_loss=bool(cfg.weight_dm),
+            with_eps=bool(cfg.weight_div),
         )
         loss = torch.zeros((), device=model.device)
         parts: dict[str, float] = {}
@@ -111,9 +130,90 @@ class AntiI2VObjective(Objective):
             assert result.loss is not None
             loss = loss - cfg.weight_dm * result.loss
             parts["dm"] = float(result.loss.detach())
+        if cfg.weight_div:
+            with torch.no_grad():
+                clean = model.denoise(self.clean_encoded, self.video_latents, draw.t, draw.noise, with_eps=True)
+            assert result.eps is not None and clean.eps is not None
+            div = relative_sq_distance(result.eps, clean.eps)
+            loss = loss - cfg.weight_div * div
+            parts["div"] = float(div.detach())
+        if cfg.weight_latent:
+            push = relative_sq_distance(model.image_latent(encoded), model.image_latent(self.clean_encoded))
+            loss = loss - cfg.weight_latent * push
+            parts["latent"] = float(push.detach())
+        if cfg.weight_sampler:
+            with torch.no_grad():
+                clean = sampler_run(model, self.clean_encoded, draw.noise, cfg.sampler_steps, self.t_last,
+                                    cfg.sampler_guidance)
+            adv = sampler_run(model, encoded, draw.noise, cfg.sampler_steps, self.t_last, cfg.sampler_guidance)
+            run = relative_sq_distance(adv, clean)
+            loss = loss - cfg.weight_sampler * run
+            parts["sampler"] = float(run.detach())
         if self.aux is not None:
             aux = self.aux(x_adv)
             loss = loss + cfg.weight_aux * aux
             parts["aux"] = float(aux.detach())
         parts["total"] = float(loss.detach())
         return ObjectiveOutput(loss=loss, parts=parts)
+
+
+def irc_blocks(depth: int, config: ProtectConfig, needed: bool = True) -> tuple[int, tuple[int, ...]]:
+    """The IRC shallow block and deep blocks: the config's where given, else `default_irc_blocks`.
+
+    Explicit indices are checked against the model's depth later (`ModelLayers.resolve_denoiser`).
+    When neither IRC nor IRA is on (``needed`` False), a one-block model gets (0, (0,)), unused.
+    """
+    if config.irc_shallow is not None and config.irc_deep is not None:
+        return config.irc_shallow, tuple(config.irc_deep)
+    if depth < 2:
+        if needed:
+            raise ConfigError(
+                f"IRC/IRA need at least two denoiser blocks and this model has {depth}; set their weights to 0"
+            )
+        return 0, (0,)
+    shallow, deep = default_irc_blocks(depth)
+    return (
+        config.irc_shallow if config.irc_shallow is not None else shallow,
+        tuple(config.irc_deep) if config.irc_deep is not None else deep,
+    )
+
+
+def checkpoints_sampler(model: VideoModel) -> bool:
+    """Whether sampler steps are gradient-checkpointed: on a GPU, where memory is short."""
+    return model.device.type == "cuda"
+
+
+def sampler_run(
+    model: VideoModel, image: EncodedImage, noise: torch.Tensor, steps: int, t_last: int, guided: bool = True
+) -> torch.Tensor:
+    """Clean-latent prediction after ``steps`` deterministic sampler steps from ``noise``.
+
+    Each step noises the previous prediction ``x0`` with the previous noise prediction
+    ``eps`` at the next timestep (trailing spacing from ``t_last``), which is the
+    deterministic DDIM step in any parametrisation the adapter noises with. With
+    ``guided`` and a model that states its sampling guidance, each prediction is the
+    classifier-free-guided one its pipeline samples with: guidance amplifies what the
+    photo changes in the prediction, and so it does here.
+    """
+    guidance = model.sampling_guidance() if guided else None
+    timesteps = [round(t_last * (1 - k / steps)) for k in range(steps)]
+
+    def sampler_step(x0: torch.Tensor, eps: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        step = torch.tensor([t])
+        result = model.denoise(image, x0, step, eps, with_eps=True)
+        if result.x0 is None or result.eps is None:
+            raise ConfigError(f"'{model.name}' does not give clean-latent predictions, so the sampler term does not apply")
+        if guidance is None:
+            return result.x0, result.eps
+        free = model.denoise_unconditional(image, x0, step, eps)
+        weight = guidance.to(result.x0.device, result.x0.dtype)
+        return free.x0 + weight * (result.x0 - free.x0), free.eps + weight * (result.eps - free.eps)
+
+    x0, eps = torch.zeros_like(noise), noise
+    for t in timesteps:
+        if torch.is_grad_enabled() and checkpoints_sampler(model):
+            # keep one step's activations at a time on the GPU; the backward pass recomputes each step
+            x0, eps = checkpoint(sampler_step, x0, eps, t, use_reentrant=False)
+        else:
+            x0, eps = sampler_step(x0, eps, t)
+    return x0

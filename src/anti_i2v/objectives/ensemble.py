@@ -19,7 +19,7 @@ class EnsembleMember:
 
     name: str
     objective: Objective
-    view: Callable[[torch.Tensor], torch.Tensor]  # optimised image -> this model's input
+    view: Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # optimised image, step generator -> input
     t_range: tuple[int, int]
     weight: float = 1.0
     model: VideoModel | None = None  # whose weights must be resident for its turn
@@ -63,7 +63,7 @@ class EnsembleObjective(Objective):
         for index, member in enumerate(self.members):
             own = draw if index == 0 else draw_step(draw.generator, member.objective.latent_shape(), member.t_range)
             with self._turn(member):
-                out = member.objective(member.view(image), own)
+                out = member.objective(member.view(image, own.generator), own)
                 loss = member.weight * out.loss
                 (member_grad,) = torch.autograd.grad(loss, image, allow_unused=True)
             if member_grad is not None:

@@ -9,14 +9,14 @@ them. Metrics whose weights are not available locally raise `Skipped`.
 * DINO similarity (needs DINOv2 weights): `DinoSimilarity`
 * quality (needs weights we cannot ship): `QAlign`, `FaceQuality`
 * temporal (OpenCV, offline): `warp_error`, `motion_magnitude`, `is_frozen`
-* fidelity of the protected photo (offline): `fidelity`
+* fidelity of the protected photo (offline): `fidelity`, `flip_difference` (NVIDIA FLIP)
 """
 
 from __future__ import annotations
 
 from anti_i2v.evaluation.metrics.base import MetricSpec, Skipped
 from anti_i2v.evaluation.metrics.dino import DINO, DinoSimilarity, dino_available
-from anti_i2v.evaluation.metrics.fidelity import CIEDE2000, LINF, LINF_255, PSNR, SSIM, fidelity
+from anti_i2v.evaluation.metrics.fidelity import CIEDE2000, FLIP, LINF, LINF_255, PSNR, SSIM, fidelity, flip_difference
 from anti_i2v.evaluation.metrics.identity import (
     FDFR,
     ISM,
@@ -52,14 +52,14 @@ ALL_METRICS: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
         ISM, FDFR, DINO, QALIGN_FRAME, QALIGN_VIDEO, FACE_QUALITY,
-        WARP_ERROR, MOTION, FROZEN, LINF, LINF_255, PSNR, SSIM, CIEDE2000,
+        WARP_ERROR, MOTION, FROZEN, LINF, LINF_255, PSNR, SSIM, CIEDE2000, FLIP,
     )
 }
 
 __all__ = [
-    "ALL_METRICS", "CIEDE2000", "DINO", "FACE_QUALITY", "FDFR", "FROZEN", "ISM", "LINF", "LINF_255",
+    "ALL_METRICS", "CIEDE2000", "DINO", "FACE_QUALITY", "FDFR", "FLIP", "FROZEN", "ISM", "LINF", "LINF_255",
     "MOTION", "PSNR", "QALIGN_FRAME", "QALIGN_VIDEO", "SSIM", "WARP_ERROR",
     "ArcFaceIdentity", "DinoSimilarity", "FaceIdentity", "FaceQuality", "MetricSpec", "QAlign", "Skipped",
-    "arcface_available", "dino_available", "face_quality_available", "fdfr", "fidelity", "frame_difference",
+    "arcface_available", "dino_available", "face_quality_available", "fdfr", "fidelity", "flip_difference", "frame_difference",
     "identity_scores", "is_frozen", "ism", "motion_magnitude", "qalign_available", "shared_faces", "warp_error",
 ]

@@ -89,6 +89,7 @@ class DynamiCrafterI2V(VideoModel):
         self._prompt: str | None = None
         self._text: torch.Tensor | None = None
         self._negative_text: torch.Tensor | None = None
+        self._empty_tokens: torch.Tensor | None = None  # image tokens of a blank image, for guidance
 
     # --- construction -------------------------------------------------------------
 
@@ -261,7 +262,31 @@ class DynamiCrafterI2V(VideoModel):
             if with_eps:
                 v_model = self.config.parameterization == "v"
                 result.eps = self.schedule.predict_eps_from_v(noisy, t, output) if v_model else output
+                x0 = (self.schedule.predict_x0_from_v(noisy, t, output) if v_model
+                      else self.schedule.predict_x0_from_eps(noisy, t, output))
+                # back from the dynamically rescaled x0 space to the latents `denoise` takes
+                result.x0 = x0 / self.schedule.rescale_x0(torch.ones_like(x0), t)
         return result
+
+    def sampling_guidance(self) -> torch.Tensor:
+        """The release's guidance (without its guidance rescale), which `generate` uses."""
+        return torch.tensor(float(self.config.guidance_scale))
+
+    def denoise_unconditional(self, image, video_latents, t, noise):
+        """The released guidance branch: the empty prompt and the image tokens of a blank image,
+        the same concatenated latents."""
+        text = self._require_text()
+        if self._empty_tokens is None:
+            with torch.no_grad():
+                blank = torch.zeros(1, 3, *self.resolution, device=self._device, dtype=self._dtype)
+                self._empty_tokens = self.net.encode_image_tokens(blank)
+        assert image.context is not None
+        empty = EncodedImage(image.latents, context=self._empty_tokens.expand(image.context.shape[0], -1, -1))
+        self._text = self._negative_text
+        try:
+            return self.denoise(empty, video_latents, t, noise, with_eps=True)
+        finally:
+            self._text = text
 
     @torch.no_grad()
     def generate(

@@ -257,7 +257,24 @@ class OpenSoraI2V(VideoModel):
                 trained = frame_mask[:, None, :, None, None]
                 # the clean condition frame has no noise to predict: its residual is zero, as its loss
                 result.eps = torch.where(trained, noisy - (1 - s) * velocity, noise)
+                result.x0 = torch.where(trained, noisy + s * velocity, x0)
         return result
+
+    def sampling_guidance(self) -> torch.Tensor:
+        """The released guidance, which `generate` uses."""
+        return torch.tensor(float(self.config.cfg_scale))
+
+    def denoise_unconditional(self, image, video_latents, t, noise):
+        """The released guidance branch: the model's null caption, the same photo."""
+        if self._y is None:
+            raise ModelError("call condition(prompt) before running the denoiser")
+        caption = self._y
+        null = self.stdit3.y_embedder.y_embedding
+        self._y = null.to(caption.device, caption.dtype).expand(caption.shape[0], 1, *null.shape[-2:])
+        try:
+            return self.denoise(image, video_latents, t, noise, with_eps=True)
+        finally:
+            self._y = caption
 
     @torch.no_grad()
     def generate(
