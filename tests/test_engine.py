@@ -10,6 +10,7 @@ from feature_shift import deep_feature_shift
 
 from anti_i2v.config import ProtectConfig
 from anti_i2v.engine import fingerprint, run_pgd
+from anti_i2v.errors import ConfigError
 from anti_i2v.objectives import AntiI2VObjective, draw_step
 from anti_i2v.spaces import project, space_from_config
 
@@ -206,3 +207,15 @@ def test_protect_honours_the_psnr_floor_on_the_saved_file(tiny_model, portrait):
 
     result = anti_i2v.protect(portrait[0, :, :128, :192], tiny_model, steps=3, min_psnr=33.0, prompt=PROMPT)
     assert result.budget.psnr >= 33.0 - 0.1 and result.budget.within_budget  # 8-bit rounding of the saved file
+
+
+def test_the_default_method_has_a_psnr_floor_that_zero_turns_off():
+    from anti_i2v.engine import limit_psnr
+
+    assert ProtectConfig.from_preset().min_psnr == pytest.approx(30.8)
+    assert ProtectConfig.from_preset(min_psnr=0).min_psnr == 0
+    x = torch.full((1, 3, 8, 8), 0.5)
+    x_adv = x + 8 / 255
+    assert torch.equal(limit_psnr(x_adv, x, 0), x_adv)
+    with pytest.raises(ConfigError, match="min_psnr"):
+        ProtectConfig(min_psnr=5)

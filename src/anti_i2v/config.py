@@ -95,7 +95,7 @@ class ProtectConfig:
         min_psnr: a second, visibility budget (ours): after every step the perturbation is
             scaled down, where needed, so that its PSNR at the model's input is at least this
             many dB; the saved photo (the perturbation carried to full size by interpolation)
-            is then at least as far from visible. None: the L-infinity budget alone.
+            is then at least as far from visible. None or 0: the L-infinity budget alone.
         step_schedule: "constant" step sizes, or "cosine": each stage's step decays along a
             half cosine from its size to a tenth of it by the last step (ours), so that the last
             steps settle pixels rather than push every one to the edge of the budget.
@@ -174,8 +174,8 @@ class ProtectConfig:
             self.irc_deep = tuple(self.irc_deep)
         if self.sampler_steps < 1:
             raise ConfigError(f"sampler_steps must be at least 1 (got {self.sampler_steps})")
-        if self.min_psnr is not None and not 10 <= self.min_psnr <= 60:
-            raise ConfigError(f"min_psnr is in dB, between 10 and 60 (got {self.min_psnr})")
+        if self.min_psnr and not 10 <= self.min_psnr <= 60:
+            raise ConfigError(f"min_psnr is in dB, between 10 and 60, or 0 for none (got {self.min_psnr})")
         if self.step_schedule not in STEP_SCHEDULES:
             raise ConfigError(f"step_schedule is one of {', '.join(STEP_SCHEDULES)} (got '{self.step_schedule}')")
         if not 0 <= self.momentum < 1:

@@ -110,8 +110,8 @@ def scheduled(size: float, step: int, total: int, schedule: str) -> float:
 
 def limit_psnr(x_adv: torch.Tensor, x: torch.Tensor, min_psnr: float | None) -> torch.Tensor:
     """``x_adv`` with its perturbation scaled toward ``x`` so that its PSNR is at least ``min_psnr`` dB
-    (unchanged when it already is, or when ``min_psnr`` is None). Scaling keeps it in the L-inf ball."""
-    if min_psnr is None:
+    (unchanged when it already is, or when ``min_psnr`` is None or 0). Scaling keeps it in the L-inf ball."""
+    if not min_psnr:
         return x_adv
     delta = x_adv - x
     rms = float(delta.float().pow(2).mean().sqrt())
