@@ -218,6 +218,26 @@ def summarise(records: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
     return table
 
 
+SUMMARY_METHODS = ("anti-i2v", "advdm", "mist", "photoguard", "sds", "anti-i2v-paper", "random")
+
+
+def summary_markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """One compact table over every testbed (the one README shows): the default, the paper's
+    method and the baselines, with strength, visibility and what survives the upload channel."""
+    lines = ["| testbed | method @ steps | x AdvDM | x random | photo PSNR | FLIP | kept JPEG 75 | kept resize x0.5 | "
+             "kept resize + JPEG 75 | worst kept |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for testbed, entries in table.items():
+        keys = [k for k in entries if k.rsplit("@", 1)[0] in SUMMARY_METHODS]
+        for key in sorted(keys, key=lambda k: (int(k.rsplit("@", 1)[1]), -entries[k]["mad"])):
+            e = entries[key]
+            cells = [fmt(e["x_advdm"]), fmt(e["x_random"], 1), fmt(e.get("photo_psnr")), fmt(e.get("photo_flip"), 3),
+                     *[fmt(e["kept"].get(p)) for p in ("jpeg75", "resize0.5", "social192")],
+                     f"{fmt(e['worst_kept'])} ({e['worst_purifier']})"]
+            lines.append(f"| {testbed} | `{key}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(table: dict[str, dict[str, dict[str, Any]]], settings: dict[str, Any], skipped: dict[str, str]) -> str:
     """The tables of docs/results/strength.md."""
     lines = ["# Protection strength on the trained testbeds", "",
@@ -227,7 +247,9 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], settings: dict[str, An
              "protected photo's video to the clean photo's video (higher = stronger); `x AdvDM`, `x random`: that "
              "MAD as a ratio to AdvDM's and to random noise's at the same steps; `kept <p>`: share of the effect "
              "left after purification p, net of what p does to the clean photo's video; photo columns measure "
-             "the saved file against the original (FLIP: mean error, lower = less visible).", ""]
+             "the saved file against the original (FLIP: mean error, lower = less visible).", "",
+             "## Summary", "", "Resize + JPEG 75 is `social192`: a 192-px cap on the long edge, then JPEG 75, which "
+             "is to the testbeds' 128-px-wide input what a 1080-px upload cap is to CogVideoX's 720-px one.", "", summary_markdown(table), ""]
     fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for testbed, entries in table.items():
         headline = [p for p in HEADLINE if any(p in e["kept"] for e in entries.values())]
