@@ -275,12 +275,24 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], settings: dict[str, An
     return "\n".join(lines)
 
 
+def testbed_prompts(testbed: Testbed, requested: str) -> tuple[str, ...]:
+    """The prompts a testbed runs: its own for ``"all"``, else those requested that it was trained on."""
+    if requested == "all":
+        return testbed.prompts
+    prompts = tuple(p for p in requested.split(",") if p in testbed.prompts)
+    if not prompts:
+        raise SystemExit(f"testbed '{testbed.name}' was trained on none of '{requested}'; "
+                         f"its prompts: {', '.join(testbed.prompts)}")
+    return prompts
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbeds", default=",".join(TESTBEDS))
     parser.add_argument("--methods", default="all", help="'all' or comma-separated specs, e.g. advdm,anti-i2v:steps=60")
     parser.add_argument("--photos", default=",".join(HELD_OUT))
-    parser.add_argument("--prompts", default="all", help="'all' (each testbed's own) or comma-separated")
+    parser.add_argument("--prompts", default="all",
+                        help="'all' (each testbed's own) or comma-separated; each testbed runs those it was trained on")
     parser.add_argument("--steps", default="60,200", help="comma-separated step counts, e.g. 60,200")
     parser.add_argument("--methods-at", action="append", default=[], metavar="STEPS=SPECS",
                         help="run only these methods at this step count, e.g. 200=anti-i2v,advdm,random")
@@ -306,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.testbeds.split(","):
         testbed = TESTBEDS[name]
         runner = Runner(testbed, Path(args.work), args.seed)
-        prompts = testbed.prompts if args.prompts == "all" else tuple(args.prompts.split(","))
+        prompts = testbed_prompts(testbed, args.prompts)
         for steps in (int(s) for s in args.steps.split(",")):
             for spec in only.get(steps, specs):
                 for photo in args.photos.split(","):

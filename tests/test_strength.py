@@ -45,3 +45,12 @@ def test_default_is_at_least_as_strong_as_advdm_at_the_same_budget_and_steps(sum
     # docs/results/strength.md reports the exact figures on every testbed.
     assert default["photo_psnr"] >= advdm["photo_psnr"] - 0.5
     assert default["kept"]["jpeg75"] >= 0.8
+
+
+def test_each_testbed_runs_only_the_requested_prompts_it_was_trained_on():
+    svd, cogvideox = strength.TESTBEDS["svd"], strength.TESTBEDS["cogvideox"]
+    assert strength.testbed_prompts(cogvideox, "pan left,zoom in") == ("pan left", "zoom in")
+    assert strength.testbed_prompts(svd, "pan left,zoom in") == ("zoom in",)
+    assert strength.testbed_prompts(svd, "all") == svd.prompts
+    with pytest.raises(SystemExit, match="trained on none"):
+        strength.testbed_prompts(svd, "pan left")
