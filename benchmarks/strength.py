@@ -339,7 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {"command": command.strip(), "eps_255": round(eps * 255, 4), "photos": args.photos.split(","),
                 "battery": list(battery), "seed": args.seed, "generation": GENERATION,
                 "seconds": round(time.perf_counter() - began, 1)}
-    document = {"settings": settings, "summary": table, "skipped": skipped, "runs": records}
+    # Each run's full config stays in the cache (it validates reuse); the method spec and steps name it here.
+    runs = [{k: v for k, v in r.items() if k != "config"} for r in records]
+    document = {"settings": settings, "summary": table, "skipped": skipped, "runs": runs}
     if count == 1:
         write_json_atomic(Path(args.out), document)
         print(json.dumps(table, indent=2))
