@@ -1,71 +1,114 @@
-"""End to end: one photo through `anti_i2v.protect` (load, optimise, carry, save, re-measure).
+"""One photo end to end per backbone: seconds and peak memory of a whole protection.
 
-Prints JSON: wall seconds, seconds per step, peak memory and the budget measured on
-the saved file, for ``tiny-cogvideox`` on every available device and, with a CUDA
-GPU, for full-size configurations with random weights (``--models``, default the paper's three).
+``seconds`` covers what a user waits for once the model is loaded: prompt encoding,
+optimisation (early stopping included), carrying the perturbation to full size, saving
+and re-measuring the file. ``peak_gib`` is the accelerator's peak allocation on a GPU and
+the process's peak resident memory on the CPU. Backbones (``--models``, comma-separated):
 
-    python benchmarks/bench_photo.py [--steps 4] [--out results.json]
+- a registry name (``tiny-cogvideox``, or ``cogvideox`` with its weights in the cache),
+- ``NAME=FOLDER``: a registry family with local weights (``cogvideox=benchmarks/testbed/cogvideox-i2v``),
+- ``full:NAME``: the released configuration with random weights (`full_size.py`; GPU-sized,
+  random prompt embeddings stand in for the text encoder, so prompt encoding is not timed).
+
+    python benchmarks/bench_photo.py                                  # tiny-cogvideox, fast preset
+    python benchmarks/bench_photo.py --models full:cogvideox,full:opensora --preset balanced
+
+Writes ``benchmarks/results/bench_photo_<device>.json`` (``cpu``, or the GPU's model, e.g. ``h200``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import resource
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
 import anti_i2v  # noqa: E402
+from anti_i2v.config import ProtectConfig  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
-from bench_protect import emit  # noqa: E402
-from full_size import FULL_SIZE, PAPER_MODELS  # noqa: E402
+from anti_i2v.models.registry import load_model  # noqa: E402
+from full_size import FULL_SIZE  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_photo(model: str | VideoModel, device: str, steps: int) -> dict:
-    """Protect the bundled sample photo once and report time, memory and budget."""
-    if device == "cuda":
+def device_label(device: str) -> str:
+    """``cpu``, or the GPU's model in lower case (``NVIDIA H200`` -> ``h200``)."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    name = torch.cuda.get_device_name(torch.device(device)).lower().replace("nvidia", "").replace("geforce", "")
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
+
+
+def build(spec: str, device: str) -> VideoModel:
+    """The backbone a ``--models`` entry names, loaded on ``device``."""
+    if spec.startswith("full:"):
+        name = spec.removeprefix("full:")
+        if name not in FULL_SIZE:
+            raise SystemExit(f"unknown full-size model '{name}'; choose from {', '.join(FULL_SIZE)}")
+        return FULL_SIZE[name](True, device)
+    name, _, folder = spec.partition("=")
+    return load_model(name, folder or None, device, None)
+
+
+def run_photo(model: VideoModel, spec: str, device: str, preset: str, steps: int | None) -> dict:
+    """Protect the bundled sample photo once; time, peak memory and the budget on the saved file."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
         began = time.perf_counter()
-        result = anti_i2v.protect(anti_i2v.sample_photo(), model, out=out, device=device, steps=steps)
+        result = anti_i2v.protect(anti_i2v.sample_photo(), model, out=out, device=device, preset=preset, steps=steps)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - began
-    record = {
-        "model": result.model,
-        "device": device,
-        "steps": steps,
-        "wall_seconds": round(seconds, 2),
-        "photo_size": list(result.image.size),
-        "budget": result.budget.to_dict(),
-        "loss_first": result.history[0],
-        "loss_last": result.history[-1],
-    }
-    if device == "cuda":
-        record["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        sidecar = json.loads(result.sidecar.read_text())
+    if device.startswith("cuda"):
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
     else:
-        record["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    return record
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return {
+        "model": result.model, "spec": spec, "preset": preset, "steps": result.config.steps,
+        "steps_done": sidecar["steps_done"], "early_stop": result.config.early_stop,
+        "seconds": round(seconds, 2), "peak_gib": round(peak_gib, 2), "device": device_label(device),
+        "prompt_encoding_timed": not spec.startswith("full:"), "photo_size": list(result.image.size),
+        "budget": result.budget.to_dict(),
+    }
 
 
-def main() -> None:
-    """Print one JSON document with every run this machine allows."""
+def main(argv: list[str] | None = None) -> dict:
+    """Run every backbone asked and write one JSON document per device."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--models", default=",".join(PAPER_MODELS),
-                        help=f"full-size models to run on a GPU, from: {', '.join(FULL_SIZE)}")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    runs = [run_photo("tiny-cogvideox", "cpu", args.steps)]
-    if torch.cuda.is_available():
-        runs.append(run_photo("tiny-cogvideox", "cuda", args.steps))
-        for name in args.models.split(","):
-            runs.append(run_photo(FULL_SIZE[name](True), "cuda", args.steps))
+    parser.add_argument("--models", default="tiny-cogvideox", help="comma-separated backbones (see the module doc)")
+    parser.add_argument("--preset", default="fast", help="strength preset")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--out", default=None, help="JSON path (default: results/bench_photo_<device>.json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ProtectConfig.from_preset(args.preset)  # an unknown preset fails before any model loads
+    runs = []
+    for spec in args.models.split(","):
+        model = build(spec, args.device)
+        runs.append(run_photo(model, spec, args.device, args.preset, args.steps))
+        print(json.dumps(runs[-1]), flush=True)
+        del model
+        if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    emit({"torch": torch.__version__, "runs": runs}, args.out)
+    document = {"torch": torch.__version__, "device": device_label(args.device), "runs": runs}
+    out = Path(args.out) if args.out else RESULTS / f"bench_photo_{device_label(args.device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    return document
 
 
 if __name__ == "__main__":

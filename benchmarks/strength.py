@@ -155,11 +155,12 @@ class Runner:
         safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
         record_path = self.work / "runs" / f"{safe}.json"
         name, overrides = parse_method(spec)
+        overrides = {"early_stop": 0, **overrides}  # every step counts here, unless the spec says otherwise
         config = ProtectConfig.from_preset(method=name, steps=steps, eps=eps, prompt=prompt, seed=self.seed,
                                            **overrides).to_dict()
         if record_path.is_file():
             record = json.loads(record_path.read_text())
-            same = record.get("config", config) == json.loads(json.dumps(config))  # the method's settings
+            same = same_settings(record.get("config", config), json.loads(json.dumps(config)))
             if same and set(battery) <= set(record["purified"]):
                 return record
         source = self.photo_path(photo)
@@ -174,6 +175,7 @@ class Runner:
         record = {
             "testbed": self.testbed.name, "method": spec, "steps": steps, "eps_255": round(eps * 255, 4),
             "photo": photo, "prompt": prompt, "seed": self.seed, "seconds": round(result.seconds, 2),
+            "steps_done": len(result.history),
             "visibility": {k: v for k, v in fidelity(clean, protected).items()},
             "mad": effect, "psnr": psnr(video, clean_video), "purified": {}, "config": config,
         }
@@ -184,6 +186,15 @@ class Runner:
                                      "kept": (prot_p - clean_p) / effect if effect > 0 else 0.0}
         write_json_atomic(record_path, record)
         return record
+
+
+def same_settings(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a cached run used the current settings; settings added to the config since it
+    ran count as the same when they hold their default (they change nothing)."""
+    defaults = json.loads(json.dumps(ProtectConfig().to_dict()))
+    return all(saved[k] == v if k in saved else v == defaults.get(k) for k, v in current.items()) and (
+        saved.keys() <= current.keys()
+    )
 
 
 def summarise(records: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -218,7 +229,9 @@ def summarise(records: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
     return table
 
 
-SUMMARY_METHODS = ("anti-i2v", "advdm", "mist", "photoguard", "sds", "anti-i2v-paper", "random")
+# The default at the balanced preset is `anti-i2v:early_stop=10` at 50 steps.
+SUMMARY_METHODS = ("anti-i2v", "anti-i2v:early_stop=10", "advdm", "mist", "photoguard", "sds", "anti-i2v-paper",
+                   "random")
 
 
 def summary_markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -249,7 +262,10 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], settings: dict[str, An
              "left after purification p, net of what p does to the clean photo's video; photo columns measure "
              "the saved file against the original (FLIP: mean error, lower = less visible).", "",
              "## Summary", "", "Resize + JPEG 75 is `social192`: a 192-px cap on the long edge, then JPEG 75, which "
-             "is to the testbeds' 128-px-wide input what a 1080-px upload cap is to CogVideoX's 720-px one.", "", summary_markdown(table), ""]
+             "is to the testbeds' 128-px-wide input what a 1080-px upload cap is to CogVideoX's 720-px one. "
+             "`anti-i2v:early_stop=10@50` is the default at the `balanced` preset.", "",
+             *[f"At {k} steps the battery is {', '.join(v)} only (worst kept over those)." for k, v in
+               settings.get("battery_at", {}).items()], "", summary_markdown(table), ""]
     fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for testbed, entries in table.items():
         headline = [p for p in HEADLINE if any(p in e["kept"] for e in entries.values())]
@@ -298,12 +314,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="run only these methods at this step count, e.g. 200=anti-i2v,advdm,random")
     parser.add_argument("--eps", default="8/255")
     parser.add_argument("--battery", default=",".join(BATTERY), help="purifiers, comma-separated ('' for none)")
+    parser.add_argument("--battery-at", action="append", default=[], metavar="STEPS=PURIFIERS",
+                        help="a smaller battery at this step count, e.g. 50=jpeg75,resize0.5,social192")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=str(BENCHMARKS / ".strength-cache"))
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th protection starting at i")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(BENCHMARKS / "results" / "strength.json"))
-    parser.add_argument("--md", default=str(BENCHMARKS.parent / "docs" / "results" / "strength.md"))
+    parser.add_argument("--out", default=str(BENCHMARKS / "results" / "strength.json"), help="JSON ('' for none)")
+    parser.add_argument("--md", default=str(BENCHMARKS.parent / "docs" / "results" / "strength.md"),
+                        help="tables ('' for none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("ANTI_I2V_CACHE", str(Path(args.work) / "cache"))  # generated references
@@ -311,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     battery = tuple(p for p in args.battery.split(",") if p)
     specs = list(METHODS) if args.methods == "all" else args.methods.split(",")
     only = {int(k): v.split(",") for k, _, v in (item.partition("=") for item in args.methods_at)}
+    battery_at = {int(k): tuple(p for p in v.split(",") if p)
+                  for k, _, v in (item.partition("=") for item in args.battery_at)}
     index, count = (int(v) for v in args.shard.split("/"))
     records, job = [], 0
     skipped: dict[str, str] = {}
@@ -327,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
                         if (job - 1) % count != index:
                             continue
                         try:
-                            record = runner.run(spec, photo, prompt, steps, eps, battery)
+                            record = runner.run(spec, photo, prompt, steps, eps, battery_at.get(steps, battery))
                         except ConfigError as err:  # e.g. clip-embed on a model without an image encoder
                             skipped.setdefault(f"{testbed.name}: {spec}", str(err))
                             continue
@@ -337,14 +358,16 @@ def main(argv: list[str] | None = None) -> dict:
     table = summarise(records)
     command = "python benchmarks/strength.py " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = {"command": command.strip(), "eps_255": round(eps * 255, 4), "photos": args.photos.split(","),
-                "battery": list(battery), "seed": args.seed, "generation": GENERATION,
+                "battery": list(battery), "battery_at": {k: list(v) for k, v in battery_at.items()},
+                "seed": args.seed, "generation": GENERATION,
                 "seconds": round(time.perf_counter() - began, 1)}
     # Each run's full config stays in the cache (it validates reuse); the method spec and steps name it here.
     runs = [{k: v for k, v in r.items() if k != "config"} for r in records]
     document = {"settings": settings, "summary": table, "skipped": skipped, "runs": runs}
     if count == 1:
-        write_json_atomic(Path(args.out), document)
         print(json.dumps(table, indent=2))
+        if args.out:
+            write_json_atomic(Path(args.out), document)
         if args.md:
             Path(args.md).parent.mkdir(parents=True, exist_ok=True)
             write_atomic(Path(args.md), lambda tmp: Path(tmp).write_text(markdown(table, settings, skipped)))

@@ -18,11 +18,14 @@ def test_step_benchmark_prints_json(tmp_path):
     assert run["model"] == "tiny-cogvideox" and run["seconds_per_step"] > 0 and run["peak_rss_mib"] > 0
 
 
-def test_photo_benchmark_reports_the_saved_budget(tmp_path):
+def test_photo_benchmark_reports_the_whole_photo_per_backbone(tmp_path):
     out = tmp_path / "photo.json"
     subprocess.run([sys.executable, "bench_photo.py", "--steps", "1", "--out", str(out)], cwd=BENCHMARKS,
                    check=True, capture_output=True, timeout=300)
-    run = json.loads(out.read_text())["runs"][0]
+    document = json.loads(out.read_text())
+    run = document["runs"][0]
+    assert {"model", "preset", "steps", "seconds", "peak_gib", "device"} <= run.keys() and document["device"] == "cpu"
+    assert run["model"] == "tiny-cogvideox" and run["steps"] == 1 and run["seconds"] > 0 and run["peak_gib"] > 0
     assert run["budget"]["within_budget"] and run["photo_size"] == [512, 512]
 
 

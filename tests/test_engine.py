@@ -192,30 +192,33 @@ def test_cosine_schedule_decays_to_a_tenth():
 
 
 def test_the_psnr_floor_scales_the_perturbation_down_to_it_and_no_further():
-    from anti_i2v.engine import limit_psnr
+    from anti_i2v.photo import limit_saved_psnr, load_photo, saved_psnr
 
-    x = torch.full((1, 3, 16, 16), 0.5)
-    x_adv = x + (8 / 255) * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
-    limited = limit_psnr(x_adv, x, 32.0)
-    psnr = -10 * torch.log10((limited - x).pow(2).mean())
-    assert float(psnr) == pytest.approx(32.0, abs=1e-3) and (limited - x).abs().max() <= 8 / 255
-    assert torch.equal(limit_psnr(x_adv, x, 25.0), x_adv) and torch.equal(limit_psnr(x_adv, x, None), x_adv)
+    photo = load_photo(torch.full((3, 64, 96), 0.5))
+    noise = torch.rand(photo.rgb.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    protected = photo.rgb + (8 / 255) * noise
+    assert saved_psnr(photo, protected, 8 / 255) < 36.0
+    limited = limit_saved_psnr(photo, protected, 8 / 255, 36.0)
+    assert 36.0 <= saved_psnr(photo, limited, 8 / 255) < 36.1  # no more than one bisection level above it
+    assert (limited - photo.rgb).abs().max() <= 8 / 255
+    assert torch.equal(limit_saved_psnr(photo, protected, 8 / 255, 25.0), protected)
+    assert torch.equal(limit_saved_psnr(photo, protected, 8 / 255, None), protected)
 
 
 def test_protect_honours_the_psnr_floor_on_the_saved_file(tiny_model, portrait):
     import anti_i2v
 
     result = anti_i2v.protect(portrait[0, :, :128, :192], tiny_model, steps=3, min_psnr=33.0, prompt=PROMPT)
-    assert result.budget.psnr >= 33.0 - 0.1 and result.budget.within_budget  # 8-bit rounding of the saved file
+    assert result.budget.psnr >= 33.0 and result.budget.within_budget
 
 
 def test_the_default_method_has_a_psnr_floor_that_zero_turns_off():
-    from anti_i2v.engine import limit_psnr
+    from anti_i2v.photo import limit_saved_psnr, load_photo
 
-    assert ProtectConfig.from_preset().min_psnr == pytest.approx(30.8)
+    assert ProtectConfig.from_preset().min_psnr == pytest.approx(31.2)
     assert ProtectConfig.from_preset(min_psnr=0).min_psnr == 0
-    x = torch.full((1, 3, 8, 8), 0.5)
-    x_adv = x + 8 / 255
-    assert torch.equal(limit_psnr(x_adv, x, 0), x_adv)
+    photo = load_photo(torch.full((3, 64, 64), 0.5))
+    protected = photo.rgb + 8 / 255
+    assert torch.equal(limit_saved_psnr(photo, protected, 8 / 255, 0), protected)
     with pytest.raises(ConfigError, match="min_psnr"):
         ProtectConfig(min_psnr=5)

@@ -54,3 +54,27 @@ def test_each_testbed_runs_only_the_requested_prompts_it_was_trained_on():
     assert strength.testbed_prompts(svd, "all") == svd.prompts
     with pytest.raises(SystemExit, match="trained on none"):
         strength.testbed_prompts(svd, "pan left")
+
+
+def test_a_cached_run_is_reused_only_with_the_same_settings():
+    saved = {"method": "anti-i2v", "steps": 60}
+    assert strength.same_settings(saved, {"method": "anti-i2v", "steps": 60})
+    assert not strength.same_settings(saved, {"method": "anti-i2v", "steps": 200})
+    # A setting added since the run counts as the same only at its default.
+    assert strength.same_settings(saved, {"method": "anti-i2v", "steps": 60, "early_stop": 0})
+    assert not strength.same_settings(saved, {"method": "anti-i2v", "steps": 60, "early_stop": 10})
+    assert not strength.same_settings({**saved, "removed": 1}, {"method": "anti-i2v", "steps": 60})
+
+
+def test_steps_curves_share_each_methods_last_point_and_advdm_at_60():
+    import steps
+
+    runs = [{"testbed": "t", "method": m, "steps": s, "mad": mad, "seconds": s / 10, **extra}
+            for m, s, mad, extra in (("advdm", 60, 0.02, {}), ("anti-i2v", 20, 0.03, {}), ("anti-i2v", 200, 0.04, {}),
+                                     ("anti-i2v:early_stop=10", 200, 0.038, {"steps_done": 50}))]
+    table = steps.curves(runs, ["anti-i2v", "advdm", "anti-i2v:early_stop=10"])["t"]
+    assert table["anti-i2v"][20]["share_of_most_steps"] == pytest.approx(0.75)
+    assert table["anti-i2v"][20]["x_advdm_60"] == pytest.approx(1.5)
+    assert table["anti-i2v:early_stop=10"][200]["steps_done"] == 50
+    assert table["anti-i2v:early_stop=10"][200]["share_of_most_steps"] == pytest.approx(0.95)  # of plain anti-i2v
+    assert "200 (50)" in steps.markdown({"t": table}, "python benchmarks/steps.py")

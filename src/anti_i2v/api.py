@@ -33,6 +33,7 @@ from anti_i2v.photo import (
     BudgetReport,
     Photo,
     carry_perturbation,
+    limit_saved_psnr,
     load_photo,
     measure_budget,
     output_path_for,
@@ -212,7 +213,7 @@ def _optimise(
         checkpoint_path=checkpoint_path,
     )
     protected = carry_perturbation(photo.rgb, x.float().cpu(), result.x_adv.float().cpu(), config.eps)
-    return protected, result
+    return limit_saved_psnr(photo, protected, config.eps, config.min_psnr), result
 
 
 def _photo_view(model: VideoModel, photo: Photo, x: torch.Tensor, eps: float, eot: ExpectationOverTransforms) -> View:
@@ -319,6 +320,8 @@ def protect(
         "loss_first": result.history[0] if result.history else None,
         "loss_last": result.history[-1] if result.history else None,
         "resumed_from_step": result.resumed_from,
+        "steps_done": result.steps_done,
+        "stopped_early": result.stopped_early,
         "environment": _environment(models[0]),
         "seconds": round(seconds, 3),
     }

@@ -24,7 +24,11 @@ app = typer.Typer(
 console = Console(soft_wrap=True)  # keep paths whole, never wrapped mid-name
 err_console = Console(stderr=True, soft_wrap=True)
 
-_PRESET_HELP = "; ".join(f"{name}: eps {format_eps(p['eps'])}, {p['steps']} steps" for name, p in PRESETS.items())
+_PRESET_HELP = "; ".join(
+    f"{name}: eps {format_eps(p['eps'])}, {p['steps']} steps"
+    + (f", or fewer: stops once {p['early_stop']} steps gain nothing" if p.get("early_stop") else "")
+    for name, p in PRESETS.items()
+)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -109,12 +113,13 @@ def protect(
     t_max: Annotated[Optional[int], typer.Option(help="Largest diffusion timestep sampled (default 999).")] = None,
     momentum: Annotated[Optional[float], typer.Option(help="Momentum decay of the sign steps, 0 for plain sign-PGD (default: the method's).")] = None,
     eot: Annotated[Optional[str], typer.Option(help="Random transforms optimised through, e.g. jpeg,resize,blur,noise, or none (default: the method's).")] = None,
-    min_psnr: Annotated[Optional[float], typer.Option(help="Visibility floor: the perturbation's PSNR at the model's input stays at least this many dB; 0 for none (default: the method's).")] = None,
+    min_psnr: Annotated[Optional[float], typer.Option(help="Visibility floor: the saved PNG's PSNR to the original is at least this many dB (the perturbation is scaled down as little as needed; JPEG or WebP add their own error); 0 for none (default: the method's).")] = None,
     irc_shallow: Annotated[Optional[int], typer.Option(help="IRC anchor block (default: the paper's block 3, earlier on shallow models).")] = None,
     irc_deep: Annotated[Optional[str], typer.Option(help="IRC deep blocks, negative from the end (default: the last three).")] = None,
     ira_blocks: Annotated[Optional[str], typer.Option(help="IRA denoiser blocks (default: the IRC deep blocks).")] = None,
     aux_model: Annotated[Optional[str], typer.Option(help="Hub id or folder of the CLIP vision model of the auxiliary term.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save optimisation state every N steps, to resume after a crash.")] = 0,
+    early_stop: Annotated[Optional[int], typer.Option(help="Stop once the loss has stopped improving over this many steps; 0 runs every step (default: the preset's).")] = None,
     model_weights: Annotated[Optional[str], typer.Option(help="With several --model: each one's weight in the sum, e.g. 2,1 (default: all 1).")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Protect the bundled sample portrait.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo photos already protected in --out.")] = False,
@@ -146,6 +151,7 @@ def protect(
             reference=reference,
             seed=seed,
             checkpoint_every=checkpoint_every,
+            early_stop=early_stop,
             step_size=step_size,
             dct_band=dct_band,
             dct_block=dct_block,

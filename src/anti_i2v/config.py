@@ -18,11 +18,13 @@ from anti_i2v.errors import ConfigError
 DEFAULT_AUX_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_PROMPT = "a person moving naturally, looking at the camera, high quality video"
 
-# eps and steps of each preset, in [0, 1] units; shown verbatim in `anti-i2v protect --help`.
+# eps (in [0, 1] units), steps and early stopping of each preset, shown in `anti-i2v protect --help`.
+# Chosen from the strength-against-steps curves on the trained testbeds (docs/results/steps.md):
+# the default's effect is flat from about 20 steps, and 200 add about 5% over 50.
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"eps": 8 / 255, "steps": 50},
-    "balanced": {"eps": 8 / 255, "steps": 200},
-    "strong": {"eps": 8 / 255, "steps": 1000},
+    "fast": {"eps": 8 / 255, "steps": 20},
+    "balanced": {"eps": 8 / 255, "steps": 50, "early_stop": 10},
+    "strong": {"eps": 8 / 255, "steps": 200},
 }
 DEFAULT_PRESET = "balanced"
 STEP_SCHEDULES = ("constant", "cosine")
@@ -92,10 +94,10 @@ class ProtectConfig:
             frames), "generate" (one clean generation, cached) or a video file path.
         reference_steps: sampling steps when reference == "generate".
         aux_model: hub id or local folder of the CLIP vision model of the auxiliary term.
-        min_psnr: a second, visibility budget (ours): after every step the perturbation is
-            scaled down, where needed, so that its PSNR at the model's input is at least this
-            many dB; the saved photo (the perturbation carried to full size by interpolation)
-            is then at least as far from visible. None or 0: the L-infinity budget alone.
+        min_psnr: a second, visibility budget (ours): the saved photo's PSNR to the original
+            (8-bit levels) is at least this many dB; once the optimisation ends, the
+            perturbation is scaled down as little as needed to meet it. None or 0: the
+            L-infinity budget alone.
         step_schedule: "constant" step sizes, or "cosine": each stage's step decays along a
             half cosine from its size to a tenth of it by the last step (ours), so that the last
             steps settle pixels rather than push every one to the edge of the budget.
@@ -109,6 +111,10 @@ class ProtectConfig:
             to the full-size photo and that photo is resized to the model's input, rather
             than the model-resolution image itself (ours; see docs/method.md).
         checkpoint_every: save optimisation state every N steps (0: never).
+        early_stop: stop once the smoothed loss has gained at most ``early_stop_tolerance``
+            of its total gain over the last this many steps (0: always run every step;
+            see `anti_i2v.early_stop`).
+        early_stop_tolerance: share of the run's total gain below which a window is flat.
         model_weights: with several models, the weight of each one's objective in the
             sum, in the order the models are given (None: all 1).
     """
@@ -151,6 +157,8 @@ class ProtectConfig:
     eot: str = ""
     through_resize: bool = True
     checkpoint_every: int = 0
+    early_stop: int = 0
+    early_stop_tolerance: float = 0.02
     model_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -178,6 +186,11 @@ class ProtectConfig:
             raise ConfigError(f"min_psnr is in dB, between 10 and 60, or 0 for none (got {self.min_psnr})")
         if self.step_schedule not in STEP_SCHEDULES:
             raise ConfigError(f"step_schedule is one of {', '.join(STEP_SCHEDULES)} (got '{self.step_schedule}')")
+        if self.early_stop < 0 or not 0 <= self.early_stop_tolerance < 1:
+            raise ConfigError(
+                f"early_stop is a number of steps >= 0 and its tolerance a share in [0, 1) "
+                f"(got {self.early_stop}, {self.early_stop_tolerance})"
+            )
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum is a decay in [0, 1) (got {self.momentum})")
         from anti_i2v.eot import parse_eot

@@ -20,6 +20,7 @@ import torch
 
 from anti_i2v.atomic import write_atomic
 from anti_i2v.config import ProtectConfig
+from anti_i2v.early_stop import EarlyStop
 from anti_i2v.objectives.base import Objective, draw_step
 from anti_i2v.spaces import PerturbationSpace, project
 
@@ -45,11 +46,17 @@ class StepReport:
 
 @dataclass
 class PGDResult:
-    """The optimised image at model resolution and the loss history."""
+    """The optimised image at model resolution, the loss history and where the run stopped."""
 
     x_adv: torch.Tensor
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
+    stopped_early: bool = False
+
+    @property
+    def steps_done(self) -> int:
+        """Optimisation steps taken (fewer than configured when the run stopped early)."""
+        return len(self.history)
 
 
 def fingerprint(x: torch.Tensor, config: ProtectConfig, model_id: str) -> str:
@@ -106,19 +113,6 @@ def scheduled(size: float, step: int, total: int, schedule: str) -> float:
         return size
     progress = step / (total - 1)
     return size * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def limit_psnr(x_adv: torch.Tensor, x: torch.Tensor, min_psnr: float | None) -> torch.Tensor:
-    """``x_adv`` with its perturbation scaled toward ``x`` so that its PSNR is at least ``min_psnr`` dB
-    (unchanged when it already is, or when ``min_psnr`` is None or 0). Scaling keeps it in the L-inf ball."""
-    if not min_psnr:
-        return x_adv
-    delta = x_adv - x
-    rms = float(delta.float().pow(2).mean().sqrt())
-    allowed = 10 ** (-min_psnr / 20)
-    if rms <= allowed:
-        return x_adv
-    return (x + delta * (allowed / rms)).clamp(0, 1)
 
 
 def random_start(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
@@ -192,6 +186,9 @@ def run_pgd(
         momentum.buffers = {k: v.to(x.device) for k, v in state.get("momentum", {}).items()}
         logger.info("resuming from step %d of %d", start, config.steps)
     sizes = step_sizes(space, config)
+    early_stop = EarlyStop(config.early_stop, config.early_stop_tolerance)
+    early_stop.replay(h["total"] for h in history if "total" in h)
+    stopped_early = False
     began = time.perf_counter()
     for i in range(start, config.steps):
         draw = draw_step(generator, objective.latent_shape(), t_range)
@@ -201,7 +198,6 @@ def run_pgd(
         output = objective(view(x_in, draw.generator) if view is not None else x_in, draw)
         (grad,) = torch.autograd.grad(output.loss, param.params)
         x_adv = param.step(momentum(stage, grad), scheduled(sizes[stage], i, config.steps, config.step_schedule))
-        x_adv = limit_psnr(x_adv, x, config.min_psnr)
         if keep_gray:
             x_adv = project(x_adv.mean(dim=1, keepdim=True).expand_as(x_adv), x, config.eps)
         history.append(output.parts)
@@ -219,4 +215,8 @@ def run_pgd(
                     "momentum": {k: v.cpu() for k, v in momentum.buffers.items()},
                 },
             )
-    return PGDResult(x_adv=x_adv.detach(), history=history, resumed_from=start)
+        if early_stop.update(output.parts.get("total", float(output.loss.detach()))):
+            stopped_early = i + 1 < config.steps
+            logger.info("loss flat for %d steps: stopping at step %d of %d", config.early_stop, i + 1, config.steps)
+            break
+    return PGDResult(x_adv=x_adv.detach(), history=history, resumed_from=start, stopped_early=stopped_early)

@@ -593,6 +593,33 @@ def quantize_protected(
     return out[..., 0] if photo.is_gray else out
 
 
+def saved_psnr(photo: Photo, protected: torch.Tensor, eps: float) -> float:
+    """PSNR in dB (data range 1) of ``protected`` against the photo once rounded to 8-bit levels,
+    as `save_protected` writes most photos (16-bit gray PNGs round finer); inf when nothing changes."""
+    saved = torch.from_numpy(quantize_protected(photo, protected, eps, bit_depth=8).astype(np.float64) / 255)
+    original = photo.rgb[:1] if photo.is_gray else photo.rgb
+    saved = saved.unsqueeze(0) if photo.is_gray else saved.permute(2, 0, 1)
+    mse = float((saved - original.to(torch.float64)).pow(2).mean())
+    return math.inf if mse == 0 else -10 * math.log10(mse)
+
+
+def limit_saved_psnr(photo: Photo, protected: torch.Tensor, eps: float, min_psnr: float | None) -> torch.Tensor:
+    """``protected`` with its perturbation scaled toward the photo, as little as needed, so that the
+    saved file's PSNR (`saved_psnr`) is at least ``min_psnr`` dB; unchanged when it already is or
+    when ``min_psnr`` is None or 0. The scale is found by bisection on the rounded pixels."""
+    if not min_psnr or saved_psnr(photo, protected, eps) >= min_psnr:
+        return protected
+    delta = protected - photo.rgb
+    low, high = 0.0, 1.0  # low always meets the floor (0 is the photo itself)
+    for _ in range(16):
+        mid = (low + high) / 2
+        if saved_psnr(photo, photo.rgb + mid * delta, eps) >= min_psnr:
+            low = mid
+        else:
+            high = mid
+    return photo.rgb + low * delta
+
+
 def _icc_colour_space(icc: bytes) -> bytes | None:
     return icc[16:20] if len(icc) >= 20 else None
 
