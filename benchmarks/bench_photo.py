@@ -35,6 +35,7 @@ import anti_i2v  # noqa: E402
 from anti_i2v.config import ProtectConfig  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
 from anti_i2v.models.registry import load_model  # noqa: E402
+from bench_protect import emit  # noqa: E402
 from full_size import FULL_SIZE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,14 +71,13 @@ def run_photo(model: VideoModel, spec: str, device: str, preset: str, steps: int
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
-        sidecar = json.loads(result.sidecar.read_text())
     if device.startswith("cuda"):
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return {
         "model": result.model, "spec": spec, "preset": preset, "steps": result.config.steps,
-        "steps_done": sidecar["steps_done"], "early_stop": result.config.early_stop,
+        "steps_done": len(result.history), "early_stop": result.config.early_stop,
         "seconds": round(seconds, 2), "peak_gib": round(peak_gib, 2), "device": device_label(device),
         "prompt_encoding_timed": not spec.startswith("full:"), "photo_size": list(result.image.size),
         "budget": result.budget.to_dict(),
@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     document = {"torch": torch.__version__, "device": device_label(args.device), "runs": runs}
-    out = Path(args.out) if args.out else RESULTS / f"bench_photo_{device_label(args.device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n")
+    emit(document, args.out or str(RESULTS / f"bench_photo_{device_label(args.device)}.json"))
     return document
 
 

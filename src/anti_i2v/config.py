@@ -20,7 +20,8 @@ DEFAULT_PROMPT = "a person moving naturally, looking at the camera, high quality
 
 # eps (in [0, 1] units), steps and early stopping of each preset, shown in `anti-i2v protect --help`.
 # Chosen from the strength-against-steps curves on the trained testbeds (docs/results/steps.md):
-# the default's effect is flat from about 20 steps, and 200 add about 5% over 50.
+# the default's effect is nearly flat from 10 steps; 200 add about 5% over 50 on CogVideoX and
+# nothing on SVD.
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"eps": 8 / 255, "steps": 20},
     "balanced": {"eps": 8 / 255, "steps": 50, "early_stop": 10},

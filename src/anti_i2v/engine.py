@@ -187,7 +187,7 @@ def run_pgd(
         logger.info("resuming from step %d of %d", start, config.steps)
     sizes = step_sizes(space, config)
     early_stop = EarlyStop(config.early_stop, config.early_stop_tolerance)
-    early_stop.replay(h["total"] for h in history if "total" in h)
+    early_stop.replay(h["total"] for h in history)
     stopped_early = False
     began = time.perf_counter()
     for i in range(start, config.steps):
@@ -200,6 +200,7 @@ def run_pgd(
         x_adv = param.step(momentum(stage, grad), scheduled(sizes[stage], i, config.steps, config.step_schedule))
         if keep_gray:
             x_adv = project(x_adv.mean(dim=1, keepdim=True).expand_as(x_adv), x, config.eps)
+        output.parts.setdefault("total", float(output.loss.detach()))  # what early stopping follows
         history.append(output.parts)
         if callback is not None:
             callback(StepReport(i + 1, config.steps, stage, output.parts, time.perf_counter() - began, start))
@@ -215,7 +216,7 @@ def run_pgd(
                     "momentum": {k: v.cpu() for k, v in momentum.buffers.items()},
                 },
             )
-        if early_stop.update(output.parts.get("total", float(output.loss.detach()))):
+        if early_stop.update(output.parts["total"]):
             stopped_early = i + 1 < config.steps
             logger.info("loss flat for %d steps: stopping at step %d of %d", config.early_stop, i + 1, config.steps)
             break
