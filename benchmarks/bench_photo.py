@@ -12,6 +12,8 @@ the process's peak resident memory on the CPU. Backbones (``--models``, comma-se
 
     python benchmarks/bench_photo.py                                  # tiny-cogvideox, fast preset
     python benchmarks/bench_photo.py --models full:cogvideox,full:opensora --preset balanced
+    python benchmarks/bench_photo.py --models full:cogvideox --memory full,offload,sequential
+    python benchmarks/bench_photo.py --models full:cogvideox --compile --method "anti-i2v:frame_share=0.5"
 
 Writes ``benchmarks/results/bench_photo_<device>.json`` (``cpu``, or the GPU's model, e.g. ``h200``).
 """
@@ -33,10 +35,13 @@ import torch  # noqa: E402
 
 import anti_i2v  # noqa: E402
 from anti_i2v.config import ProtectConfig  # noqa: E402
+from anti_i2v.acceleration import compile_denoiser, use_attention_kernel  # noqa: E402
+from anti_i2v.memory import apply_memory_mode, check_memory_mode  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
 from anti_i2v.models.registry import load_model  # noqa: E402
 from bench_protect import emit  # noqa: E402
 from full_size import FULL_SIZE  # noqa: E402
+from strength import parse_method  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,25 +54,34 @@ def device_label(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
 
 
-def build(spec: str, device: str) -> VideoModel:
-    """The backbone a ``--models`` entry names, loaded on ``device``."""
+def build(
+    spec: str, device: str, memory: str = "full", compile: bool = False, attention: str = "auto"
+) -> VideoModel:
+    """The backbone a ``--models`` entry names, loaded on ``device`` in memory mode ``memory``, its
+    denoiser compiled when ``compile``, with the attention kernel ``attention``."""
     if spec.startswith("full:"):
         name = spec.removeprefix("full:")
         if name not in FULL_SIZE:
             raise SystemExit(f"unknown full-size model '{name}'; choose from {', '.join(FULL_SIZE)}")
-        return FULL_SIZE[name](True, device)
+        model = use_attention_kernel(apply_memory_mode(FULL_SIZE[name](True, device), memory), attention)
+        return compile_denoiser(model) if compile else model
     name, _, folder = spec.partition("=")
-    return load_model(name, folder or None, device, None)
+    return load_model(name, folder or None, device, None, memory, compile, attention)
 
 
-def run_photo(model: VideoModel, spec: str, device: str, preset: str, steps: int | None) -> dict:
-    """Protect the bundled sample photo once; time, peak memory and the budget on the saved file."""
+def run_photo(
+    model: VideoModel, spec: str, device: str, preset: str, steps: int | None, method: str = "anti-i2v"
+) -> dict:
+    """Protect the bundled sample photo once with the method spec ``method`` (``name:key=value;...``);
+    time, peak memory and the budget on the saved file."""
+    name, overrides = parse_method(method)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
         began = time.perf_counter()
-        result = anti_i2v.protect(anti_i2v.sample_photo(), model, out=out, device=device, preset=preset, steps=steps)
+        result = anti_i2v.protect(anti_i2v.sample_photo(), model, out=out, device=device, preset=preset, steps=steps,
+                                  method=name, **overrides)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
@@ -78,7 +92,9 @@ def run_photo(model: VideoModel, spec: str, device: str, preset: str, steps: int
     return {
         "model": result.model, "spec": spec, "preset": preset, "steps": result.config.steps,
         "steps_done": len(result.history), "early_stop": result.config.early_stop,
-        "seconds": round(seconds, 2), "peak_gib": round(peak_gib, 2), "device": device_label(device),
+        "method": method, "memory": model.memory_mode, "compiled": model.compiled,
+        "attention": model.attention_kernel, "seconds": round(seconds, 2), "peak_gib": round(peak_gib, 2),
+        "device": device_label(device),
         "prompt_encoding_timed": not spec.startswith("full:"), "photo_size": list(result.image.size),
         "budget": result.budget.to_dict(),
     }
@@ -90,6 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", default="tiny-cogvideox", help="comma-separated backbones (see the module doc)")
     parser.add_argument("--preset", default="fast", help="strength preset")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    parser.add_argument("--memory", default="full", help="comma-separated memory modes, each run in turn")
+    parser.add_argument("--method", default="anti-i2v", help="method spec, e.g. anti-i2v:frame_share=0.5")
+    parser.add_argument("--compile", action="store_true", help="compile the denoiser blocks (torch.compile)")
+    parser.add_argument("--attention", default="auto", help="attention kernel: auto, flash, efficient, cudnn, math")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     parser.add_argument("--out", default=None, help="JSON path (default: results/bench_photo_<device>.json)")
@@ -98,12 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
     ProtectConfig.from_preset(args.preset)  # an unknown preset fails before any model loads
     runs = []
     for spec in args.models.split(","):
-        model = build(spec, args.device)
-        runs.append(run_photo(model, spec, args.device, args.preset, args.steps))
-        print(json.dumps(runs[-1]), flush=True)
-        del model
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        for memory in args.memory.split(","):
+            model = build(spec, args.device, check_memory_mode(memory), args.compile, args.attention)
+            runs.append(run_photo(model, spec, args.device, args.preset, args.steps, args.method))
+            print(json.dumps(runs[-1]), flush=True)
+            del model
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
     document = {"torch": torch.__version__, "device": device_label(args.device), "runs": runs}
     emit(document, args.out or str(RESULTS / f"bench_photo_{device_label(args.device)}.json"))
     return document

@@ -8,6 +8,8 @@ the tool frees before optimising.
 
     python benchmarks/full_size.py                     # parameter counts, as JSON (meta device)
     python benchmarks/full_size.py --meta-step svd-xt  # one full-size step on the meta device
+    python benchmarks/full_size.py --memory-plan cogvideox  # weights on the GPU per memory mode
+    python benchmarks/full_size.py --flops cogvideox  # TFLOPs per optimisation step, per objective and frames
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from anti_i2v.config import DEFAULT_PROMPT, ProtectConfig  # noqa: E402
+from anti_i2v.errors import ConfigError  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
 from anti_i2v.objectives import AntiI2VObjective, draw_step  # noqa: E402
 from anti_i2v.offload import weight_bytes  # noqa: E402
@@ -252,12 +255,90 @@ def meta_step(name: str) -> dict:
     return record
 
 
+def _t5_xxl(device: str) -> torch.nn.Module:
+    """The T5-XXL v1.1 encoder CogVideoX conditions on (4.8 B parameters), random weights, bf16."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    with torch.device(device):
+        return T5EncoderModel(config).to(BF16)
+
+
+def memory_plan(name: str) -> dict:
+    """Weights on the accelerator at the worst moment of each memory mode (`anti_i2v.memory`), on the
+    meta device; CogVideoX gets its T5-XXL text encoder (the others here are built without theirs).
+    Working memory (activations, gradients) is measured on a GPU (`bench_photo.py`)."""
+    from anti_i2v.config import MEMORY_MODES
+    from anti_i2v.memory import resident_weight_bytes
+
+    model = FULL_SIZE[name](True, device="meta")
+    if name == "cogvideox":
+        model.pipe.text_encoder = _t5_xxl("meta")
+    gib = 1024**3
+    return {mode: round(resident_weight_bytes(model, mode) / gib, 2) for mode in MEMORY_MODES}
+
+
+def step_flops(name: str, shares: tuple[float, ...] = (1.0, 0.5, 0.25)) -> list[dict]:
+    """TFLOPs of one optimisation step at full size, counted on the meta device, for AdvDM's
+    objective (one denoiser pass) and the default's sampler divergence (guided, 4 or 2 sampler
+    steps, plus the clean run it is compared with), on a share of the frames. Gradient
+    checkpointing's recomputation is not counted (it adds about one forward pass)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anti_i2v.objectives.anti_i2v import sampler_run
+
+    model = FULL_SIZE[name](True, device="meta")
+    x = torch.rand(1, 3, *model.resolution).to("meta")
+    t = torch.tensor([500])
+
+    def tflops(loss_of) -> float:
+        image = x.clone().requires_grad_(True)
+        with FlopCounterMode(display=False) as counter:
+            torch.autograd.grad(loss_of(image), image)
+        return round(counter.get_total_flops() / 1e12, 1)
+
+    rows = []
+    for share in shares:
+        try:
+            model.frame_count_for(share)
+        except ConfigError:  # an adapter with a fixed frame count
+            continue
+        with model.fewer_frames(share) as frames:
+            clean = model.encode_image(x)
+            latents = model.still_video(model.image_latent(clean))
+            noise = torch.randn(latents.shape, device="meta")
+
+            def sampler(steps: int):
+                def loss_of(image: torch.Tensor) -> torch.Tensor:
+                    with torch.no_grad():
+                        reference = sampler_run(model, clean, noise, steps, model.num_train_timesteps - 1)
+                    run = sampler_run(model, model.encode_image(image), noise, steps, model.num_train_timesteps - 1)
+                    return (run - reference).pow(2).mean()
+                return loss_of
+
+            rows.append({
+                "frames": frames, "frame_share": share,
+                "advdm": tflops(lambda image: model.denoise(model.encode_image(image), latents, t, noise,
+                                                            with_loss=True).loss),
+                "anti-i2v": tflops(sampler(4)), "anti-i2v:sampler_steps=2": tflops(sampler(2)),
+            })
+    return rows
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meta-step", default=None, help="models to run one full-size step on the meta device")
+    parser.add_argument("--memory-plan", default=None,
+                        help="models whose weights on the accelerator per memory mode to print, in GiB")
+    parser.add_argument("--flops", default=None, help="models whose TFLOPs per optimisation step to count")
     args = parser.parse_args()
+    if args.flops:
+        print(json.dumps({name: step_flops(name) for name in args.flops.split(",")}, indent=2))
+    if args.memory_plan:
+        print(json.dumps({name: memory_plan(name) for name in args.memory_plan.split(",")}, indent=2))
     if args.meta_step:
         print(json.dumps({name: meta_step(name) for name in args.meta_step.split(",")}, indent=2))
-    else:
+    if not (args.memory_plan or args.meta_step or args.flops):
         print(json.dumps(parameter_counts(), indent=2))
     sys.exit(0)

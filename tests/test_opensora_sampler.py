@@ -1,23 +1,25 @@
 """Open-Sora 1.2 rectified-flow sampler against the golden fixture of the original loop.
 
-Three levels: (a) the timestep tables (4-step cases and the released 30-step settings); (b) the whole
-4-step I2V trajectories with STDiT3 replaced by a replay of the velocities the fixture recorded (the
+Three levels: (a) the timestep tables (the fixture's cases and the released 30-step settings); (b) the
+whole I2V trajectories with STDiT3 replaced by a replay of the velocities the fixture recorded (the
 fake model checks every input it gets); (c) end to end with the port's STDiT3 and the
 ``opensora_stdit3`` state (skipped only while ``anti_i2v.models.opensora.stdit3`` does not exist).
 Plus the training-objective helpers.
+
+Case names, step counts, sizes and tolerances come from the fixture's json (the cases are picked by
+what their ``mask_values`` and ``first_timestep`` say, not by name); ``ANTI_I2V_PORT_FIXTURES`` points
+the tests at another folder of fixtures of the same format (see ``opensora_fixtures``).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from opensora_fixtures import cases, spec, state, tensors
 
 from anti_i2v.models.opensora.sampler import (
     IMAGE_FPS,
@@ -33,13 +35,12 @@ from anti_i2v.models.opensora.sampler import (
     timestep_transform,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "ports"
 NAME = "opensora_rflow"
 MODEL_NAME = "opensora_stdit3"
 STDIT3_MODULE = "anti_i2v.models.opensora.stdit3"
 
-SPEC: dict = json.loads((FIXTURES / f"{NAME}.json").read_text())
-CASES = sorted(SPEC["cases"])
+SPEC: dict = spec(NAME)
+CASES = sorted(cases(NAME))
 CTOR = SPEC["constructor"]["RFLOW"]
 TOL = SPEC["recommended_tolerance"]["per_tensor_relative_to_absmax"]
 TS_TOL = TOL["timesteps, timesteps30.*"]
@@ -47,15 +48,30 @@ TRAJ_TOL = TOL["z_before_step, pred_v, z_final"]
 assert TOL["x_mask"] == "exact"
 
 
+def _frame0_ratios(case_spec: dict) -> set[float]:
+    """The conditioning frame's mask value (the edit ratio) of every sample."""
+    return {row[0] for row in case_spec["mask_values"]}
+
+
+def _first_step_noises_nothing(case_spec: dict) -> bool:
+    """The float32 edge: the first timestep exceeds ``num_timesteps``, so no frame is noised at step 0."""
+    return case_spec["first_timestep"] > CTOR["num_timesteps"]
+
+
+# the cases by what the fixture records: plain I2V (edit ratio 0), edit (0 < ratio < 1), first-step edge
+I2V_CASES = sorted(cases(NAME, lambda c, s: _frame0_ratios(s) == {0.0} and not _first_step_noises_nothing(s)))
+EDIT_CASES = sorted(cases(NAME, lambda c, s: all(0.0 < r < 1.0 for r in _frame0_ratios(s))))
+EDGE_CASES = sorted(cases(NAME, lambda c, s: _first_step_noises_nothing(s)))
+
+
 @pytest.fixture(scope="module")
 def data() -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURES / f"{NAME}.safetensors"))
+    return tensors(NAME)
 
 
 @pytest.fixture(scope="module")
 def y_null() -> torch.Tensor:
-    state = load_file(str(FIXTURES / f"{MODEL_NAME}.safetensors"))
-    return state["state.y_embedder.y_embedding"]
+    return tensors(MODEL_NAME)["state.y_embedder.y_embedding"]
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -69,9 +85,19 @@ def _assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: 
     assert rel <= tol, f"{what}: max|diff| / max|expected| = {rel:.3g} > {tol:g}"
 
 
-def _sampler() -> RFlowSampler:
+def _steps(case: str) -> int:
+    """The case's number of sampling steps (the constructor's when the case does not say)."""
+    return int(SPEC["cases"][case].get("steps", CTOR["num_sampling_steps"]))
+
+
+def _size(case: str) -> dict[str, int]:
+    """The case's pixel-space ``height``, ``width`` and ``num_frames``."""
+    return dict(zip(("height", "width", "num_frames"), SPEC["cases"][case]["height_width_num_frames"]))
+
+
+def _sampler(case: str) -> RFlowSampler:
     return RFlowSampler(
-        num_sampling_steps=CTOR["num_sampling_steps"],
+        num_sampling_steps=_steps(case),
         num_timesteps=CTOR["num_timesteps"],
         cfg_scale=CTOR["cfg_scale"],
         use_timestep_transform=CTOR["use_timestep_transform"],
@@ -89,7 +115,7 @@ def _out(data: dict[str, torch.Tensor], case: str, name: str) -> torch.Tensor:
 
 def _run(data: dict[str, torch.Tensor], case: str, model: Any, y_null: torch.Tensor | None, **kw: Any):
     g = lambda n: _inp(data, case, n)  # noqa: E731
-    return _sampler().sample(
+    return _sampler(case).sample(
         model,
         g("z"),
         g("y"),
@@ -110,21 +136,22 @@ def _run(data: dict[str, torch.Tensor], case: str, model: Any, y_null: torch.Ten
 @pytest.mark.parametrize("name", sorted(SPEC["timesteps30_settings"]))
 def test_released_30_step_timestep_tables(name: str, data: dict[str, torch.Tensor]) -> None:
     s = SPEC["timesteps30_settings"][name]
-    ts = make_timesteps(30, batch_size=1, height=s["height"], width=s["width"], num_frames=s["num_frames"])
     expected = data[f"output.timesteps30.{name}"]
-    assert ts.dtype == torch.float32 and ts.shape == (30, 1)
+    steps = expected.shape[0]
+    ts = make_timesteps(steps, batch_size=1, height=s["height"], width=s["width"], num_frames=s["num_frames"])
+    assert ts.dtype == torch.float32 and ts.shape == (steps, 1)
     _assert_rel(ts[:, 0], expected, TS_TOL, name)
-    assert ts[0, 0].item() == expected[0].item() == 1000.0  # the integer-valued first step is exact
+    assert ts[0, 0].item() == expected[0].item()  # the first step comes out exactly
     assert bool((ts[1:, 0] < ts[:-1, 0]).all())
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_case_timesteps_including_float32_edge(case: str, data: dict[str, torch.Tensor]) -> None:
     g = lambda n: _inp(data, case, n)  # noqa: E731
-    ts = _sampler().timesteps(g("z").shape[0], g("height"), g("width"), g("num_frames"))
+    ts = _sampler(case).timesteps(g("z").shape[0], g("height"), g("width"), g("num_frames"))
     expected = _out(data, case, "timesteps")
     _assert_rel(ts, expected, TS_TOL, "timesteps")
-    # the first step must come out exactly as the original's float32 arithmetic (1000.0001 for lowres)
+    # the first step must come out exactly as the original's float32 arithmetic (1000.0001 in the edge case)
     assert ts[0].tolist() == expected[0].tolist()
     assert ts[0, 0].item() == SPEC["cases"][case]["first_timestep"]
 
@@ -150,8 +177,7 @@ def test_timestep_transform_image_and_identity() -> None:
 def test_multi_resolution_info_matches_fixture_and_image_fps(data: dict[str, torch.Tensor]) -> None:
     for case in CASES:
         g = lambda n: _inp(data, case, n)  # noqa: E731
-        h, w, n = SPEC["cases"][case]["height_width_num_frames"]
-        info = multi_resolution_info(2, h, w, n, 24)
+        info = multi_resolution_info(g("z").shape[0], fps=g("fps")[0].item(), **_size(case))
         for key in ("height", "width", "num_frames", "fps", "ar"):
             assert torch.equal(info[key], g(key)), (case, key)
     assert multi_resolution_info(1, 360, 640, 1, 24)["fps"].item() == IMAGE_FPS
@@ -177,7 +203,7 @@ def test_trajectory_replaying_recorded_velocities(case: str, data: dict[str, tor
     g = lambda n: _inp(data, case, n)  # noqa: E731
     o = lambda n: _out(data, case, n)  # noqa: E731
     b = g("z").shape[0]
-    steps = CTOR["num_sampling_steps"]
+    steps = _steps(case)
     calls: list[int] = []
 
     def replay(z_in, t, y, mask, x_mask, **kwargs) -> torch.Tensor:
@@ -207,42 +233,47 @@ def test_trajectory_replaying_recorded_velocities(case: str, data: dict[str, tor
 
 def _replayer(data: dict[str, torch.Tensor], case: str):
     """A model_fn returning the recorded velocities of ``case`` in step order."""
-    steps = iter(range(CTOR["num_sampling_steps"]))
+    steps = iter(range(_steps(case)))
     return lambda *args, **kwargs: _out(data, case, "pred_v")[next(steps)].clone()
 
 
-def test_i2v_reference_frame_is_kept_exactly(data: dict[str, torch.Tensor], y_null) -> None:
-    case = "i2v"
+@pytest.mark.parametrize("case", I2V_CASES)
+def test_i2v_reference_frame_is_kept_exactly(case: str, data: dict[str, torch.Tensor], y_null) -> None:
     z_final, inter = _run(data, case, _replayer(data, case), y_null)
     ref = _inp(data, case, "ref")
     assert torch.equal(z_final[:, :, :1], ref)
-    assert torch.equal(inter["z_before_step"][:, :, :, :1], ref[None].expand(4, *ref.shape))
+    assert torch.equal(inter["z_before_step"][:, :, :, :1], ref[None].expand(_steps(case), *ref.shape))
     assert not inter["x_mask"][:, :, 0].any() and inter["x_mask"][:, :, 1:].all()
     # the random draws never reach z: other draws (from a generator) give the same result
     g = lambda n: _inp(data, case, n)  # noqa: E731
-    other = _sampler().sample(
+    other = _sampler(case).sample(
         _replayer(data, case), g("z"), g("y"), g("text_mask"), height=g("height"), width=g("width"),
         num_frames=g("num_frames"), mask=g("mask"), y_null=y_null, generator=torch.Generator().manual_seed(0),
     )
     assert torch.equal(other, z_final)
 
 
-def test_edit_frame_is_renoised_at_first_step_below_edit_ratio(data: dict[str, torch.Tensor], y_null) -> None:
-    case = "edit"
+@pytest.mark.parametrize("case", EDIT_CASES)
+def test_edit_frame_is_renoised_at_first_step_below_edit_ratio(
+    case: str, data: dict[str, torch.Tensor], y_null
+) -> None:
     o = lambda n: _out(data, case, n)  # noqa: E731
     ts = o("timesteps")[:, 0]
-    first = int(torch.nonzero(ts <= 800)[0])
+    edit_t = _inp(data, case, "mask")[0, 0] * CTOR["num_timesteps"]  # float32 mask_t, as the original
+    below = torch.nonzero(ts <= edit_t)
+    assert len(below), f"{case}: no step reaches the edit ratio {edit_t.item()}"
+    first = int(below[0])
     xm = o("x_mask")
     assert not xm[:first, :, 0].any() and xm[first:, :, 0].all()
     _, inter = _run(data, case, _replayer(data, case), y_null)
     ref = _inp(data, case, "ref")[:, :, 0]
-    s = ts[first] / 1000
+    s = ts[first] / CTOR["num_timesteps"]
     expected = (1 - s) * ref + (1 - (1 - s)) * _inp(data, case, "randn_like")[first][:, :, 0]
     torch.testing.assert_close(inter["z_before_step"][first][:, :, 0], expected)
 
 
-def test_lowres_edge_case_first_step_is_a_no_op(data: dict[str, torch.Tensor], y_null) -> None:
-    case = "i2v_lowres"
+@pytest.mark.parametrize("case", EDGE_CASES)
+def test_lowres_edge_case_first_step_is_a_no_op(case: str, data: dict[str, torch.Tensor], y_null) -> None:
     o = lambda n: _out(data, case, n)  # noqa: E731
     assert not o("x_mask")[0].any()
     _, inter = _run(data, case, _replayer(data, case), y_null)
@@ -264,32 +295,34 @@ def test_text_to_video_draws_no_noise_and_gradients_flow(data: dict[str, torch.T
         drawn.append(i)
         return torch.zeros_like(x)
 
-    out = _sampler().sample(
-        model_fn, z, g("y"), g("text_mask"), height=240, width=426, num_frames=51, y_null=y_null, noise=noise
-    )
+    out = _sampler(case).sample(model_fn, z, g("y"), g("text_mask"), **_size(case), y_null=y_null, noise=noise)
     assert drawn == []
     out.square().sum().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
-def test_noise_callable_equals_tensor_and_scale_one_skips_uncond(data: dict[str, torch.Tensor], y_null) -> None:
-    case = "edit"
+@pytest.mark.parametrize("case", EDIT_CASES[:1])
+def test_noise_callable_equals_tensor_and_scale_one_skips_uncond(
+    case: str, data: dict[str, torch.Tensor], y_null
+) -> None:
     g = lambda n: _inp(data, case, n)  # noqa: E731
+    b = g("z").shape[0]
 
     def model_fn(z_in, t, y, mask, x_mask, **kwargs):
         rows.append(z_in.shape[0])
         return torch.sin(z_in) + y.mean(dim=(1, 2, 3)).view(-1, 1, 1, 1, 1) + x_mask.float()[:, None, :, None, None]
 
-    kw = dict(height=240, width=426, num_frames=51, mask=g("mask"), y_null=y_null)
+    kw = dict(**_size(case), mask=g("mask"), y_null=y_null)
     rows: list[int] = []
-    a = _sampler().sample(model_fn, g("z"), g("y"), g("text_mask"), noise=g("randn_like"), **kw)
-    b = _sampler().sample(model_fn, g("z"), g("y"), g("text_mask"), noise=lambda i, t, x: g("randn_like")[i], **kw)
-    assert torch.equal(a, b) and set(rows) == {4}
+    sampler = _sampler(case)
+    tensor = sampler.sample(model_fn, g("z"), g("y"), g("text_mask"), noise=g("randn_like"), **kw)
+    called = sampler.sample(model_fn, g("z"), g("y"), g("text_mask"), noise=lambda i, t, x: g("randn_like")[i], **kw)
+    assert torch.equal(tensor, called) and set(rows) == {2 * b}
     rows.clear()
-    _sampler().sample(model_fn, g("z"), g("y"), g("text_mask"), noise=g("randn_like"), guidance_scale=1.0, **kw)
-    assert set(rows) == {2}
+    sampler.sample(model_fn, g("z"), g("y"), g("text_mask"), noise=g("randn_like"), guidance_scale=1.0, **kw)
+    assert set(rows) == {b}
     with pytest.raises(ValueError, match="y_null"):
-        _sampler().sample(model_fn, g("z"), g("y"), g("text_mask"), height=240, width=426, num_frames=51)
+        sampler.sample(model_fn, g("z"), g("y"), g("text_mask"), **_size(case))
 
 
 # --------------------------------------------------------------------------- training objective
@@ -348,11 +381,9 @@ def _stdit3_module():
 @pytest.fixture(scope="module")
 def stdit3():
     module = _stdit3_module()
-    spec = json.loads((FIXTURES / f"{MODEL_NAME}.json").read_text())
-    (kwargs,) = spec["constructor"].values()
+    (kwargs,) = spec(MODEL_NAME)["constructor"].values()
     model = module.STDiT3(module.STDiT3Config.from_dict(kwargs)).eval()
-    state = load_file(str(FIXTURES / f"{MODEL_NAME}.safetensors"))
-    model.load_state_dict({k[len("state.") :]: v.float() for k, v in state.items() if k.startswith("state.")}, strict=True)
+    model.load_state_dict(state(MODEL_NAME), strict=True)
     return model
 
 
@@ -369,7 +400,7 @@ def test_end_to_end_with_stdit3_port(case: str, data: dict[str, torch.Tensor], s
 
 
 def test_end_to_end_through_model_fn_adapter(data: dict[str, torch.Tensor], stdit3) -> None:
-    case = "edit"
+    case = (EDIT_CASES or CASES)[0]
     with torch.no_grad():
         z_final, _ = _run(data, case, stdit3_model_fn(stdit3), stdit3.y_embedder.y_embedding)
     _assert_rel(z_final, _out(data, case, "z_final"), TRAJ_TOL, "z_final")

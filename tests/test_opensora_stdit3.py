@@ -3,7 +3,9 @@
 * ``fixtures/ports/opensora_stdit3.{json,safetensors}``: a tiny configuration of the original STDiT3
   (its ``STDiT3Config`` arguments are in the json), its re-randomised state, and the inputs, outputs and
   input gradients of three calls (``i2v``: caption mask + x_mask, ``t2v``: caption mask only,
-  ``nomask``: neither). Every size is read from the json.
+  ``nomask``: neither). Every size is read from the json, and the tests pick the cases by the inputs
+  the json lists for them, not by name; ``ANTI_I2V_PORT_FIXTURES`` points the tests at another folder
+  of fixtures of the same format (see ``opensora_fixtures``).
 * ``fixtures/ports/keys/opensora_stdit3_xl2.tsv``: key/shape list of the official STDiT3-XL/2
   (``hpcai-tech/OpenSora-STDiT-v3``).
 
@@ -16,19 +18,17 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from opensora_fixtures import KEYS, cases, spec
+from opensora_fixtures import tensors as fixture_tensors
 
 from anti_i2v.models.opensora import stdit3 as stdit3_module
 from anti_i2v.models.opensora.stdit3 import STDiT3, STDiT3Config
 
-FIXTURES = Path(__file__).parent / "fixtures" / "ports"
-JSON_PATH = FIXTURES / "opensora_stdit3.json"
-TENSORS_PATH = FIXTURES / "opensora_stdit3.safetensors"
-KEYS_PATH = FIXTURES / "keys" / "opensora_stdit3_xl2.tsv"
+NAME = "opensora_stdit3"
+KEYS_PATH = KEYS / "opensora_stdit3_xl2.tsv"
 
 # the original release: the official STDiT3-XL/2 (hpcai-tech/OpenSora-STDiT-v3, config.json fields).
 OFFICIAL_CONFIG = {
@@ -52,9 +52,17 @@ OFFICIAL_CONFIG = {
 # y_embedding buffer excluded.
 OFFICIAL_PARAMS = 1_207_643_972
 
-META = json.loads(JSON_PATH.read_text())
-CASES = list(META["cases"])
+META = spec(NAME)
+CASES = cases(NAME)
 MAX_REL_ERRORS: dict[str, float] = {}
+
+
+def _case_with(*names: str) -> str:
+    """The first case whose inputs include ``names`` (a case with caption padding for ``mask``)."""
+    for case in cases(NAME, lambda c, s: set(names) <= set(s["inputs"])):
+        if "mask" not in names or (fixture_tensors(NAME)[f"input.{case}.mask"] == 0).any():
+            return case
+    pytest.skip(f"no {NAME} case has the inputs {names}" + (" with caption padding" if "mask" in names else ""))
 
 
 def _constructor() -> dict:
@@ -89,7 +97,7 @@ def _check(name: str, actual: torch.Tensor, expected: torch.Tensor, kind: str, t
 
 @pytest.fixture(scope="module")
 def tensors() -> dict[str, torch.Tensor]:
-    return load_file(str(TENSORS_PATH))
+    return fixture_tensors(NAME)
 
 
 def _state(tensors: dict) -> dict[str, torch.Tensor]:
@@ -165,9 +173,8 @@ def test_fixture_outputs_and_input_grads(model, tensors, case):
         assert grad is not None, f"{case}: no gradient reached input {name}"
         _check(f"{case}.grad.{name}", grad, tensors[f"grad.{case}.{name}"], "grads", name)
 
-    if inputs.get("mask") is not None:  # padded caption tokens get exactly zero gradient
-        pad = tensors[f"input.{case}.mask"] == 0
-        assert pad.any()
+    pad = tensors[f"input.{case}.mask"] == 0 if inputs.get("mask") is not None else None
+    if pad is not None and pad.any():  # padded caption tokens get exactly zero gradient
         assert torch.equal(inputs["y"].grad[:, 0][pad], torch.zeros_like(inputs["y"].grad[:, 0][pad]))
 
 
@@ -204,18 +211,20 @@ def _fixed_final_layer(self, x, t, x_mask=None, t0=None, T=None):
 
 
 def test_mutation_fixing_the_final_layer_quirk_fails(model, tensors, monkeypatch):
-    inputs = _inputs(tensors, "i2v", grads=False)
+    case = _case_with("x_mask")
+    inputs = _inputs(tensors, case, grads=False)
     with torch.no_grad():
         ref = _call(model, inputs)
         monkeypatch.setattr(stdit3_module.FinalLayer, "forward", _fixed_final_layer)
         fixed = _call(model, inputs)
-    expected = tensors["output.i2v.out"]
+    expected = tensors[f"output.{case}.out"]
     assert _rel_err(ref, expected) <= _tolerance("outputs")
     assert _rel_err(fixed, expected) > 0.05  # README: about 40 % of the max
 
 
 def test_mutation_attending_caption_padding_fails(model, tensors):
-    inputs = _inputs(tensors, "t2v", grads=False)
+    case = _case_with("mask")
+    inputs = _inputs(tensors, case, grads=False)
     with torch.no_grad():
         ignored_mask = _call(model, {**inputs, "mask": None})
         # the padded tokens really are ignored: changing them changes nothing
@@ -223,13 +232,14 @@ def test_mutation_attending_caption_padding_fails(model, tensors):
         pad = inputs["mask"] == 0
         y[:, 0][pad] = torch.randn_like(y[:, 0][pad]) * 10
         changed_pad = _call(model, {**inputs, "y": y})
-    expected = tensors["output.t2v.out"]
+    expected = tensors[f"output.{case}.out"]
     assert _rel_err(ignored_mask, expected) > 0.05
     assert _rel_err(changed_pad, expected) <= _tolerance("outputs")
 
 
 def test_mutation_swapping_pos_emb_axes_fails(model, tensors, monkeypatch):
-    inputs = _inputs(tensors, "nomask", grads=False)
+    case = CASES[-1]
+    inputs = _inputs(tensors, case, grads=False)
     original = stdit3_module.PositionEmbedding2D.forward
 
     def swapped(self, h, w, scale=1.0, base_size=None, dtype=None):
@@ -240,7 +250,7 @@ def test_mutation_swapping_pos_emb_axes_fails(model, tensors, monkeypatch):
     with torch.no_grad():
         monkeypatch.setattr(stdit3_module.PositionEmbedding2D, "forward", swapped)
         out = _call(model, inputs)
-    assert _rel_err(out, tensors["output.nomask.out"]) > 1e-3
+    assert _rel_err(out, tensors[f"output.{case}.out"]) > 1e-3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +281,7 @@ def test_block_hooks_see_block_outputs_in_forward_order(model, tensors):
 
 
 def test_defaults_and_broadcasting(model, tensors):
-    inputs = _inputs(tensors, "i2v", grads=False)
+    inputs = _inputs(tensors, _case_with("mask", "x_mask", "fps", "height", "width"), grads=False)
     b, _, _, h, w = inputs["x"].shape
     with torch.no_grad():
         ref = _call(model, inputs)
@@ -302,7 +312,8 @@ def test_defaults_and_broadcasting(model, tensors):
 
 def test_skip_y_embedder_takes_the_packed_projected_caption(model, tensors):
     """``skip_y_embedder``: y is already projected and packed ``[1, sum(lens), C]``, mask holds the lengths."""
-    inputs = _inputs(tensors, "i2v", grads=False)
+    case = _case_with("mask")
+    inputs = _inputs(tensors, case, grads=False)
     skip = STDiT3(dataclasses.replace(model.config, skip_y_embedder=True))
     skip.load_state_dict(model.state_dict())
     skip.eval()
@@ -312,7 +323,7 @@ def test_skip_y_embedder_takes_the_packed_projected_caption(model, tensors):
         packed = projected[keep][None]
         lens = keep.sum(1).tolist()
         out = _call(skip, {**inputs, "y": packed, "mask": lens})
-    _check("i2v.output.out[skip_y_embedder]", out, tensors["output.i2v.out"], "outputs")
+    _check(f"{case}.output.out[skip_y_embedder]", out, tensors[f"output.{case}.out"], "outputs")
 
 
 def test_freezing_flags_only_change_requires_grad():
@@ -326,14 +337,15 @@ def test_freezing_flags_only_change_requires_grad():
 
 
 def test_bfloat16_runs_and_returns_float32(model, tensors):
-    inputs = _inputs(tensors, "i2v", grads=False)
+    case = CASES[0]
+    inputs = _inputs(tensors, case, grads=False)
     low = STDiT3(model.config)
     low.load_state_dict(model.state_dict())
     low = low.to(torch.bfloat16).eval()
     with torch.no_grad():
         out = _call(low, inputs)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert _rel_err(out, tensors["output.i2v.out"]) < 0.1
+    assert _rel_err(out, tensors[f"output.{case}.out"]) < 0.1
 
 
 # --------------------------------------------------------------------------------------------------

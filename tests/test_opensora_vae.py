@@ -1,16 +1,20 @@
-"""Open-Sora 1.2 video VAE (temporal VAE + VideoAutoencoderPipeline) against the golden fixtures of the originals."""
+"""Open-Sora 1.2 video VAE (temporal VAE + VideoAutoencoderPipeline) against the golden fixtures of the originals.
+
+Configurations, case names, shapes and tolerances come from the fixtures' json (a case is an encode or a
+decode by its ``call``, not by its name); ``ANTI_I2V_PORT_FIXTURES`` points the tests at another folder
+of fixtures of the same format (see ``opensora_fixtures``).
+"""
 
 from __future__ import annotations
 
 import ast
 import json
 import math
-from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from opensora_fixtures import KEYS as KEYS_DIR
+from opensora_fixtures import cases, spec, state, tensors
 
 from anti_i2v.models.opensora.vae import (
     SPATIAL_SCALING,
@@ -21,24 +25,19 @@ from anti_i2v.models.opensora.vae import (
     tiny_vae_config,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "ports"
 TEMPORAL = "opensora_vae_temporal"
 PIPELINE = "opensora_vae_pipeline"
-KEYS = FIXTURES / "keys" / "opensora_vae_v1_2.tsv"
+KEYS = KEYS_DIR / "opensora_vae_v1_2.tsv"
 
 
-@lru_cache(maxsize=None)
-def _spec(name: str) -> dict:
-    return json.loads((FIXTURES / f"{name}.json").read_text())
+def _is_encode(case_spec: dict) -> bool:
+    """An encode case (its call is ``... .encode(x)``); the others decode."""
+    return ".encode(" in case_spec["call"]
 
 
-@lru_cache(maxsize=None)
-def _tensors(name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURES / f"{name}.safetensors"))
-
-
-def _state(name: str) -> dict[str, torch.Tensor]:
-    return {k[len("state.") :]: v.float() for k, v in _tensors(name).items() if k.startswith("state.")}
+def _encode_inputs(name: str) -> list[torch.Tensor]:
+    """The pixel/latent input ``x`` of every encode case."""
+    return [tensors(name)[f"input.{c}.x"] for c in cases(name, lambda c, s: _is_encode(s))]
 
 
 def _assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> float:
@@ -49,8 +48,8 @@ def _assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: 
     return err / scale
 
 
-def _pipeline_kwargs(spec: dict) -> dict:
-    c = spec["constructor"]
+def _pipeline_kwargs(meta: dict) -> dict:
+    c = meta["constructor"]
     pc = c["VideoAutoencoderPipelineConfig"]
     return {
         "spatial_config": c["spatial_AutoencoderKL_config"],
@@ -64,26 +63,26 @@ def _pipeline_kwargs(spec: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def temporal_vae() -> VAETemporal:
-    model = VAETemporal(**_spec(TEMPORAL)["constructor"]["VAE_Temporal"]).eval()
-    model.load_state_dict(_state(TEMPORAL), strict=True)
+    model = VAETemporal(**spec(TEMPORAL)["constructor"]["VAE_Temporal"]).eval()
+    model.load_state_dict(state(TEMPORAL), strict=True)
     return model
 
 
 @pytest.fixture(scope="module")
 def pipeline() -> VideoAutoencoderPipeline:
-    kwargs = _pipeline_kwargs(_spec(PIPELINE))
+    kwargs = _pipeline_kwargs(spec(PIPELINE))
     # build with the official constants so that only the loaded buffers can supply the fixture's values
     kwargs.pop("scale"), kwargs.pop("shift")
     model = VideoAutoencoderPipeline(**kwargs).eval()
-    model.load_state_dict(_state(PIPELINE), strict=True)
+    model.load_state_dict(state(PIPELINE), strict=True)
     return model
 
 
 def _run_case(name: str, case: str, call) -> None:
     """Run ``call(inputs) -> {output name: tensor}``, check outputs, loss and input grads."""
-    spec, data = _spec(name), _tensors(name)
-    tol = spec["recommended_tolerance"]["per_tensor_relative_to_absmax"]
-    cs = spec["cases"][case]
+    fixture, data = spec(name), tensors(name)
+    tol = fixture["recommended_tolerance"]["per_tensor_relative_to_absmax"]
+    cs = fixture["cases"][case]
     inputs = {}
     for iname, meta in cs["inputs"].items():
         if "value" in meta:
@@ -114,10 +113,10 @@ def _run_case(name: str, case: str, call) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", list(_spec(TEMPORAL)["cases"]))
+@pytest.mark.parametrize("case", cases(TEMPORAL))
 def test_temporal_vae_matches_fixture(temporal_vae: VAETemporal, case: str) -> None:
     def call(inp):
-        if case.startswith("encode"):
+        if _is_encode(spec(TEMPORAL)["cases"][case]):
             posterior = temporal_vae.encode(inp["x"])
             return {"mean": posterior.mean, "logvar": posterior.logvar}
         return {"x": temporal_vae.decode(inp["z"], num_frames=inp["num_frames"])}
@@ -148,7 +147,7 @@ def test_causal_conv_sees_only_past_frames() -> None:
 
 def test_temporal_vae_frame_counts(temporal_vae: VAETemporal) -> None:
     f = temporal_vae.time_downsample_factor
-    cfg = _spec(TEMPORAL)["constructor"]["VAE_Temporal"]
+    cfg = spec(TEMPORAL)["constructor"]["VAE_Temporal"]
     assert f == 2 ** sum(cfg["temporal_downsample"])
     assert [temporal_vae.latent_frames(n) for n in (1, f, f + 1, 17)] == [1, 1, 2, math.ceil(17 / f)]
     z = torch.zeros(1, cfg["embed_dim"], 3, 2, 3)
@@ -164,10 +163,10 @@ def test_temporal_vae_frame_counts(temporal_vae: VAETemporal) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", list(_spec(PIPELINE)["cases"]))
+@pytest.mark.parametrize("case", cases(PIPELINE))
 def test_pipeline_matches_fixture(pipeline: VideoAutoencoderPipeline, case: str) -> None:
     def call(inp):
-        if case.startswith("encode"):
+        if _is_encode(spec(PIPELINE)["cases"][case]):
             noise = {k: inp[k] for k in ("eps_spatial", "eps_temporal") if k in inp}
             return {"z": pipeline.encode(inp["x"], **noise)}
         return {"x": pipeline.decode(inp["z"], num_frames=inp["num_frames"])}
@@ -176,7 +175,7 @@ def test_pipeline_matches_fixture(pipeline: VideoAutoencoderPipeline, case: str)
 
 
 def test_pipeline_uses_loaded_shift_scale(pipeline: VideoAutoencoderPipeline) -> None:
-    pc = _spec(PIPELINE)["constructor"]["VideoAutoencoderPipelineConfig"]
+    pc = spec(PIPELINE)["constructor"]["VideoAutoencoderPipelineConfig"]
     c = pipeline.out_channels
     assert torch.equal(pipeline.scale, torch.tensor(pc["scale"]).view(1, c, 1, 1, 1))
     assert torch.equal(pipeline.shift, torch.tensor(pc["shift"]).view(1, c, 1, 1, 1))
@@ -185,7 +184,7 @@ def test_pipeline_uses_loaded_shift_scale(pipeline: VideoAutoencoderPipeline) ->
 
 def test_pipeline_ignores_autoencoderkl_scaling_factor(pipeline: VideoAutoencoderPipeline) -> None:
     assert pipeline.spatial_vae.module.config.scaling_factor != SPATIAL_SCALING
-    x = _tensors(PIPELINE)["input.encode_mean_T1.x"]
+    x = _encode_inputs(PIPELINE)[0]
     with torch.no_grad():
         spatial = pipeline.spatial_vae.encode(x)
         mean = pipeline.spatial_vae.module.encode(x[:, :, 0]).latent_dist.mean
@@ -194,7 +193,7 @@ def test_pipeline_ignores_autoencoderkl_scaling_factor(pipeline: VideoAutoencode
 
 def test_pipeline_sampling_draw_order(pipeline: VideoAutoencoderPipeline) -> None:
     """``sample_posterior=True`` draws one normal tensor per spatial micro-batch, then one per temporal chunk."""
-    x = _tensors(PIPELINE)["input.encode_noise_T20.x"]
+    x = max(_encode_inputs(PIPELINE), key=lambda t: t.shape[2])  # the most frames: several chunks if any
     b, _, t, h, w = x.shape
     c = pipeline.out_channels
     lh, lw = pipeline.get_latent_size([t, h, w])[1:]
@@ -223,16 +222,30 @@ def test_pipeline_latent_sizes(pipeline: VideoAutoencoderPipeline) -> None:
     for frames in (1, mfs, mfs + 3, 3 * mfs, 6 * mfs):
         expected = (frames // mfs) * per_chunk + math.ceil((frames % mfs) / f)
         assert pipeline.latent_frames(frames) == expected
-    assert pipeline.get_latent_size([None, 240, 426]) == [None, 30, 53]
+    # one 2x downsampling per spatial block after the first, as diffusers' AutoencoderKL
+    f_hw = 2 ** (len(spec(PIPELINE)["constructor"]["spatial_AutoencoderKL_config"]["block_out_channels"]) - 1)
+    assert pipeline.get_latent_size([None, 240, 426]) == [None, 240 // f_hw, 426 // f_hw]
     with pytest.raises(ValueError):
-        pipeline.decode(torch.zeros(1, pipeline.out_channels, 2, 2, 4), num_frames=mfs)
+        pipeline.decode(torch.zeros(1, pipeline.out_channels, pipeline.latent_frames(mfs) + 1, 2, 4), num_frames=mfs)
 
 
 def test_tiny_config_has_fixture_layout() -> None:
-    """``tiny_vae_config()`` builds the architecture of the pipeline fixture (same keys and shapes)."""
-    model = VideoAutoencoderPipeline(**tiny_vae_config())
+    """``tiny_vae_config()`` builds the architecture of the pipeline fixture (same keys and shapes).
+
+    Skipped for a fixture made with another tiny configuration (its json says which).
+    """
+    tiny, fixture = tiny_vae_config(), _pipeline_kwargs(spec(PIPELINE))
+    differ = [
+        f"{part}.{key}"
+        for part in ("spatial_config", "temporal_config")
+        for key, value in tiny[part].items()
+        if json.loads(json.dumps(value)) != fixture[part].get(key)
+    ] + [key for key in ("micro_batch_size", "micro_frame_size") if tiny[key] != fixture[key]]
+    if differ:
+        pytest.skip(f"the {PIPELINE} fixture has another tiny configuration ({', '.join(differ)})")
+    model = VideoAutoencoderPipeline(**tiny)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in _state(PIPELINE).items()}
+    theirs = {k: tuple(v.shape) for k, v in state(PIPELINE).items()}
     assert ours == theirs
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed.data import HELD_OUT, MOTIONS, TRAINING  # noqa: E402
+from testbed.data import HELD_OUT, TRAINING  # noqa: E402
 
 LAYOUT = {
     "cogvideox": ("CogVideoX-I2V (the CogVideoX-5b-I2V layout: `CogVideoXImageToVideoPipeline`, "

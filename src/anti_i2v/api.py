@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -19,13 +20,14 @@ from PIL import Image
 
 from anti_i2v import __version__
 from anti_i2v.atomic import write_json_atomic
-from anti_i2v.config import DEFAULT_PRESET, ProtectConfig
+from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET, ProtectConfig
 from anti_i2v.engine import PGDResult, StepReport, View, fingerprint, run_pgd
 from anti_i2v.eot import ExpectationOverTransforms, parse_eot
-from anti_i2v.errors import ConfigError, OutputError
+from anti_i2v.errors import ConfigError, OutOfMemory, OutputError
+from anti_i2v.memory import out_of_memory_message
+from anti_i2v.methods import get_method
 from anti_i2v.models.base import VideoModel
 from anti_i2v.models.registry import load_model
-from anti_i2v.methods import get_method
 from anti_i2v.objectives.ensemble import EnsembleMember, EnsembleObjective
 from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity, resolve_aux_weight
 from anti_i2v.offload import Residency, park_for_next_load
@@ -104,6 +106,9 @@ def _model_record(model: VideoModel) -> dict[str, Any]:
         "frames": model.num_frames,
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "memory_mode": model.memory_mode,
+        "compiled": model.compiled,
+        "attention_kernel": model.attention_kernel,
     }
 
 
@@ -112,6 +117,7 @@ def _load_models(
     model_path: str | Path | None,
     device: str | None,
     dtype: str | None,
+    memory: str = DEFAULT_MEMORY_MODE,
 ) -> list[VideoModel]:
     """One model, a comma-separated list of names, or a list of names/models -> loaded models."""
     if isinstance(model, VideoModel):
@@ -119,12 +125,14 @@ def _load_models(
     items = [m.strip() for m in model.split(",") if m.strip()] if isinstance(model, str) else list(model)
     if model_path is not None and len(items) > 1:
         raise ConfigError("--model-path serves one model; load the others from the hub cache")
+    if memory == "sequential" and len(items) > 1:
+        raise ConfigError("--memory sequential serves one model; ensembles take turns on the GPU in full or offload")
     models = []
     for index, item in enumerate(items):
         if isinstance(item, VideoModel):
             models.append(item)
             continue
-        models.append(load_model(item, model_path, device, dtype))
+        models.append(load_model(item, model_path, device, dtype, memory))
         if index < len(items) - 1:
             park_for_next_load(models[-1])  # make room for the next; a Residency brings it back for its turn
     return models
@@ -184,34 +192,39 @@ def _optimise(
         raise ConfigError(f"{len(weights)} model weights for {len(models)} models; give one weight per model")
     residency = Residency(models) if len(models) > 1 else None
     eot = ExpectationOverTransforms(parse_eot(config.eot))
-    members = []
-    for index, model in enumerate(models):
-        if residency is not None:
-            residency.activate(model)
-        aux = _auxiliary_model(config.aux_model, model.device, model.dtype) if config.weight_aux else None
-        objective = method.build(model, config, target, aux)
-        objective.prepare(model, model.prepare_image(photo.rgb).to(model.device))
-        if release_text_encoder and model.device.type == "cuda":
-            model.release_text_encoder()
-        if not config.through_resize and type(model).prepare_image is not VideoModel.prepare_image:
-            logger.warning("%s crops the photo: without through_resize the perturbation is not aligned with it",
-                           model.name)
-        needs_view = index > 0 or (config.through_resize and photo.size != tuple(model.resolution))
-        view = _photo_view(model, photo, x, config.eps, eot) if needs_view else _model_view(eot)
-        members.append(EnsembleMember(model.name, objective, view, _t_range(model, config), weights[index], model))
-    single = len(members) == 1
-    result = run_pgd(
-        members[0].objective if single else EnsembleObjective(members, residency),
-        space,
-        x,
-        config,
-        t_range=members[0].t_range,
-        run_id=fingerprint(x, config, "+".join(m.identity for m in models)),
-        keep_gray=photo.is_gray,
-        view=members[0].view if single else None,
-        callback=callback,
-        checkpoint_path=checkpoint_path,
-    )
+    with contextlib.ExitStack() as frames:
+        for model in models:  # fewer frames while optimising (frame_share), every frame again after
+            frames.enter_context(model.fewer_frames(config.frame_share))
+        members = []
+        for index, model in enumerate(models):
+            if residency is not None:
+                residency.activate(model)
+            aux = _auxiliary_model(config.aux_model, model.device, model.dtype) if config.weight_aux else None
+            objective = method.build(model, config, target, aux)
+            objective.prepare(model, model.prepare_image(photo.rgb).to(model.device))
+            if release_text_encoder and model.device.type == "cuda":
+                model.release_text_encoder()
+            if not config.through_resize and type(model).prepare_image is not VideoModel.prepare_image:
+                logger.warning("%s crops the photo: without through_resize the perturbation is not aligned with it",
+                               model.name)
+            needs_view = index > 0 or (config.through_resize and photo.size != tuple(model.resolution))
+            view = _photo_view(model, photo, x, config.eps, eot) if needs_view else _model_view(eot)
+            members.append(
+                EnsembleMember(model.name, objective, view, _t_range(model, config), weights[index], model)
+            )
+        single = len(members) == 1
+        result = run_pgd(
+            members[0].objective if single else EnsembleObjective(members, residency),
+            space,
+            x,
+            config,
+            t_range=members[0].t_range,
+            run_id=fingerprint(x, config, "+".join(m.identity for m in models)),
+            keep_gray=photo.is_gray,
+            view=members[0].view if single else None,
+            callback=callback,
+            checkpoint_path=checkpoint_path,
+        )
     protected = carry_perturbation(photo.rgb, x.float().cpu(), result.x_adv.float().cpu(), config.eps)
     return limit_saved_psnr(photo, protected, config.eps, config.min_psnr), result
 
@@ -241,6 +254,7 @@ def protect(
     model_path: str | Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    memory: str = DEFAULT_MEMORY_MODE,
     preset: str = DEFAULT_PRESET,
     fmt: str = "png",
     overwrite: bool = False,
@@ -261,6 +275,8 @@ def protect(
         model_path: local folder of released weights (instead of the hub id).
         device, dtype: where and in which precision the model runs (defaults: the
             GPU in bf16 when present, else the CPU in fp32).
+        memory: memory mode of models loaded by name: "full" (default), "offload" (24 GB cards)
+            or "sequential" (12 GB cards, slower); see `anti_i2v.memory`.
         preset: "fast", "balanced" or "strong" (eps and steps; overridable).
         fmt: "png" (default, lossless) or "jpg"/"webp" (lossy; weakens protection).
         overwrite: replace an existing output file.
@@ -285,7 +301,7 @@ def protect(
     cfg = resolve_aux_weight(ProtectConfig.from_preset(preset, **config))
     fmt = fmt.lower().lstrip(".")
     photo = load_photo(image)
-    models = _load_models(model, model_path, device, dtype)
+    models = _load_models(model, model_path, device, dtype, memory)
     name = "+".join(m.name for m in models)
     out_path = checkpoint_path = None
     if out is not None:
@@ -295,7 +311,12 @@ def protect(
             raise OutputError(f"'{out_path}' already exists; delete it or pass overwrite=True (--overwrite)")
         if cfg.checkpoint_every:
             checkpoint_path = out_dir / CHECKPOINT_DIR / f"{out_path.stem}.pt"
-    protected, result = _optimise(models, photo, cfg, callback, checkpoint_path, release_text_encoder)
+    try:
+        protected, result = _optimise(models, photo, cfg, callback, checkpoint_path, release_text_encoder)
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise OutOfMemory(out_of_memory_message(models, models[0].memory_mode)) from None
 
     if out_path is None:
         image_out, budget = _budget_in_memory(photo, protected, cfg.eps)

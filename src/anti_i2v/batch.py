@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from anti_i2v.api import ProtectResult, file_sha256, protect, sidecar_path
 from anti_i2v.engine import StepReport
 from anti_i2v.errors import AntiI2VError, InputError, OutputError
@@ -108,7 +106,8 @@ def protect_batch(
 
     A photo whose output and sidecar already exist, made from the same input bytes,
     is skipped (unless ``overwrite``), so a rerun resumes an interrupted batch. A bad
-    photo, or one that runs out of memory, is reported and the batch goes on.
+    photo is reported and the batch goes on; running out of memory stops it with one line that
+    names the memory mode that would fit (photos already saved stay).
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
@@ -131,11 +130,8 @@ def protect_batch(
                 item = BatchItem(source, "done", output=result.path, result=result)
             except (InputError, OutputError) as err:
                 item = BatchItem(source, "failed", error=str(err))
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                item = BatchItem(source, "failed", error="out of GPU memory for this photo; try a smaller copy")
             except AntiI2VError:
-                raise  # model or configuration errors concern every photo: stop the batch
+                raise  # model, configuration or memory errors concern every photo: stop the batch
         items.append(item)
         if on_done is not None:
             on_done(item)

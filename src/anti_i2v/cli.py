@@ -13,8 +13,8 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from anti_i2v.config import DEFAULT_PRESET, PRESETS, format_eps, parse_eps
-from anti_i2v.errors import AntiI2VError, ConfigError, ModelError
+from anti_i2v.config import DEFAULT_PRESET, MEMORY_MODES, PRESETS, format_eps, parse_eps
+from anti_i2v.errors import AntiI2VError, ConfigError, ModelError, OutOfMemory
 
 app = typer.Typer(
     add_completion=False,
@@ -24,6 +24,7 @@ app = typer.Typer(
 console = Console(soft_wrap=True)  # keep paths whole, never wrapped mid-name
 err_console = Console(stderr=True, soft_wrap=True)
 
+_MEMORY_HELP = "Memory mode: " + "; ".join(f"{name}: {text}" for name, text in MEMORY_MODES.items()) + "."
 _PRESET_HELP = "; ".join(
     f"{name}: eps {format_eps(p['eps'])}, {p['steps']} steps"
     + (f", or fewer: stops once {p['early_stop']} steps gain nothing" if p.get("early_stop") else "")
@@ -103,6 +104,9 @@ def protect(
     seed: Annotated[int, typer.Option(help="Seed of every random draw: same photo, config and seed give the same file on this machine.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: GPU if present).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU).")] = None,
+    memory: Annotated[str, typer.Option(help=_MEMORY_HELP)] = "full",
+    compile_denoiser: Annotated[bool, typer.Option("--compile", help="Compile the denoiser's blocks (torch.compile): faster steps after a first slow one; same numbers.")] = False,
+    attention: Annotated[str, typer.Option(help="Attention kernel: auto (PyTorch's fastest for the inputs), flash, efficient, cudnn or math.")] = "auto",
     fmt: Annotated[str, typer.Option("--format", help="png (lossless, default), or jpg / webp (lossy: weakens protection).")] = "png",
     step_size: Annotated[Optional[float], typer.Option(help="RGB step in [0,1] units (default max(0.5/255, 2.5*eps/steps)).")] = None,
     dct_band: Annotated[Optional[float], typer.Option(help="Share of the lowest DCT frequencies per axis that may change (default 0.25).")] = None,
@@ -120,7 +124,11 @@ def protect(
     aux_model: Annotated[Optional[str], typer.Option(help="Hub id or folder of the CLIP vision model of the auxiliary term.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save optimisation state every N steps, to resume after a crash.")] = 0,
     early_stop: Annotated[Optional[int], typer.Option(help="Stop once the loss has stopped improving over this many steps; 0 runs every step (default: the preset's).")] = None,
+    sampler_steps: Annotated[Optional[int], typer.Option(help="Steps of the guided sampler the default method differentiates through (default 4; 2 halves the cost of a step).")] = None,
+    frame_share: Annotated[Optional[float], typer.Option(help="Optimise on about this share of the model's frames, e.g. 0.5 (faster; the attacker's videos keep every frame); default 1.")] = None,
     model_weights: Annotated[Optional[str], typer.Option(help="With several --model: each one's weight in the sum, e.g. 2,1 (default: all 1).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray", help="Run the batch on Ray: local (start an instance here), auto (join this machine's cluster) or a cluster address; one worker per GPU, or per CPU slot.")] = None,
+    ray_workers: Annotated[Optional[int], typer.Option(help="With --ray: at most this many workers (default: one per GPU or CPU slot).")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Protect the bundled sample portrait.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo photos already protected in --out.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -152,6 +160,8 @@ def protect(
             seed=seed,
             checkpoint_every=checkpoint_every,
             early_stop=early_stop,
+            frame_share=frame_share,
+            sampler_steps=sampler_steps,
             step_size=step_size,
             dct_band=dct_band,
             dct_block=dct_block,
@@ -176,6 +186,10 @@ def protect(
         check_output_dir(out)  # before a model load that can take minutes
     except AntiI2VError as err:
         raise _fail(err) from None
+    if ray_address is not None:
+        _protect_on_ray(sources, model, out, ray_address, ray_workers, model_path, device, dtype, memory, fmt,
+                        overwrite, options)
+        return
     names = [m.strip() for m in model.split(",") if m.strip()]
     if model_path is not None and len(names) > 1:
         raise _fail(ConfigError("--model-path serves one model; load the others from the hub cache"))
@@ -183,7 +197,7 @@ def protect(
         raise _fail(ConfigError(f"--model-weights gives {len(cfg.model_weights)} weights for {len(names)} models"))
     video_models = []
     for index, name in enumerate(names):
-        video_models.append(_load_for_cli(name, model_path, device, dtype))
+        video_models.append(_load_for_cli(name, model_path, device, dtype, memory, compile_denoiser, attention))
         if index < len(names) - 1:
             park_for_next_load(video_models[-1])  # ensemble members take turns on the GPU
     shapes = ", ".join(
@@ -246,6 +260,37 @@ def protect(
         raise typer.Exit(code=1)
 
 
+def _protect_on_ray(sources: list[Path], model: str, out: Path, address: str, workers: int | None,
+                    model_path: Path | None, device: str | None, dtype: str | None, memory: str, fmt: str,
+                    overwrite: bool, options: dict) -> None:
+    """`protect --ray`: the batch on Ray workers, a line per photo as it ends, and the run's summary."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise _fail(AntiI2VError("--ray needs Ray: pip install 'anti-i2v[ray]'"))
+    from anti_i2v.ray_batch import protect_batch_on_ray
+
+    def on_done(item) -> None:
+        if item.status == "done":
+            console.print(f"[green]saved[/] {item.output}", highlight=False)
+        elif item.status == "skipped":
+            console.print(f"[dim]skipped[/] {item.source}: already protected as {item.output}", highlight=False)
+        else:
+            console.print(f"[red]failed[/] {item.source}: {item.error}", highlight=False)
+
+    console.print(f"protecting {len(sources)} input(s) against [bold]{model}[/] on Ray ({address})")
+    try:
+        items, summary = protect_batch_on_ray(
+            sources, model, out, address=address, workers=workers, model_path=model_path, device=device,
+            dtype=dtype, memory=memory, fmt=fmt, overwrite=overwrite, on_done=on_done, **options,
+        )
+    except AntiI2VError as err:
+        raise _fail(err) from None
+    console.print(f"{summary.line()}; outputs in {out}")
+    if summary.failed:
+        raise typer.Exit(code=1)
+
+
 def _require_eval_extras() -> None:
     """End with one line when the evaluation extras are not installed."""
     import importlib.util
@@ -273,10 +318,19 @@ def _purifier_names(text: str, diffpure_model: str | None) -> list[str]:
     return names
 
 
-def _load_for_cli(model: str, model_path: Path | None, device: str | None, dtype: str | None):
+def _load_for_cli(
+    model: str,
+    model_path: Path | None,
+    device: str | None,
+    dtype: str | None,
+    memory: str = "full",
+    compile_denoiser: bool = False,
+    attention: str = "auto",
+):
     """Load a model for a command, or end with one line saying why not."""
     import torch
 
+    from anti_i2v.memory import MEMORY_MODES, check_memory_mode, lighter_mode
     from anti_i2v.models.registry import get_spec, load_model, weights_present
 
     try:
@@ -288,12 +342,15 @@ def _load_for_cli(model: str, model_path: Path | None, device: str | None, dtype
                 f"no weights for '{model}' in the local cache and the hub is offline; "
                 f"download {spec.hub_id} and pass --model-path DIR"
             )
+        check_memory_mode(memory)
         with console.status(f"loading {model}"):
-            return load_model(model, model_path, device, dtype)
+            return load_model(model, model_path, device, dtype, memory, compile_denoiser, attention)
     except AntiI2VError as err:
         raise _fail(err) from None
     except torch.OutOfMemoryError:
-        raise _fail(ModelError(f"'{model}' does not fit in this GPU's memory; try --dtype bf16 or a larger GPU")) from None
+        lighter = lighter_mode(memory)
+        hint = f"try --memory {lighter} ({MEMORY_MODES[lighter]})" if lighter else "use a GPU with more memory"
+        raise _fail(OutOfMemory(f"'{model}' does not fit in this GPU's memory in --memory {memory}; {hint}")) from None
 
 
 _TINY_NOTE = (
@@ -318,6 +375,7 @@ def verify(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("report"),
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
+    memory: Annotated[str, typer.Option(help=_MEMORY_HELP)] = "full",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate videos from the original, the protected photo and purified copies; report whether protection holds."""
@@ -342,7 +400,7 @@ def verify(
     settings = GenerationSettings(prompt=prompt or DEFAULT_PROMPT, seed=seed, steps=steps, guidance_scale=guidance)
     reports: dict[str, dict] = {}
     for model_name in model_names:
-        video_model = _load_for_cli(model_name, model_path, device, dtype)
+        video_model = _load_for_cli(model_name, model_path, device, dtype, memory)
         # one report per model; with several models, each in its own sub-folder
         folder = out if len(model_names) == 1 else out / model_name
         total = 3 + len(names)  # original, protected, same-budget noise, then each purification
@@ -413,6 +471,7 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path("evaluation"),
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
+    memory: Annotated[str, typer.Option(help=_MEMORY_HELP)] = "full",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Protect a data set with each method under one budget, generate, measure, and tabulate per model."""
@@ -439,7 +498,7 @@ def evaluate(
 
     def get(name: str):
         if name not in loaded:
-            loaded[name] = _load_for_cli(name, model_path, device, dtype)
+            loaded[name] = _load_for_cli(name, model_path, device, dtype, memory)
         return loaded[name]
 
     for name in names:
@@ -479,6 +538,7 @@ def layers(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for layers.json and layers_pca.png.")] = Path("layers"),
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
+    memory: Annotated[str, typer.Option(help=_MEMORY_HELP)] = "full",
 ) -> None:
     """Find the denoiser blocks that carry semantics; suggest IRC and IRA layers for `protect`."""
     _setup_logging(False)
@@ -490,7 +550,7 @@ def layers(
         rgb = load_photo(photo).rgb
     except AntiI2VError as err:
         raise _fail(err) from None
-    video_model = _load_for_cli(model, model_path, device, dtype)
+    video_model = _load_for_cli(model, model_path, device, dtype, memory)
     with console.status(f"probing {model}"):
         report, maps = probe_layers(video_model, video_model.prepare_image(rgb).to(video_model.device),
                                     prompt or DEFAULT_PROMPT)

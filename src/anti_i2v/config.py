@@ -28,6 +28,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "strong": {"eps": 8 / 255, "steps": 200},
 }
 DEFAULT_PRESET = "balanced"
+
+# How much of a model sits on the accelerator at once (`anti_i2v.memory` sets a model up for each).
+MEMORY_MODES: dict[str, str] = {
+    "full": "every weight on the GPU (fastest)",
+    "offload": "text encoder on the CPU, denoiser checkpointed (24 GB cards)",
+    "sequential": "as offload, and the denoiser's blocks streamed to the GPU one at a time (12 GB cards, slower)",
+}
+DEFAULT_MEMORY_MODE = "full"
 STEP_SCHEDULES = ("constant", "cosine")
 
 
@@ -116,6 +124,9 @@ class ProtectConfig:
             of its total gain over the last this many steps (0: always run every step;
             see `anti_i2v.early_stop`).
         early_stop_tolerance: share of the run's total gain below which a window is flat.
+        frame_share: optimise on about this share of the model's frames (ours; a speed lever:
+            the denoiser's cost grows with the frames); the videos an attacker generates keep
+            every frame. 1: all frames.
         model_weights: with several models, the weight of each one's objective in the
             sum, in the order the models are given (None: all 1).
     """
@@ -160,6 +171,7 @@ class ProtectConfig:
     checkpoint_every: int = 0
     early_stop: int = 0
     early_stop_tolerance: float = 0.02
+    frame_share: float = 1.0
     model_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -192,6 +204,8 @@ class ProtectConfig:
                 f"early_stop is a number of steps >= 0 and its tolerance a share in [0, 1) "
                 f"(got {self.early_stop}, {self.early_stop_tolerance})"
             )
+        if not 0 < self.frame_share <= 1:
+            raise ConfigError(f"frame_share is a share of the model's frames in (0, 1] (got {self.frame_share})")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum is a decay in [0, 1) (got {self.momentum})")
         from anti_i2v.eot import parse_eot

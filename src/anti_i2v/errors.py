@@ -35,3 +35,9 @@ class OutputError(AntiI2VError):
     """The output cannot be written (unwritable folder, would overwrite the input)."""
 
     exit_code = 4
+
+
+class OutOfMemory(AntiI2VError):
+    """The accelerator ran out of memory; the message names the memory mode that would fit."""
+
+    exit_code = 5

@@ -27,16 +27,21 @@ logger = logging.getLogger(__name__)
 PARK_DEVICE = torch.device("cpu")
 
 
-def weight_bytes(model: VideoModel) -> int:
-    """Bytes of the model's weights (parameters and buffers, each counted once)."""
+def module_bytes(modules: Sequence[torch.nn.Module]) -> int:
+    """Bytes of the modules' parameters and buffers, each tensor counted once."""
     seen: set[int] = set()
     total = 0
-    for module in model.weight_modules():
+    for module in modules:
         for tensor in (*module.parameters(), *module.buffers()):
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def weight_bytes(model: VideoModel) -> int:
+    """Bytes of the model's weights (parameters and buffers, each counted once)."""
+    return module_bytes(model.weight_modules())
 
 
 def weights_device(model: VideoModel) -> torch.device | None:

@@ -606,7 +606,13 @@ def saved_psnr(photo: Photo, protected: torch.Tensor, eps: float) -> float:
 def limit_saved_psnr(photo: Photo, protected: torch.Tensor, eps: float, min_psnr: float | None) -> torch.Tensor:
     """``protected`` with its perturbation scaled toward the photo, as little as needed, so that the
     saved file's PSNR (`saved_psnr`) is at least ``min_psnr`` dB; unchanged when it already is or
-    when ``min_psnr`` is None or 0. The scale is found by bisection on the rounded pixels."""
+    when ``min_psnr`` is None or 0.
+
+    The scale is found by bisection on the rounded pixels. Rounding makes the PSNR a staircase of
+    the scale (where most of the perturbation sits at one level, a small change of scale moves many
+    pixels at once), so on 8-bit photos the budget left below the floor is then filled: pixels that
+    the next larger scale would move are moved, in a seeded random order, while the floor holds.
+    """
     if not min_psnr or saved_psnr(photo, protected, eps) >= min_psnr:
         return protected
     delta = protected - photo.rgb
@@ -617,7 +623,41 @@ def limit_saved_psnr(photo: Photo, protected: torch.Tensor, eps: float, min_psnr
             low = mid
         else:
             high = mid
-    return photo.rgb + low * delta
+    limited = photo.rgb + low * delta
+    if photo.bit_depth != 8:
+        return limited
+    return _fill_to_floor(photo, limited, photo.rgb + high * delta, eps, min_psnr)
+
+
+def _fill_to_floor(photo: Photo, below: torch.Tensor, above: torch.Tensor, eps: float, min_psnr: float) -> torch.Tensor:
+    """``below`` (meets the floor) with some of the pixels where it and ``above`` (does not) round
+    differently set to ``above``'s level, as many as the floor allows (8-bit photos)."""
+    original = (photo.rgb[:1] if photo.is_gray else photo.rgb).numpy().astype(np.float64)
+    channels_first = (lambda q: q[None]) if photo.is_gray else (lambda q: q.transpose(2, 0, 1))
+    q_low = channels_first(quantize_protected(photo, below, eps, bit_depth=8)).astype(np.float64) / 255
+    q_high = channels_first(quantize_protected(photo, above, eps, bit_depth=8)).astype(np.float64) / 255
+    allowed = original.size * 10 ** (-min_psnr / 10)  # total squared error at the floor
+    spent = float(((q_low - original) ** 2).sum())
+    where = np.flatnonzero(q_low != q_high)
+    cost = ((q_high - original) ** 2 - (q_low - original) ** 2).ravel()[where]
+    order = np.random.default_rng(0).permutation(where.size)
+    fits = np.cumsum(cost[order]) <= allowed - spent
+    taken = where[order[: where.size if fits.all() else int(np.argmin(fits))]]  # the longest prefix that fits
+    if taken.size == 0:
+        return below
+    filled = q_low.copy().ravel()
+    filled[taken] = q_high.ravel()[taken]
+    out = below.clone()
+    # Pixels given exact levels round to themselves when saved; gray photos save the channel mean.
+    levels = torch.from_numpy(filled.reshape(q_low.shape)).to(below.dtype)
+    mask = torch.zeros(q_low.size, dtype=torch.bool)
+    mask[torch.from_numpy(taken)] = True
+    mask = mask.reshape(q_low.shape)
+    if photo.is_gray:
+        out[:, mask[0]] = levels[0][mask[0]]
+    else:
+        out[mask] = levels[mask]
+    return out
 
 
 def _icc_colour_space(icc: bytes) -> bytes | None:

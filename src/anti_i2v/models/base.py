@@ -156,6 +156,14 @@ class VideoModel(ABC):
 
     _device: torch.device  # set by each adapter
     _dtype: torch.dtype
+    memory_mode: str = "full"  # set by `anti_i2v.memory.apply_memory_mode`
+    text_on_cpu: bool = False  # run the text encoder on the CPU (memory modes other than full)
+    compiled: bool = False  # set by `anti_i2v.acceleration`
+    attention_kernel: str = "auto"
+
+    def text_device(self) -> torch.device:
+        """Where the text encoder runs: the accelerator in memory mode ``full``, else the CPU."""
+        return self._device if self._device.type == "cuda" and not self.text_on_cpu else torch.device("cpu")
 
     @property
     def device(self) -> torch.device:
@@ -298,6 +306,34 @@ class VideoModel(ABC):
 
         return resize_for_model(rgb, *self.resolution)
 
+    def frame_count_for(self, share: float) -> int:
+        """The frame count nearest ``share`` of `num_frames` that the model can run (adapters
+        that can change their frame count override it; by default only the full count)."""
+        if share != 1.0:
+            from anti_i2v.errors import ConfigError
+
+            raise ConfigError(f"'{self.name}' cannot change its frame count; use frame_share=1")
+        return self.num_frames
+
+    def set_num_frames(self, num_frames: int) -> None:
+        """Run with ``num_frames`` frames from now on (one `frame_count_for` gave)."""
+        if num_frames != self.num_frames:
+            raise NotImplementedError(f"{type(self).__name__} has a fixed frame count")
+
+    @contextlib.contextmanager
+    def fewer_frames(self, share: float) -> Iterator[int]:
+        """Run with about ``share`` of the frames inside the block (yields the count), then the full count."""
+        full = self.num_frames
+        count = self.frame_count_for(share)
+        if count == full:
+            yield full
+            return
+        self.set_num_frames(count)
+        try:
+            yield count
+        finally:
+            self.set_num_frames(full)
+
     def repeat_frames(self, x: torch.Tensor) -> torch.Tensor:
         """The image (1, 3, H, W) repeated as a still video (F, 3, H, W)."""
         return x[0].unsqueeze(0).expand(self.num_frames, -1, -1, -1).contiguous()
@@ -320,6 +356,13 @@ class VideoModel(ABC):
             if isinstance(value, nn.Module):
                 found.setdefault(id(value), value)
         return list(found.values())
+
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoder modules among `weight_modules` (by default the diffusers pipeline's
+        ``text_encoder*`` components), which memory modes keep on the CPU."""
+        pipe = getattr(self, "pipe", None)
+        components = getattr(pipe, "components", {}) if pipe is not None else {}
+        return [m for k, m in components.items() if k.startswith("text_encoder") and isinstance(m, nn.Module)]
 
     def token_grid(self) -> tuple[int, int] | None:
         """(h, w) of one frame's tokens in transformer block outputs (frames outermost), when

@@ -269,7 +269,7 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
                 "the text encoder was released after encoding the first prompt; "
                 "create the model again to use another prompt"
             )
-        text_device = self._device if self._device.type == "cuda" else torch.device("cpu")
+        text_device = self.text_device()
         self.pipe.text_encoder.to(text_device)
         with torch.no_grad():
             pos, neg = self.pipe.encode_prompt(
@@ -303,6 +303,19 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
         latent = self._scale(latent.permute(0, 2, 1, 3, 4))  # (B, 1, C, h, w)
         padding = latent.new_zeros(latent.shape[0], self.latent_frames - 1, *latent.shape[2:])
         return EncodedImage(torch.cat([latent, padding], dim=1), dict(feats))
+
+    def frame_count_for(self, share: float) -> int:
+        """About ``share`` of the latent frames (at least 2), as a pixel frame count 1 + 4k."""
+        latent = max(2, min(self.latent_frames, round(share * self.latent_frames)))
+        return (latent - 1) * self.pipe.vae_scale_factor_temporal + 1
+
+    def set_num_frames(self, num_frames: int) -> None:
+        """Run with ``num_frames`` (1 + 4k) frames: latent frame count and rotary embeddings follow."""
+        self.num_frames = num_frames
+        self.latent_frames = (num_frames - 1) // self.pipe.vae_scale_factor_temporal + 1
+        if self._rope is not None:
+            self._rope = self.pipe._prepare_rotary_positional_embeddings(*self.resolution, self.latent_frames,
+                                                                         self._device)
 
     def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
         """Frame 0 of the condition latents (the rest is zero padding)."""

@@ -24,9 +24,14 @@ def load_diffusers_pipeline(pipeline_cls: type, source: str, dtype: torch.dtype,
         ) from err
 
 
+# Set by `anti_i2v.memory.deferred_placement`: build on the CPU, the memory mode places the weights.
+DEFER_PLACEMENT = False
+
+
 def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a frozen module to ``device``, casting only when its dtype differs."""
-    module = module.to(device)
+    """Move a frozen module to ``device`` (unless placement is deferred), casting only when its dtype differs."""
+    if not DEFER_PLACEMENT:
+        module = module.to(device)
     if next(module.parameters()).dtype != dtype:
         module = module.to(dtype)
     return module.eval().requires_grad_(False)

@@ -330,7 +330,7 @@ class HunyuanVideoI2V(VideoModel):
 
     @torch.no_grad()
     def _encode_released(self, prompt: str):
-        text_device = self._device if self._device.type == "cuda" else torch.device("cpu")
+        text_device = self.text_device()
         for enc in (self.pipe.text_encoder, self.pipe.text_encoder_2):
             enc.to(text_device)
         height, width = self.resolution

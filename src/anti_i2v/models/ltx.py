@@ -255,7 +255,7 @@ class LTXVideoI2V(VideoModel):
                 "the text encoder was released after encoding the first prompt; "
                 "create the model again to use another prompt"
             )
-        text_device = self._device if self._device.type == "cuda" else torch.device("cpu")
+        text_device = self.text_device()
         self.pipe.text_encoder.to(text_device)
         (pos, pos_mask), (neg, neg_mask) = (self._encode_text(p, text_device) for p in (prompt, ""))
         self._prompt = prompt

@@ -7,6 +7,7 @@ in the diffusers layout).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -272,8 +273,18 @@ def load_model(
     path: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: str | None = None,
+    memory: str = "full",
+    compile: bool = False,
+    attention: str = "auto",
 ) -> VideoModel:
-    """Build the adapter for ``name``: tiny in code, or released weights (hub id or ``path``)."""
+    """Build the adapter for ``name``: tiny in code, or released weights (hub id or ``path``), set up
+    for the memory mode ``memory`` (`anti_i2v.memory`: full, offload or sequential), with its denoiser
+    blocks compiled when ``compile`` and the attention kernel ``attention`` (`anti_i2v.acceleration`)."""
+    from anti_i2v.acceleration import check_attention_kernel, compile_denoiser, use_attention_kernel
+    from anti_i2v.memory import apply_memory_mode, check_memory_mode, deferred_placement
+
+    check_memory_mode(memory)
+    check_attention_kernel(attention)
     spec = get_spec(name)
     try:
         device = torch.device(device) if device is not None else default_device()
@@ -288,7 +299,11 @@ def load_model(
         if not Path(path).exists():
             raise ModelError(f"--model-path '{path}' does not exist; point it at the downloaded weights")
     source = str(path) if path is not None else spec.hub_id
-    logger.info("loading %s from %s on %s (%s)", name, source or "code", device, torch_dtype)
-    model = spec.build(source, device, torch_dtype)
+    logger.info("loading %s from %s on %s (%s, memory mode %s)", name, source or "code", device, torch_dtype, memory)
+    # streamed blocks never reach the accelerator all at once, not even while loading
+    with deferred_placement() if memory == "sequential" else contextlib.nullcontext():
+        model = spec.build(source, device, torch_dtype)
     model.source = source or "built in code"
-    return model
+    apply_memory_mode(model, memory)
+    use_attention_kernel(model, attention)
+    return compile_denoiser(model) if compile else model

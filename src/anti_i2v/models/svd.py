@@ -299,6 +299,14 @@ class StableVideoDiffusionI2V(VideoModel):
         latents = latent.unsqueeze(1).repeat(1, self.num_frames, 1, 1, 1)
         return EncodedImage(latents, dict(feats), context=self.image_embedding(x))
 
+    def frame_count_for(self, share: float) -> int:
+        """About ``share`` of the frames, at least 2 (the U-Net's temporal layers take any count)."""
+        return max(2, min(self.num_frames, round(share * self.num_frames)))
+
+    def set_num_frames(self, num_frames: int) -> None:
+        """Run with ``num_frames`` frames (guidance ramps over them as over the full count)."""
+        self.num_frames = num_frames
+
     def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
         """The condition image's latent (B, C, h, w): every frame of ``encoded.latents`` holds it."""
         return encoded.latents[:, 0]

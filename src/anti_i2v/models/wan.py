@@ -383,7 +383,7 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
                 "the text encoder was released after encoding the first prompt; "
                 "create the model again to use another prompt"
             )
-        text_device = self._device if self._device.type == "cuda" else torch.device("cpu")
+        text_device = self.text_device()
         self.pipe.text_encoder.to(text_device)
         pos, neg = (self._encode_text(p, text_device) for p in (prompt, ""))
         self._prompt = prompt

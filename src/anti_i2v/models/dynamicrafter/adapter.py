@@ -146,9 +146,9 @@ class DynamiCrafterI2V(VideoModel):
                 "the text encoder was released after encoding the first prompt; "
                 "create the model again to use another prompt"
             )
-        with torch.no_grad():
-            self._text = self.net.encode_text(prompt).to(self._dtype)
-            self._negative_text = self.net.encode_text("").to(self._dtype)
+        with torch.no_grad():  # the text tower may run on the CPU (memory modes other than full)
+            self._text = self.net.encode_text(prompt).to(self._device, self._dtype)
+            self._negative_text = self.net.encode_text("").to(self._device, self._dtype)
         self._prompt = prompt
 
     def use_prompt_embeds(self, embeds: torch.Tensor, negative: torch.Tensor | None = None, label: str = "") -> None:
@@ -166,6 +166,10 @@ class DynamiCrafterI2V(VideoModel):
         self._prompt = label
         self._text = embeds.to(self._device, self._dtype)
         self._negative_text = negative.to(self._device, self._dtype)
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The OpenCLIP text tower, while it is kept."""
+        return [self.net.cond_stage_model] if self.net.cond_stage_model is not None else []
 
     def release_text_encoder(self) -> None:
         """Drop the OpenCLIP text tower (354 M parameters) once the prompt is encoded."""

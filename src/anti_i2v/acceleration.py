@@ -1,0 +1,72 @@
+"""Speed levers that leave the numbers as they are: a compiled denoiser and a chosen attention kernel.
+
+Both are properties of a loaded model (the engine and the objectives see none of them):
+
+- `compile_denoiser` compiles each denoiser block's ``forward`` with `torch.compile`
+  ("regional" compilation: identical blocks share one compiled graph, so compiling costs
+  one block's time, not the model's). Hooks stay outside the compiled code, so feature
+  taps, early exits and the block streaming of the ``sequential`` memory mode work as
+  before. The first steps pay the compilation.
+- `use_attention_kernel` runs the model's denoiser blocks and VAE-encoder layers under
+  `torch.nn.attention.sdpa_kernel` with one backend ("flash", "efficient", "cudnn" or "math"); "auto" leaves the choice
+  to PyTorch, which takes the fastest kernel the inputs allow.
+
+`tests/test_acceleration.py` checks each against the plain path on a tiny model (same loss
+and gradient within tolerance); `docs/results/speed.md` has what each buys.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from anti_i2v.call_context import CallContext
+from anti_i2v.errors import ConfigError
+from anti_i2v.memory import denoiser_blocks, layer_modules
+from anti_i2v.models.base import VideoModel
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def compile_denoiser(model: VideoModel, backend: str = "inductor", mode: str | None = None) -> VideoModel:
+    """Compile the ``forward`` of each of ``model``'s denoiser blocks (see the module docstring)."""
+    blocks = denoiser_blocks(model)
+    for block in blocks:
+        block.forward = torch.compile(block.forward, backend=backend, mode=mode)
+    model.compiled = True
+    logger.info("%s: %d denoiser blocks compiled (%s)", model.name, len(blocks), backend)
+    return model
+
+
+def _backend(name: str) -> torch.nn.attention.SDPBackend:
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+def check_attention_kernel(name: str) -> str:
+    """``name`` if it names an attention kernel, else a ConfigError listing them."""
+    if name not in ATTENTION_KERNELS:
+        raise ConfigError(f"unknown attention kernel '{name}'; choose from {', '.join(ATTENTION_KERNELS)}")
+    return name
+
+
+def use_attention_kernel(model: VideoModel, name: str) -> VideoModel:
+    """Make ``model``'s attention use the kernel ``name`` ("auto": PyTorch's choice, nothing hooked).
+
+    A kernel that cannot serve the model's inputs (flash attention in fp32, say) fails at the
+    first step with PyTorch's reason.
+    """
+    check_attention_kernel(name)
+    model.attention_kernel = name
+    if name == "auto":
+        return model
+    # the backward pass reuses the kernel its forward chose, so hooking the calls is enough
+    backend = _backend(name)
+    kernel = CallContext(lambda: torch.nn.attention.sdpa_kernel(backend))
+    model.attention_hooks = kernel.install(layer_modules(model, "denoiser") + layer_modules(model, "vae_encoder"))
+    return model

@@ -1,0 +1,128 @@
+"""Speed levers (`anti_i2v.acceleration`): each gives the loss and gradient of the plain path on a
+tiny model, within float tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anti_i2v.acceleration import compile_denoiser, use_attention_kernel
+from anti_i2v.config import ProtectConfig
+from anti_i2v.errors import ConfigError
+from anti_i2v.memory import apply_memory_mode
+from anti_i2v.objectives import AntiI2VObjective, draw_step
+
+PROMPT = "a person talking to the camera"
+
+
+def _tiny(dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False):
+    from anti_i2v.models.cogvideox import CogVideoXI2V
+
+    model = CogVideoXI2V(CogVideoXI2V.tiny(seed=0).pipe, name="tiny-cogvideox", dtype=dtype,
+                         gradient_checkpointing=gradient_checkpointing)
+    model.condition(PROMPT)
+    return model
+
+
+def _loss_and_gradient(model, x: torch.Tensor, seed: int = 5) -> tuple[float, torch.Tensor]:
+    objective = AntiI2VObjective(model, ProtectConfig(prompt=PROMPT))
+    objective.prepare(model, x)
+    draw = draw_step(torch.Generator().manual_seed(seed), objective.latent_shape(), (0, 999))
+    x_adv = (x + 2 / 255).clamp(0, 1).requires_grad_(True)
+    output = objective(x_adv, draw)
+    (grad,) = torch.autograd.grad(output.loss, x_adv)
+    return float(output.loss.detach()), grad.float()
+
+
+@pytest.fixture(scope="module")
+def photo(portrait):
+    from anti_i2v.photo import resize_for_model
+
+    return resize_for_model(portrait[0], 64, 96)
+
+
+@pytest.fixture(scope="module")
+def plain(photo):
+    return _loss_and_gradient(_tiny(), photo)
+
+
+@pytest.mark.slow
+def test_the_compiled_denoiser_gives_the_plain_loss_and_gradient_also_when_streamed(photo, plain):
+    loss, grad = plain
+    compiled = compile_denoiser(_tiny())
+    for _ in range(2):  # the first call compiles, the second runs the compiled code
+        loss_c, grad_c = _loss_and_gradient(compiled, photo)
+    assert compiled.compiled
+    assert loss_c == pytest.approx(loss, rel=1e-5)
+    assert torch.allclose(grad_c, grad, rtol=1e-3, atol=1e-6)
+    streamed = compile_denoiser(apply_memory_mode(_tiny(gradient_checkpointing=True), "sequential"))
+    loss_s, grad_s = _loss_and_gradient(streamed, photo)
+    assert loss_s == pytest.approx(loss, rel=1e-5)
+    assert torch.allclose(grad_s, grad, rtol=1e-3, atol=1e-6)
+
+
+def test_the_math_attention_kernel_gives_the_plain_loss_and_gradient(photo, plain):
+    loss, grad = plain
+    model = use_attention_kernel(_tiny(), "math")
+    loss_m, grad_m = _loss_and_gradient(model, photo)
+    assert model.attention_hooks.entered > 0
+    assert loss_m == pytest.approx(loss, rel=1e-5)
+    assert torch.allclose(grad_m, grad, rtol=1e-3, atol=1e-6)
+
+
+def test_a_kernel_that_cannot_serve_the_inputs_fails_rather_than_falling_back(photo):
+    model = use_attention_kernel(_tiny(), "cudnn")  # a CUDA-only kernel, here on the CPU
+    with pytest.raises(RuntimeError, match="(?i)kernel"):
+        _loss_and_gradient(model, photo)
+    with pytest.raises(ConfigError, match="attention kernel"):
+        use_attention_kernel(_tiny(), "fastest")
+
+
+def test_bf16_keeps_the_direction_of_the_gradient(photo, plain):
+    """Sign-PGD steps along the gradient's sign: in bf16 it must agree with fp32 almost everywhere."""
+    _, grad = plain
+    _, grad_bf16 = _loss_and_gradient(_tiny(torch.bfloat16), photo)
+    assert torch.nn.functional.cosine_similarity(grad.flatten(), grad_bf16.flatten(), dim=0) > 0.99
+    assert (grad.sign() == grad_bf16.sign()).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("name", ["tiny-cogvideox", "tiny-svd"])
+def test_fewer_frames_keep_the_gradient_direction_and_every_frame_comes_back(name, portrait):
+    """Optimising on half the frames changes the loss by design; its gradient must still point
+    where the full-length one does (averaged over a few draws), and the model gets every frame back."""
+    from anti_i2v.methods import get_method
+    from anti_i2v.models.registry import load_model
+    from anti_i2v.photo import resize_for_model
+
+    model = load_model(name, device="cpu")
+    model.condition(PROMPT)
+    x = resize_for_model(portrait[0], *model.resolution)
+    full = model.num_frames
+
+    def gradient() -> torch.Tensor:
+        config = ProtectConfig.from_preset(prompt=PROMPT)
+        objective = get_method("anti-i2v").build(model, config, None, None)
+        objective.prepare(model, x)
+        total = torch.zeros_like(x)
+        for seed in range(4):
+            draw = draw_step(torch.Generator().manual_seed(seed), objective.latent_shape(), (0, 999))
+            x_adv = (x + 2 / 255).clamp(0, 1).requires_grad_(True)
+            total += torch.autograd.grad(objective(x_adv, draw).loss, x_adv)[0]
+        return total
+
+    reference = gradient()
+    with model.fewer_frames(0.5) as count:
+        assert count < full
+        fewer = gradient()
+    assert model.num_frames == full
+    assert torch.nn.functional.cosine_similarity(reference.flatten(), fewer.flatten(), dim=0) > 0.5
+
+
+def test_protect_with_a_frame_share_records_it_and_restores_the_model(tiny_model, portrait):
+    import anti_i2v
+
+    full = tiny_model.num_frames
+    result = anti_i2v.protect(portrait[0, :, :128, :192], tiny_model, steps=2, frame_share=0.5, prompt=PROMPT)
+    assert result.config.frame_share == 0.5 and tiny_model.num_frames == full
+    with pytest.raises(ConfigError, match="frame_share"):
+        ProtectConfig(frame_share=0)
