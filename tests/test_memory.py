@@ -137,3 +137,19 @@ def test_lighter_modes_decode_in_tiles_and_encode_whole(monkeypatch):
     model.vae.decode(latents)
     assert seen == [True] and model.vae.use_tiling is False  # tiled while decoding, whole otherwise
     assert not getattr(_tiny("full").vae, "_tiles_decoding", False)
+
+
+def test_sequential_refuses_models_that_checkpoint_parts_of_blocks():
+    from anti_i2v.models.registry import load_model
+
+    with pytest.raises(ConfigError, match="sequential does not serve"):
+        load_model("tiny-svd", memory="sequential")
+
+
+def test_ensemble_turns_leave_a_cpu_kept_text_encoder_on_the_cpu():
+    from anti_i2v.offload import move_weights
+
+    model = _tiny("offload")
+    move_weights(model, torch.device("meta"))  # where an ensemble turn would move the weights
+    assert next(model.transformer.parameters()).device.type == "meta"
+    assert next(model.pipe.text_encoder.parameters()).device.type == "cpu"

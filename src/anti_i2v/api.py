@@ -314,9 +314,11 @@ def protect(
     try:
         protected, result = _optimise(models, photo, cfg, callback, checkpoint_path, release_text_encoder)
     except torch.OutOfMemoryError:
+        protected = None  # raised below, once the traceback no longer holds the step's tensors
+    if protected is None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        raise OutOfMemory(out_of_memory_message(models, models[0].memory_mode)) from None
+        raise OutOfMemory(out_of_memory_message(models, models[0].memory_mode))
 
     if out_path is None:
         image_out, budget = _budget_in_memory(photo, protected, cfg.eps)

@@ -187,8 +187,8 @@ def protect(
     except AntiI2VError as err:
         raise _fail(err) from None
     if ray_address is not None:
-        _protect_on_ray(sources, model, out, ray_address, ray_workers, model_path, device, dtype, memory, fmt,
-                        overwrite, options)
+        _protect_on_ray(sources, model, out, ray_address, ray_workers, model_path, device, dtype, memory,
+                        compile_denoiser, attention, fmt, overwrite, options)
         return
     names = [m.strip() for m in model.split(",") if m.strip()]
     if model_path is not None and len(names) > 1:
@@ -261,8 +261,8 @@ def protect(
 
 
 def _protect_on_ray(sources: list[Path], model: str, out: Path, address: str, workers: int | None,
-                    model_path: Path | None, device: str | None, dtype: str | None, memory: str, fmt: str,
-                    overwrite: bool, options: dict) -> None:
+                    model_path: Path | None, device: str | None, dtype: str | None, memory: str,
+                    compile_denoiser: bool, attention: str, fmt: str, overwrite: bool, options: dict) -> None:
     """`protect --ray`: the batch on Ray workers, a line per photo as it ends, and the run's summary."""
     import importlib.util
 
@@ -282,7 +282,8 @@ def _protect_on_ray(sources: list[Path], model: str, out: Path, address: str, wo
     try:
         items, summary = protect_batch_on_ray(
             sources, model, out, address=address, workers=workers, model_path=model_path, device=device,
-            dtype=dtype, memory=memory, fmt=fmt, overwrite=overwrite, on_done=on_done, **options,
+            dtype=dtype, memory=memory, compile=compile_denoiser, attention=attention, fmt=fmt,
+            overwrite=overwrite, on_done=on_done, **options,
         )
     except AntiI2VError as err:
         raise _fail(err) from None

@@ -197,6 +197,9 @@ def apply_memory_mode(model: VideoModel, mode: str) -> VideoModel:
     then still copies each block per call (which is how it is checked against ``full``).
     """
     check_memory_mode(mode)
+    if mode == "sequential" and not model.checkpoints_whole_blocks:
+        raise ConfigError(f"--memory sequential does not serve '{model.name}' (its denoiser recomputes parts of "
+                          "blocks, which streaming whole blocks cannot follow); use --memory offload")
     model.memory_mode = mode
     if mode == "full":
         return model

@@ -53,9 +53,12 @@ def weights_device(model: VideoModel) -> torch.device | None:
 
 
 def move_weights(model: VideoModel, device: torch.device) -> None:
-    """Move every weight module of ``model`` to ``device`` (its dtype is kept)."""
+    """Move every weight module of ``model`` to ``device`` (its dtype is kept), but a text encoder
+    that the memory mode keeps on the CPU."""
+    kept = model.text_encoders() if model.text_on_cpu else []
     for module in model.weight_modules():
-        module.to(device)
+        if not any(module is k for k in kept):
+            module.to(device)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -657,7 +657,8 @@ def _fill_to_floor(photo: Photo, below: torch.Tensor, above: torch.Tensor, eps: 
         out[:, mask[0]] = levels[0][mask[0]]
     else:
         out[mask] = levels[mask]
-    return out
+    # the budget was summed in another order than `saved_psnr` sums: at a tie, keep the safe side
+    return out if saved_psnr(photo, out, eps) >= min_psnr else below
 
 
 def _icc_colour_space(icc: bytes) -> bytes | None:

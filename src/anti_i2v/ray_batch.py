@@ -59,14 +59,21 @@ class PhotoWorker:
     """A Ray actor's body: loads the model once and protects the photos it is given."""
 
     def __init__(self, model: str, model_path: str | None, device: str | None, dtype: str | None, memory: str,
+                 compile: bool = False, attention: str = "auto",
                  before_photo: Callable[[Path], None] | None = None) -> None:
         from anti_i2v.models.registry import load_model
 
-        self.model = load_model(model, model_path, device, dtype, memory)
         self.before_photo = before_photo
+        self.model, self.load_error = None, None
+        try:
+            self.model = load_model(model, model_path, device, dtype, memory, compile, attention)
+        except Exception as err:  # noqa: BLE001 - kept whole for `ready`, which Ray reports with its type
+            self.load_error = err
 
     def ready(self) -> str:
-        """The loaded model's name (the driver waits on it to see that loading worked)."""
+        """The loaded model's name, or the error that loading it raised (the driver waits on this)."""
+        if self.load_error is not None:
+            raise self.load_error
         return self.model.name
 
     def protect(self, source: str, out_dir: str, fmt: str, stem: str, preset: str, options: dict[str, Any]) -> dict:
@@ -133,6 +140,8 @@ def protect_batch_on_ray(
     device: str | None = None,
     dtype: str | None = None,
     memory: str = DEFAULT_MEMORY_MODE,
+    compile: bool = False,
+    attention: str = "auto",
     preset: str = DEFAULT_PRESET,
     fmt: str = "png",
     overwrite: bool = False,
@@ -174,8 +183,8 @@ def protect_batch_on_ray(
         remote = ray.remote(**need, max_restarts=0)(PhotoWorker)
 
         def start_worker():
-            return remote.remote(model, str(model_path) if model_path else None, device, dtype, memory,
-                                 before_photo)
+            return remote.remote(model, str(model_path) if model_path else None, device, dtype, memory, compile,
+                                 attention, before_photo)
 
         idle = [start_worker() for _ in range(min(count, len(pending)))]
         _wait_ready(idle)
@@ -230,11 +239,14 @@ def _wait_ready(workers: list) -> None:
 
     try:
         ray.get([w.ready.remote() for w in workers])
-    except ray.exceptions.RayActorError as err:
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as err:
         for worker in workers:
             ray.kill(worker)
-        cause = getattr(err, "cause", None) or getattr(getattr(err, "error_msg", None), "cause", None)
-        raise _as_error(cause, err) from None
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, AntiI2VError):
+            raise cause from None
+        reason = str(cause or err).splitlines()[0]
+        raise AntiI2VError(f"a Ray worker could not load the model: {reason}") from None
 
 
 def _collect(future: Any, job: _Job, pending: deque[_Job]) -> BatchItem | None:
@@ -258,12 +270,6 @@ def _collect(future: Any, job: _Job, pending: deque[_Job]) -> BatchItem | None:
     if outcome["status"] == "done":
         return BatchItem(job.source, "done", output=Path(outcome["output"]))
     return BatchItem(job.source, "failed", error=outcome["error"])
-
-
-def _as_error(cause: object, err: Exception) -> AntiI2VError:
-    if isinstance(cause, AntiI2VError):
-        return cause
-    return AntiI2VError(f"a Ray worker could not load the model: {cause or err}".splitlines()[0])
 
 
 def _finish(item: BatchItem, on_done: Callable[[BatchItem], None] | None) -> BatchItem:

@@ -158,6 +158,9 @@ class VideoModel(ABC):
     _dtype: torch.dtype
     memory_mode: str = "full"  # set by `anti_i2v.memory.apply_memory_mode`
     text_on_cpu: bool = False  # run the text encoder on the CPU (memory modes other than full)
+    # whether gradient checkpointing recomputes whole denoiser blocks (the streaming of
+    # `--memory sequential` needs it: a block's weights are present only during its own call)
+    checkpoints_whole_blocks: bool = True
     compiled: bool = False  # set by `anti_i2v.acceleration`
     attention_kernel: str = "auto"
 

@@ -310,9 +310,24 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
         return (latent - 1) * self.pipe.vae_scale_factor_temporal + 1
 
     def set_num_frames(self, num_frames: int) -> None:
-        """Run with ``num_frames`` (1 + 4k) frames: latent frame count and rotary embeddings follow."""
+        """Run with ``num_frames`` (1 + 4k) frames: latent frame count, rotary embeddings and the
+        patch embedding's positional table follow.
+
+        The table is cut to the first latent frames' positions rather than rebuilt: diffusers
+        rebuilds it as plain sin-cos values for another frame count, which would throw away a
+        learned table (CogVideoX-5B-I2V has one) and attack a different model.
+        """
+        patch = self.transformer.patch_embed
+        if not hasattr(self, "_full_positions"):
+            self._full_positions = (patch.sample_frames, getattr(patch, "pos_embedding", None))
+        full_frames, table = self._full_positions
         self.num_frames = num_frames
         self.latent_frames = (num_frames - 1) // self.pipe.vae_scale_factor_temporal + 1
+        if table is not None:
+            full_latent = (full_frames - 1) // patch.temporal_compression_ratio + 1
+            per_frame = (table.shape[1] - patch.max_text_seq_length) // full_latent  # frames are outermost
+            patch.pos_embedding = table[:, : patch.max_text_seq_length + self.latent_frames * per_frame]
+        patch.sample_frames = (self.latent_frames - 1) * patch.temporal_compression_ratio + 1
         if self._rope is not None:
             self._rope = self.pipe._prepare_rotary_positional_embeddings(*self.resolution, self.latent_frames,
                                                                          self._device)
