@@ -105,7 +105,7 @@ def protect(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: GPU if present).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU).")] = None,
     memory: Annotated[str, typer.Option(help=_MEMORY_HELP)] = "full",
-    compile_denoiser: Annotated[bool, typer.Option("--compile", help="Compile the denoiser's blocks (torch.compile): faster steps after a first slow one; same numbers.")] = False,
+    compile_denoiser: Annotated[bool, typer.Option("--compile", help="Compile the denoiser's blocks (torch.compile): same numbers; the first step compiles.")] = False,
     attention: Annotated[str, typer.Option(help="Attention kernel: auto (PyTorch's fastest for the inputs), flash, efficient, cudnn or math.")] = "auto",
     fmt: Annotated[str, typer.Option("--format", help="png (lossless, default), or jpg / webp (lossy: weakens protection).")] = "png",
     step_size: Annotated[Optional[float], typer.Option(help="RGB step in [0,1] units (default max(0.5/255, 2.5*eps/steps)).")] = None,
