@@ -123,19 +123,23 @@ def test_running_out_of_memory_ends_the_batch_with_one_line_and_writes_nothing_h
     assert sorted(p.name for p in out.iterdir()) == ["a_protected.json", "a_protected.png"]  # b: nothing, not half
 
 
-def test_lighter_modes_decode_in_tiles_and_encode_whole(monkeypatch):
+def test_lighter_modes_decode_in_tiles_and_encode_whole(monkeypatch, portrait):
+    from anti_i2v.photo import resize_for_model
+
     model = _tiny("offload")
-    seen = []
-    real = type(model.vae)._decode
+    seen: dict[str, list[bool]] = {"_encode": [], "_decode": []}
+    for name in seen:
+        real = getattr(type(model.vae), name)
 
-    def spy(vae, *args, **kwargs):
-        seen.append(vae.use_tiling)
-        return real(vae, *args, **kwargs)
+        def spy(vae, *args, _real=real, _name=name, **kwargs):
+            seen[_name].append(vae.use_tiling)
+            return _real(vae, *args, **kwargs)
 
-    monkeypatch.setattr(type(model.vae), "_decode", spy)
-    latents = torch.randn(1, model.vae.config.latent_channels, 2, 8, 12)
-    model.vae.decode(latents)
-    assert seen == [True] and model.vae.use_tiling is False  # tiled while decoding, whole otherwise
+        monkeypatch.setattr(type(model.vae), name, spy)
+    model.encode_image(resize_for_model(portrait[0], *model.resolution))
+    model.vae.decode(torch.randn(1, model.vae.config.latent_channels, 2, 8, 12))
+    assert seen == {"_encode": [False], "_decode": [True]}  # the photo's encoding, whose gradient counts, is whole
+    assert model.vae.use_tiling is False
     assert not getattr(_tiny("full").vae, "_tiles_decoding", False)
 
 

@@ -8,8 +8,9 @@ Both are properties of a loaded model (the engine and the objectives see none of
   taps, early exits and the block streaming of the ``sequential`` memory mode work as
   before. The first steps pay the compilation.
 - `use_attention_kernel` runs the model's denoiser blocks and VAE-encoder layers under
-  `torch.nn.attention.sdpa_kernel` with one backend ("flash", "efficient", "cudnn" or "math"); "auto" leaves the choice
-  to PyTorch, which takes the fastest kernel the inputs allow.
+  `torch.nn.attention.sdpa_kernel` with one backend ("flash", "efficient", "cudnn" or
+  "math"); "auto" leaves the choice to PyTorch, which takes the fastest kernel the inputs
+  allow.
 
 `tests/test_acceleration.py` checks each against the plain path on a tiny model (same loss
 and gradient within tolerance); `docs/results/speed.md` has what each buys.
@@ -28,7 +29,9 @@ from anti_i2v.models.base import VideoModel
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+# kernel names -> `torch.nn.attention.SDPBackend` members
+_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+ATTENTION_KERNELS = ("auto", *_BACKENDS)
 
 
 def compile_denoiser(model: VideoModel, backend: str = "inductor", mode: str | None = None) -> VideoModel:
@@ -39,13 +42,6 @@ def compile_denoiser(model: VideoModel, backend: str = "inductor", mode: str | N
     model.compiled = True
     logger.info("%s: %d denoiser blocks compiled (%s)", model.name, len(blocks), backend)
     return model
-
-
-def _backend(name: str) -> torch.nn.attention.SDPBackend:
-    from torch.nn.attention import SDPBackend
-
-    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
 
 
 def check_attention_kernel(name: str) -> str:
@@ -66,7 +62,7 @@ def use_attention_kernel(model: VideoModel, name: str) -> VideoModel:
     if name == "auto":
         return model
     # the backward pass reuses the kernel its forward chose, so hooking the calls is enough
-    backend = _backend(name)
+    backend = getattr(torch.nn.attention.SDPBackend, _BACKENDS[name])
     kernel = CallContext(lambda: torch.nn.attention.sdpa_kernel(backend))
     model.attention_hooks = kernel.install(layer_modules(model, "denoiser") + layer_modules(model, "vae_encoder"))
     return model

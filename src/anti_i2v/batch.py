@@ -13,7 +13,7 @@ from typing import Any
 
 from anti_i2v.api import ProtectResult, file_sha256, protect, sidecar_path
 from anti_i2v.engine import StepReport
-from anti_i2v.errors import AntiI2VError, InputError, OutputError
+from anti_i2v.errors import InputError, OutputError
 from anti_i2v.models.base import VideoModel
 from anti_i2v.photo import output_path_for
 
@@ -90,6 +90,55 @@ def is_done(source: Path, output: Path) -> bool:
     return isinstance(record, dict) and record.get("input_sha256") == file_sha256(source)
 
 
+@dataclass
+class RunSummary:
+    """What a batch run did: photos done, skipped (already protected) and failed, in ``seconds``."""
+
+    done: int
+    skipped: int
+    failed: int
+    seconds: float
+
+    @classmethod
+    def of(cls, items: Iterable[BatchItem], seconds: float) -> RunSummary:
+        """Count the outcomes of a run."""
+        statuses = [i.status for i in items]
+        return cls(statuses.count("done"), statuses.count("skipped"), statuses.count("failed"), seconds)
+
+    @property
+    def photos_per_minute(self) -> float:
+        """Photos protected per minute of the run."""
+        return 60 * self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        """One line for the end of a run."""
+        return (f"{self.done} protected, {self.skipped} skipped, {self.failed} failed; "
+                f"{self.photos_per_minute:.1f} photos per minute")
+
+
+def protect_photo(
+    source: Path,
+    model: VideoModel | list[VideoModel],
+    out_dir: Path,
+    fmt: str,
+    stem: str,
+    callback: Callable[[StepReport], None] | None = None,
+    **options: Any,
+) -> BatchItem:
+    """Protect one photo of a batch into ``out_dir`` as ``<stem>_protected.<fmt>``.
+
+    A missing or unusable photo, or an output that cannot be written, gives a "failed" item;
+    model, configuration and memory errors are raised: they concern every photo of the batch.
+    """
+    try:
+        if not source.exists():
+            raise InputError(f"'{source}' does not exist; check the path")
+        result = protect(source, model, out=out_dir, fmt=fmt, stem=stem, callback=callback, overwrite=True, **options)
+    except (InputError, OutputError) as err:
+        return BatchItem(source, "failed", error=str(err))
+    return BatchItem(source, "done", output=result.path, result=result)
+
+
 def protect_batch(
     inputs: Iterable[str | Path],
     model: VideoModel | list[VideoModel],
@@ -121,17 +170,7 @@ def protect_batch(
         if not overwrite and is_done(source, output):
             item = BatchItem(source, "skipped", output=output)
         else:
-            try:
-                if not source.exists():
-                    raise InputError(f"'{source}' does not exist; check the path")
-                result = protect(
-                    source, model, out=out_dir, fmt=fmt, stem=stems[source], callback=callback, overwrite=True, **options
-                )
-                item = BatchItem(source, "done", output=result.path, result=result)
-            except (InputError, OutputError) as err:
-                item = BatchItem(source, "failed", error=str(err))
-            except AntiI2VError:
-                raise  # model, configuration or memory errors concern every photo: stop the batch
+            item = protect_photo(source, model, out_dir, fmt, stems[source], callback=callback, **options)
         items.append(item)
         if on_done is not None:
             on_done(item)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -136,7 +137,7 @@ def protect(
     """Protect photos: each is saved as <stem>_protected.png with a JSON sidecar of its figures."""
     _setup_logging(verbose)
     from anti_i2v.api import sample_photo
-    from anti_i2v.batch import check_output_dir, protect_batch
+    from anti_i2v.batch import RunSummary, check_output_dir, protect_batch
     from anti_i2v.config import ProtectConfig
     from anti_i2v.offload import park_for_next_load
     from anti_i2v.photo import load_photo, output_path_for
@@ -230,13 +231,9 @@ def protect(
         task = task_ids.get("current")
         if task is not None:
             progress.remove_task(task)
-        if item.status == "done":
-            progress.console.print(f"[green]saved[/] {item.output}: {_budget_line(item.result.budget)}", highlight=False)
-        elif item.status == "skipped":
-            progress.console.print(f"[dim]skipped[/] {item.source}: already protected as {item.output}", highlight=False)
-        else:
-            progress.console.print(f"[red]failed[/] {item.source}: {item.error}", highlight=False)
+        _print_item(progress.console, item)
 
+    began = time.perf_counter()
     try:
         with progress:
             items = protect_batch(
@@ -252,12 +249,21 @@ def protect(
             )
     except AntiI2VError as err:
         raise _fail(err) from None
-    failed = [i for i in items if i.status == "failed"]
-    done = sum(i.status == "done" for i in items)
-    skipped = sum(i.status == "skipped" for i in items)
-    console.print(f"{done} protected, {skipped} skipped, {len(failed)} failed; outputs in {out}")
-    if failed:
+    summary = RunSummary.of(items, time.perf_counter() - began)
+    console.print(f"{summary.line()}; outputs in {out}")
+    if summary.failed:
         raise typer.Exit(code=1)
+
+
+def _print_item(output: Console, item) -> None:
+    """One line for a photo of a batch as it ends: saved (with its budget when known), skipped or failed."""
+    if item.status == "done":
+        budget = f": {_budget_line(item.result.budget)}" if item.result is not None else ""
+        output.print(f"[green]saved[/] {item.output}{budget}", highlight=False)
+    elif item.status == "skipped":
+        output.print(f"[dim]skipped[/] {item.source}: already protected as {item.output}", highlight=False)
+    else:
+        output.print(f"[red]failed[/] {item.source}: {item.error}", highlight=False)
 
 
 def _protect_on_ray(sources: list[Path], model: str, out: Path, address: str, workers: int | None,
@@ -270,20 +276,12 @@ def _protect_on_ray(sources: list[Path], model: str, out: Path, address: str, wo
         raise _fail(AntiI2VError("--ray needs Ray: pip install 'anti-i2v[ray]'"))
     from anti_i2v.ray_batch import protect_batch_on_ray
 
-    def on_done(item) -> None:
-        if item.status == "done":
-            console.print(f"[green]saved[/] {item.output}", highlight=False)
-        elif item.status == "skipped":
-            console.print(f"[dim]skipped[/] {item.source}: already protected as {item.output}", highlight=False)
-        else:
-            console.print(f"[red]failed[/] {item.source}: {item.error}", highlight=False)
-
     console.print(f"protecting {len(sources)} input(s) against [bold]{model}[/] on Ray ({address})")
     try:
         items, summary = protect_batch_on_ray(
             sources, model, out, address=address, workers=workers, model_path=model_path, device=device,
             dtype=dtype, memory=memory, compile=compile_denoiser, attention=attention, fmt=fmt,
-            overwrite=overwrite, on_done=on_done, **options,
+            overwrite=overwrite, on_done=lambda item: _print_item(console, item), **options,
         )
     except AntiI2VError as err:
         raise _fail(err) from None
@@ -331,7 +329,7 @@ def _load_for_cli(
     """Load a model for a command, or end with one line saying why not."""
     import torch
 
-    from anti_i2v.memory import MEMORY_MODES, check_memory_mode, lighter_mode
+    from anti_i2v.memory import check_memory_mode, lighter_mode
     from anti_i2v.models.registry import get_spec, load_model, weights_present
 
     try:

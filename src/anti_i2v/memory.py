@@ -38,7 +38,6 @@ from anti_i2v.offload import module_bytes
 
 logger = logging.getLogger(__name__)
 
-_LIGHTER = {"full": "offload", "offload": "sequential", "sequential": None}
 GIB = 1024**3
 
 
@@ -52,11 +51,6 @@ def check_memory_mode(mode: str) -> str:
 def denoiser_blocks(model: VideoModel) -> list[nn.Module]:
     """The modules behind the model's denoiser block names, each once, in order."""
     return layer_modules(model, "denoiser")
-
-
-def text_encoder_modules(model: VideoModel) -> list[nn.Module]:
-    """The model's text encoder(s) while they are kept (`VideoModel.text_encoders`)."""
-    return model.text_encoders()
 
 
 def layer_modules(model: VideoModel, group: str) -> list[nn.Module]:
@@ -81,7 +75,7 @@ def resident_weight_bytes(model: VideoModel, mode: str) -> int:
     everything = module_bytes(model.weight_modules())
     if mode == "full":
         return everything
-    text = module_bytes(text_encoder_modules(model))
+    text = module_bytes(model.text_encoders())
     if mode == "offload":
         return everything - text
     blocks = sorted((module_bytes([b]) for b in denoiser_blocks(model)), reverse=True)
@@ -171,11 +165,12 @@ def _move_except(modules: Sequence[nn.Module], skip: set[int], device: torch.dev
                         store[name] = nn.Parameter(moved, requires_grad=False) if kind == "_parameters" else moved
 
 
-def tile_decoding(vae: nn.Module) -> bool:
+def tile_decoding(vae: nn.Module) -> None:
     """Make a diffusers VAE decode in tiles (as `enable_tiling` does) while encoding stays whole, so
-    that the protection's gradient is the one of the full mode; False when the VAE cannot tile."""
+    that the protection's gradient is the one of the full mode; VAEs that cannot tile are left as
+    they are."""
     if not hasattr(vae, "use_tiling") or getattr(vae, "_tiles_decoding", False):
-        return hasattr(vae, "use_tiling")
+        return
     decode = vae.decode
 
     def decode_in_tiles(*args, **kwargs):
@@ -187,7 +182,6 @@ def tile_decoding(vae: nn.Module) -> bool:
 
     vae.decode = decode_in_tiles
     vae._tiles_decoding = True
-    return True
 
 
 def apply_memory_mode(model: VideoModel, mode: str) -> VideoModel:
@@ -207,7 +201,7 @@ def apply_memory_mode(model: VideoModel, mode: str) -> VideoModel:
     vae = getattr(model, "vae", None)
     if isinstance(vae, nn.Module):
         tile_decoding(vae)  # generating a video (verify, references) decodes every frame at once otherwise
-    text = text_encoder_modules(model)
+    text = model.text_encoders()
     for encoder in text:
         encoder.to("cpu")
     if mode == "sequential":
@@ -229,13 +223,15 @@ def apply_memory_mode(model: VideoModel, mode: str) -> VideoModel:
 
 def lighter_mode(mode: str) -> str | None:
     """The next mode that keeps less on the accelerator, None after ``sequential``."""
-    return _LIGHTER[check_memory_mode(mode)]
+    modes = list(MEMORY_MODES)  # ordered from the most to the least on the accelerator
+    index = modes.index(check_memory_mode(mode)) + 1
+    return modes[index] if index < len(modes) else None
 
 
-def out_of_memory_message(models: Sequence[VideoModel], mode: str, device: torch.device | None = None) -> str:
+def out_of_memory_message(models: Sequence[VideoModel], mode: str) -> str:
     """One line for an out-of-memory error in ``mode``: the device's size and the first lighter mode
     whose weights fit in it (when its size is known), with the weights it keeps on the accelerator."""
-    device = device or models[0].device
+    device = models[0].device
     total = None
     if device.type == "cuda" and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(device).total_memory
@@ -243,14 +239,14 @@ def out_of_memory_message(models: Sequence[VideoModel], mode: str, device: torch
     names = ", ".join(m.name for m in models)
     head = f"out of memory on {device}{size} protecting against {names} in --memory {mode}"
     lighter = lighter_mode(mode)
+    if lighter is None:
+        return f"{head}; this is the lightest mode: use a GPU with more memory, or --device cpu"
     while lighter is not None:
         weights = sum(resident_weight_bytes(m, lighter) for m in models)
         if total is None or weights < total:
             return (f"{head}; try --memory {lighter} ({MEMORY_MODES[lighter]}; it keeps {weights / GIB:.1f} GiB "
                     "of weights on the GPU at once); nothing was written for this photo")
         lighter = lighter_mode(lighter)
-    if lighter_mode(mode) is None:
-        return f"{head}; this is the lightest mode: use a GPU with more memory, or --device cpu"
     return f"{head}; no lighter mode's weights fit this GPU: use one with more memory, or --device cpu"
 
 

@@ -593,13 +593,19 @@ def quantize_protected(
     return out[..., 0] if photo.is_gray else out
 
 
+def _saved_levels(photo: Photo, protected: torch.Tensor, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """The saved 8-bit pixels and the original, channels first, in [0, 1] (one channel for gray)."""
+    saved = quantize_protected(photo, protected, eps, bit_depth=8).astype(np.float64) / 255
+    saved = saved[None] if photo.is_gray else saved.transpose(2, 0, 1)
+    original = (photo.rgb[:1] if photo.is_gray else photo.rgb).numpy().astype(np.float64)
+    return saved, original
+
+
 def saved_psnr(photo: Photo, protected: torch.Tensor, eps: float) -> float:
     """PSNR in dB (data range 1) of ``protected`` against the photo once rounded to 8-bit levels,
     as `save_protected` writes most photos (16-bit gray PNGs round finer); inf when nothing changes."""
-    saved = torch.from_numpy(quantize_protected(photo, protected, eps, bit_depth=8).astype(np.float64) / 255)
-    original = photo.rgb[:1] if photo.is_gray else photo.rgb
-    saved = saved.unsqueeze(0) if photo.is_gray else saved.permute(2, 0, 1)
-    mse = float((saved - original.to(torch.float64)).pow(2).mean())
+    saved, original = _saved_levels(photo, protected, eps)
+    mse = float(((saved - original) ** 2).mean())
     return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
@@ -630,33 +636,22 @@ def limit_saved_psnr(photo: Photo, protected: torch.Tensor, eps: float, min_psnr
 
 
 def _fill_to_floor(photo: Photo, below: torch.Tensor, above: torch.Tensor, eps: float, min_psnr: float) -> torch.Tensor:
-    """``below`` (meets the floor) with some of the pixels where it and ``above`` (does not) round
-    differently set to ``above``'s level, as many as the floor allows (8-bit photos)."""
-    original = (photo.rgb[:1] if photo.is_gray else photo.rgb).numpy().astype(np.float64)
-    channels_first = (lambda q: q[None]) if photo.is_gray else (lambda q: q.transpose(2, 0, 1))
-    q_low = channels_first(quantize_protected(photo, below, eps, bit_depth=8)).astype(np.float64) / 255
-    q_high = channels_first(quantize_protected(photo, above, eps, bit_depth=8)).astype(np.float64) / 255
+    """The saved levels of ``below`` (meets the floor) with some of the pixels where it and ``above``
+    (does not) round differently at ``above``'s level, as many as the floor allows (8-bit photos).
+
+    The result holds exact 8-bit levels, which saving keeps as they are."""
+    low, original = _saved_levels(photo, below, eps)
+    high, _ = _saved_levels(photo, above, eps)
     allowed = original.size * 10 ** (-min_psnr / 10)  # total squared error at the floor
-    spent = float(((q_low - original) ** 2).sum())
-    where = np.flatnonzero(q_low != q_high)
-    cost = ((q_high - original) ** 2 - (q_low - original) ** 2).ravel()[where]
+    spent = float(((low - original) ** 2).sum())
+    where = np.flatnonzero(low != high)
+    cost = ((high - original) ** 2 - (low - original) ** 2).ravel()[where]
     order = np.random.default_rng(0).permutation(where.size)
     fits = np.cumsum(cost[order]) <= allowed - spent
     taken = where[order[: where.size if fits.all() else int(np.argmin(fits))]]  # the longest prefix that fits
-    if taken.size == 0:
-        return below
-    filled = q_low.copy().ravel()
-    filled[taken] = q_high.ravel()[taken]
-    out = below.clone()
-    # Pixels given exact levels round to themselves when saved; gray photos save the channel mean.
-    levels = torch.from_numpy(filled.reshape(q_low.shape)).to(below.dtype)
-    mask = torch.zeros(q_low.size, dtype=torch.bool)
-    mask[torch.from_numpy(taken)] = True
-    mask = mask.reshape(q_low.shape)
-    if photo.is_gray:
-        out[:, mask[0]] = levels[0][mask[0]]
-    else:
-        out[mask] = levels[mask]
+    filled = low.ravel().copy()
+    filled[taken] = high.ravel()[taken]
+    out = torch.from_numpy(filled.reshape(low.shape)).to(below.dtype).expand_as(below).clone()
     # the budget was summed in another order than `saved_psnr` sums: at a tie, keep the safe side
     return out if saved_psnr(photo, out, eps) >= min_psnr else below
 

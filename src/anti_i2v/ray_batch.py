@@ -24,35 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from anti_i2v.atomic import write_json_atomic
-from anti_i2v.batch import BatchItem, check_output_dir, expand_inputs, is_done, output_stems
+from anti_i2v.batch import BatchItem, RunSummary, check_output_dir, expand_inputs, is_done, output_stems, protect_photo
 from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET, ProtectConfig
-from anti_i2v.errors import AntiI2VError, ConfigError, InputError, OutputError
+from anti_i2v.errors import AntiI2VError, ConfigError
 from anti_i2v.photo import output_path_for
 
 logger = logging.getLogger(__name__)
 
 FAILED_RECORD = "failed.json"
 RETRIES_AFTER_WORKER_DEATH = 1
-
-
-@dataclass
-class RunSummary:
-    """What a batch run did: photos done, skipped (already protected) and failed, in ``seconds``."""
-
-    done: int
-    skipped: int
-    failed: int
-    seconds: float
-
-    @property
-    def photos_per_minute(self) -> float:
-        """Photos protected per minute of the run."""
-        return 60 * self.done / self.seconds if self.seconds > 0 else 0.0
-
-    def line(self) -> str:
-        """One line for the end of a run."""
-        return (f"{self.done} protected, {self.skipped} skipped, {self.failed} failed; "
-                f"{self.photos_per_minute:.1f} photos per minute")
 
 
 class PhotoWorker:
@@ -77,19 +57,11 @@ class PhotoWorker:
         return self.model.name
 
     def protect(self, source: str, out_dir: str, fmt: str, stem: str, preset: str, options: dict[str, Any]) -> dict:
-        """Protect one photo into ``out_dir``; a bad photo gives ``{"status": "failed", "error": ...}``."""
-        from anti_i2v.api import protect
-
+        """`protect_photo` on this worker's model; the outcome as ``status``, ``output`` and ``error``."""
         if self.before_photo is not None:
             self.before_photo(Path(source))
-        try:
-            if not Path(source).exists():
-                raise InputError(f"'{source}' does not exist; check the path")
-            result = protect(source, self.model, out=out_dir, fmt=fmt, stem=stem, preset=preset, overwrite=True,
-                             **options)
-        except (InputError, OutputError) as err:
-            return {"status": "failed", "error": str(err)}
-        return {"status": "done", "output": str(result.path)}
+        item = protect_photo(Path(source), self.model, Path(out_dir), fmt, stem, preset=preset, **options)
+        return {"status": item.status, "output": str(item.output) if item.output else None, "error": item.error}
 
 
 def connect(address: str) -> None:
@@ -124,7 +96,6 @@ def _worker_slots(workers: int | None) -> tuple[dict[str, float], int]:
 @dataclass
 class _Job:
     source: Path
-    output: Path
     stem: str
     attempts: int = 0
 
@@ -176,7 +147,7 @@ def protect_batch_on_ray(
             failures[str(source)] = unreadable
             outcomes[source] = _finish(BatchItem(source, "failed", error=unreadable), on_done)
         else:
-            pending.append(_Job(source, output, stems[source]))
+            pending.append(_Job(source, stems[source]))
     if pending:
         connect(address)
         need, count = _worker_slots(workers)
@@ -215,9 +186,7 @@ def protect_batch_on_ray(
     elif record.exists():
         record.unlink()  # nothing failed this time
     items = [outcomes[s] for s in sources]
-    summary = RunSummary(sum(i.status == "done" for i in items), sum(i.status == "skipped" for i in items),
-                         sum(i.status == "failed" for i in items), time.perf_counter() - began)
-    return items, summary
+    return items, RunSummary.of(items, time.perf_counter() - began)
 
 
 def _unreadable(source: Path) -> str | None:

@@ -219,6 +219,8 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
         self.num_frames = cfg.sample_frames
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.latent_frames = (self.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        patch = self.transformer.patch_embed  # its frame count and positional table, for `set_num_frames`
+        self._full_positions = (patch.sample_frames, getattr(patch, "pos_embedding", None))
         self._prompt: str | None = None
         self._prompt_embeds: torch.Tensor | None = None
         self._negative_embeds: torch.Tensor | None = None
@@ -318,8 +320,6 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
         learned table (CogVideoX-5B-I2V has one) and attack a different model.
         """
         patch = self.transformer.patch_embed
-        if not hasattr(self, "_full_positions"):
-            self._full_positions = (patch.sample_frames, getattr(patch, "pos_embedding", None))
         full_frames, table = self._full_positions
         self.num_frames = num_frames
         self.latent_frames = (num_frames - 1) // self.pipe.vae_scale_factor_temporal + 1
