@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of PyTorch; with a GPU, install the CUDA build of torch first (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test install-browser demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,19 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+# The web page's browser test drives the distribution's headless Chromium (Playwright never downloads one).
+install-browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	{ SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$SUDO apt-get update -qq && \
+	  $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
+	echo "no Chromium could be installed: the browser test will be skipped (apt install chromium)"
+
 install-test: $(VENV)/.installed-test
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/anti-i2v protect --sample --model tiny-cogvideox --preset fast --out protected --overwrite
 
-test: install-test
+test: install-test install-browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
 
 bench: install

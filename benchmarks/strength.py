@@ -156,8 +156,8 @@ class Runner:
         record_path = self.work / "runs" / f"{safe}.json"
         name, overrides = parse_method(spec)
         overrides = {"early_stop": 0, **overrides}  # every step counts here, unless the spec says otherwise
-        config = ProtectConfig.from_preset(method=name, steps=steps, eps=eps, prompt=prompt, seed=self.seed,
-                                           **overrides).to_dict()
+        config = ProtectConfig.from_preset(families=[self.model.family], method=name, steps=steps, eps=eps,
+                                           prompt=prompt, seed=self.seed, **overrides).to_dict()
         if record_path.is_file():
             record = json.loads(record_path.read_text())
             same = same_settings(record.get("config", config), json.loads(json.dumps(config)))
@@ -186,6 +186,15 @@ class Runner:
                                      "kept": (prot_p - clean_p) / effect if effect > 0 else 0.0}
         write_json_atomic(record_path, record)
         return record
+
+
+def with_previous_rows(records: list[dict], previous: Path) -> tuple[list[dict], list[str]]:
+    """``records`` plus the runs of ``previous`` (a result file) whose group (testbed, method,
+    steps) this run did not produce, and the names of those groups."""
+    ran = {(r["testbed"], r["method"], r["steps"]) for r in records}
+    kept = [r for r in json.loads(previous.read_text())["runs"] if (r["testbed"], r["method"], r["steps"]) not in ran]
+    groups = sorted({f"{r['testbed']}: {r['method']}@{r['steps']}" for r in kept})
+    return records + kept, groups
 
 
 def same_settings(saved: dict[str, Any], current: dict[str, Any]) -> bool:
@@ -266,6 +275,9 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], settings: dict[str, An
              "`anti-i2v:early_stop=10@50` is the default at the `balanced` preset.", "",
              *[f"At {k} steps the battery is {', '.join(v)} only (worst kept over those)." for k, v in
                settings.get("battery_at", {}).items()], "", summary_markdown(table), ""]
+    if settings.get("reused"):
+        lines[-1:-1] = ["", "Rows re-run by this command replace the earlier ones; the others are the earlier "
+                        "run's, unchanged: " + ", ".join(f"`{g}`" for g in settings["reused"]) + "."]
     fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for testbed, entries in table.items():
         headline = [p for p in HEADLINE if any(p in e["kept"] for e in entries.values())]
@@ -320,6 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default=str(BENCHMARKS / ".strength-cache"))
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th protection starting at i")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--keep-from", default="", metavar="JSON",
+                        help="a previous result file: its rows (testbed, method, steps) that this run does not "
+                             "produce join the tables, e.g. when only a changed method is re-run")
     parser.add_argument("--out", default=str(BENCHMARKS / "results" / "strength.json"), help="JSON ('' for none)")
     parser.add_argument("--md", default=str(BENCHMARKS.parent / "docs" / "results" / "strength.md"),
                         help="tables ('' for none)")
@@ -355,11 +370,15 @@ def main(argv: list[str] | None = None) -> dict:
                         records.append(record)
                         print(json.dumps({k: record[k] for k in ("testbed", "method", "steps", "photo", "prompt",
                                                                   "mad", "seconds")}), flush=True)
+    reused: list[str] = []
+    if args.keep_from and count == 1:
+        records, reused = with_previous_rows(records, Path(args.keep_from))
+        records.sort(key=lambda r: list(TESTBEDS).index(r["testbed"]))  # stable: each testbed's order kept
     table = summarise(records)
     command = "python benchmarks/strength.py " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = {"command": command.strip(), "eps_255": round(eps * 255, 4), "photos": args.photos.split(","),
                 "battery": list(battery), "battery_at": {k: list(v) for k, v in battery_at.items()},
-                "seed": args.seed, "generation": GENERATION,
+                "seed": args.seed, "generation": GENERATION, "reused": reused,
                 "seconds": round(time.perf_counter() - began, 1)}
     # Each run's full config stays in the cache (it validates reuse); the method spec and steps name it here.
     runs = [{k: v for k, v in r.items() if k != "config"} for r in records]

@@ -206,3 +206,8 @@ def test_evaluate_builds_the_transfer_table(tmp_path, photos):
     assert "| tiny-cogvideox |" in table and "| tiny-opensora |" in table and " - " not in table
     assert "| tiny-cogvideox+tiny-opensora |" in table  # the ensemble is a row of its own
     assert (tmp_path / "eval" / "tiny-opensora" / "from-tiny-cogvideox" / "table.md").is_file()
+
+
+def test_errors_print_brackets_as_written(tmp_path):
+    result = run("protect", tmp_path / "holiday[copy].png", "--model", "tiny-cogvideox", "--out", tmp_path / "out")
+    assert result.exit_code != 0 and "holiday[copy].png" in result.text

@@ -221,6 +221,29 @@ def test_the_psnr_floor_is_met_tightly_where_the_perturbation_sits_at_one_level(
         assert moved == {2, 3}  # some pixels a level less, the rest where they were
 
 
+def test_the_floor_measures_what_rounding_to_the_saved_file_gives():
+    """`saved_psnr` (row blocks, bounds computed once) agrees with rounding the whole photo as
+    saving does, on multi-block RGB and gray photos with off-range and non-finite values."""
+    from anti_i2v import photo as photo_module
+    from anti_i2v.photo import load_photo, quantize_protected, saved_psnr
+
+    generator = torch.Generator().manual_seed(1)
+    for photo in (load_photo(torch.rand(3, 300, 200, generator=generator)),
+                  load_photo((torch.rand(300, 200, generator=generator) * 255).round().numpy().astype(np.uint8))):
+        protected = photo.rgb + (torch.rand(photo.rgb.shape, generator=generator) - 0.5) * 0.2
+        protected[0, 0, 0] = float("nan")
+        saved = quantize_protected(photo, protected, 8 / 255, bit_depth=8).astype(np.float64) / 255
+        saved = saved[None] if photo.is_gray else saved.transpose(2, 0, 1)
+        original = (photo.rgb[:1] if photo.is_gray else photo.rgb).numpy().astype(np.float64)
+        expected = -10 * np.log10(((saved - original) ** 2).mean())
+        old_block = photo_module._LEVEL_BLOCK_VALUES
+        try:
+            photo_module._LEVEL_BLOCK_VALUES = 7 * 200  # many blocks, the last one short
+            assert saved_psnr(photo, protected, 8 / 255) == pytest.approx(expected, abs=1e-9)
+        finally:
+            photo_module._LEVEL_BLOCK_VALUES = old_block
+
+
 def test_protect_honours_the_psnr_floor_on_the_saved_file(tiny_model, portrait):
     import anti_i2v
 

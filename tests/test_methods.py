@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,23 @@ def test_ablations_set_their_space_and_weights_but_explicit_values_win():
     assert config.space == "lab" and config.weight_irc == 0 and config.weight_dm == 1
     assert ProtectConfig.from_preset("fast", method="anti-i2v-paper-lab", space="dct").space == "dct"
     assert ProtectConfig.from_preset("fast", method="anti-i2v-paper-ira").weight_ira == 1
+
+
+def test_the_default_takes_its_family_settings_only_for_one_family_and_explicit_values_win():
+    assert ProtectConfig.from_preset("fast").weight_dm == 0
+    assert ProtectConfig.from_preset("fast", families=["svd"]).weight_dm == 1
+    assert ProtectConfig.from_preset("fast", families=["svd", "svd"]).weight_dm == 1
+    assert ProtectConfig.from_preset("fast", families=["svd", "cogvideox"]).weight_dm == 0
+    assert ProtectConfig.from_preset("fast", families=["svd"], weight_dm=0.5).weight_dm == 0.5
+    assert ProtectConfig.from_preset("fast", families=["svd"], method="advdm").weight_dm == 1  # its own L_DM
+    assert ProtectConfig.from_preset("fast", families=["svd"], method="anti-i2v-paper").weight_irc == 1
+
+
+def test_protect_records_the_family_settings_it_used(photo_path, tmp_path, tiny_model):
+    assert tiny_model.family == "cogvideox"
+    result = anti_i2v.protect(photo_path, "tiny-svd", out=tmp_path, steps=1, sampler_steps=1)
+    assert result.config.weight_dm == 1
+    assert json.loads(result.sidecar.read_text())["config"]["weight_dm"] == 1
 
 
 def test_unknown_methods_and_inapplicable_attacks_are_refused(photo_path, tiny_model):

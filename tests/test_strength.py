@@ -78,3 +78,16 @@ def test_steps_curves_share_each_methods_last_point_and_advdm_at_60():
     assert table["anti-i2v:early_stop=10"][200]["steps_done"] == 50
     assert table["anti-i2v:early_stop=10"][200]["share_of_most_steps"] == pytest.approx(0.95)  # of plain anti-i2v
     assert "200 (50)" in steps.markdown({"t": table}, "python benchmarks/steps.py")
+
+
+def test_rows_of_a_previous_result_fill_in_only_the_groups_not_rerun(tmp_path):
+    import json
+
+    def run(method, photo, mad):
+        return {"testbed": "svd", "method": method, "steps": 60, "photo": photo, "mad": mad}
+
+    previous = tmp_path / "strength.json"
+    previous.write_text(json.dumps({"runs": [run("anti-i2v", "a", 1.0), run("advdm", "a", 0.5),
+                                             run("advdm", "b", 0.7)]}))
+    records, reused = strength.with_previous_rows([run("anti-i2v", "a", 2.0)], previous)
+    assert [r["mad"] for r in records] == [2.0, 0.5, 0.7] and reused == ["svd: advdm@60"]

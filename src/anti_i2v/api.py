@@ -298,10 +298,11 @@ def protect(
         True
     """
     began = time.perf_counter()
-    cfg = resolve_aux_weight(ProtectConfig.from_preset(preset, **config))
+    ProtectConfig.from_preset(preset, **config)  # a bad setting fails before any model loads
     fmt = fmt.lower().lstrip(".")
     photo = load_photo(image)
     models = _load_models(model, model_path, device, dtype, memory)
+    cfg = resolve_aux_weight(ProtectConfig.from_preset(preset, families=[m.family for m in models], **config))
     name = "+".join(m.name for m in models)
     out_path = checkpoint_path = None
     if out is not None:

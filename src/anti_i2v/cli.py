@@ -1,4 +1,4 @@
-"""The `anti-i2v` command line: `protect` and `models`."""
+"""The `anti-i2v` command line: `protect`, `verify`, `evaluate`, `layers`, `serve` and `models`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -26,6 +27,11 @@ console = Console(soft_wrap=True)  # keep paths whole, never wrapped mid-name
 err_console = Console(stderr=True, soft_wrap=True)
 
 _MEMORY_HELP = "Memory mode: " + "; ".join(f"{name}: {text}" for name, text in MEMORY_MODES.items()) + "."
+# options shared by the commands that load a model
+_Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")]
+_Dtype = Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")]
+_Memory = Annotated[str, typer.Option(help=_MEMORY_HELP)]
+_Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
 _PRESET_HELP = "; ".join(
     f"{name}: eps {format_eps(p['eps'])}, {p['steps']} steps"
     + (f", or fewer: stops once {p['early_stop']} steps gain nothing" if p.get("early_stop") else "")
@@ -45,7 +51,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(err: AntiI2VError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=err.exit_code)
 
 
@@ -105,7 +111,7 @@ def protect(
     seed: Annotated[int, typer.Option(help="Seed of every random draw: same photo, config and seed give the same file on this machine.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: GPU if present).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU).")] = None,
-    memory: Annotated[str, typer.Option(help=_MEMORY_HELP)] = "full",
+    memory: _Memory = "full",
     compile_denoiser: Annotated[bool, typer.Option("--compile", help="Compile the denoiser's blocks (torch.compile): same numbers; the first step compiles.")] = False,
     attention: Annotated[str, typer.Option(help="Attention kernel: auto (PyTorch's fastest for the inputs), flash, efficient, cudnn or math.")] = "auto",
     fmt: Annotated[str, typer.Option("--format", help="png (lossless, default), or jpg / webp (lossy: weakens protection).")] = "png",
@@ -132,7 +138,7 @@ def protect(
     ray_workers: Annotated[Optional[int], typer.Option(help="With --ray: at most this many workers (default: one per GPU or CPU slot).")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Protect the bundled sample portrait.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo photos already protected in --out.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: _Verbose = False,
 ) -> None:
     """Protect photos: each is saved as <stem>_protected.png with a JSON sidecar of its figures."""
     _setup_logging(verbose)
@@ -259,11 +265,12 @@ def _print_item(output: Console, item) -> None:
     """One line for a photo of a batch as it ends: saved (with its budget when known), skipped or failed."""
     if item.status == "done":
         budget = f": {_budget_line(item.result.budget)}" if item.result is not None else ""
-        output.print(f"[green]saved[/] {item.output}{budget}", highlight=False)
+        output.print(f"[green]saved[/] {escape(str(item.output))}{budget}", highlight=False)
     elif item.status == "skipped":
-        output.print(f"[dim]skipped[/] {item.source}: already protected as {item.output}", highlight=False)
+        output.print(f"[dim]skipped[/] {escape(str(item.source))}: already protected as {escape(str(item.output))}",
+                     highlight=False)
     else:
-        output.print(f"[red]failed[/] {item.source}: {item.error}", highlight=False)
+        output.print(f"[red]failed[/] {escape(str(item.source))}: {escape(str(item.error))}", highlight=False)
 
 
 def _protect_on_ray(sources: list[Path], model: str, out: Path, address: str, workers: int | None,
@@ -292,10 +299,9 @@ def _protect_on_ray(sources: list[Path], model: str, out: Path, address: str, wo
 
 def _require_eval_extras() -> None:
     """End with one line when the evaluation extras are not installed."""
-    import importlib.util
+    from anti_i2v.evaluation import missing_eval_extras
 
-    modules = ("cv2", "dlib", "face_recognition_models", "skimage", "flip_evaluator", "imageio", "imageio_ffmpeg")
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = missing_eval_extras()
     if missing:
         raise _fail(AntiI2VError(f"this command needs the evaluation extras (missing {', '.join(missing)}): "
                                  "pip install 'anti-i2v[eval]'"))
@@ -330,12 +336,12 @@ def _load_for_cli(
     import torch
 
     from anti_i2v.memory import check_memory_mode, lighter_mode
-    from anti_i2v.models.registry import get_spec, load_model, weights_present
+    from anti_i2v.models.registry import DEMONSTRATION_NOTE, get_spec, load_model, weights_present
 
     try:
         spec = get_spec(model)
         if spec.is_tiny:
-            console.print(f"[yellow]{model}[/] has random weights: it demonstrates the pipeline and protects against nothing.")
+            console.print(f"[yellow]{model}[/] has {DEMONSTRATION_NOTE}.")
         elif model_path is None and not weights_present(spec) and os.environ.get("HF_HUB_OFFLINE"):
             raise ModelError(
                 f"no weights for '{model}' in the local cache and the hub is offline; "
@@ -352,10 +358,6 @@ def _load_for_cli(
         raise _fail(OutOfMemory(f"'{model}' does not fit in this GPU's memory in --memory {memory}; {hint}")) from None
 
 
-_TINY_NOTE = (
-    "This report used a model with random weights: it shows the pipeline works, and says nothing about "
-    "how well the photo is protected against real models."
-)
 
 
 @app.command()
@@ -372,10 +374,10 @@ def verify(
     dino_model: Annotated[Optional[str], typer.Option(help="DINO model for the DINO score (hub id or folder).")] = None,
     diffpure_model: Annotated[Optional[str], typer.Option(help="Image diffusion model of the diffpure purification.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("report"),
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
-    memory: Annotated[str, typer.Option(help=_MEMORY_HELP)] = "full",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    device: _Device = None,
+    dtype: _Dtype = None,
+    memory: _Memory = "full",
+    verbose: _Verbose = False,
 ) -> None:
     """Generate videos from the original, the protected photo and purified copies; report whether protection holds."""
     _setup_logging(verbose)
@@ -384,6 +386,7 @@ def verify(
     from anti_i2v.evaluation.generate import GenerationSettings
     from anti_i2v.evaluation.metrics.dino import DEFAULT_DINO
     from anti_i2v.evaluation.scoring import VideoScorer
+    from anti_i2v.evaluation.verify import RANDOM_WEIGHTS_NOTE
     from anti_i2v.evaluation.verify import verify as run_verify
     from anti_i2v.evaluation.verify import write_models_summary
     from anti_i2v.photo import load_photo
@@ -416,7 +419,7 @@ def verify(
                     scorer=VideoScorer(dino=dino_model or DEFAULT_DINO, device=video_model.device),
                     on_video=on_video,
                     diffpure_model=diffpure_model,
-                    note=_TINY_NOTE if video_model.source == "built in code" else None,
+                    note=RANDOM_WEIGHTS_NOTE if video_model.source == "built in code" else None,
                 )
             except AntiI2VError as err:
                 raise _fail(err) from None
@@ -468,10 +471,10 @@ def evaluate(
     dino_model: Annotated[Optional[str], typer.Option(help="DINO model for the DINO score (hub id or folder).")] = None,
     diffpure_model: Annotated[Optional[str], typer.Option(help="Image diffusion model of the diffpure purification.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path("evaluation"),
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
-    memory: Annotated[str, typer.Option(help=_MEMORY_HELP)] = "full",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    device: _Device = None,
+    dtype: _Dtype = None,
+    memory: _Memory = "full",
+    verbose: _Verbose = False,
 ) -> None:
     """Protect a data set with each method under one budget, generate, measure, and tabulate per model."""
     _setup_logging(verbose)
@@ -519,7 +522,9 @@ def evaluate(
                     raise _fail(err) from None
             console.print(f"{len(table)} table rows (methods and purifications)")
         if video_model.source == "built in code":
-            console.print(f"[yellow]{_TINY_NOTE}[/]")
+            from anti_i2v.evaluation.verify import RANDOM_WEIGHTS_NOTE
+
+            console.print(f"[yellow]{RANDOM_WEIGHTS_NOTE}[/]")
     if protectors:
         from anti_i2v.evaluation.evaluate import cross_model_table
 
@@ -535,9 +540,9 @@ def layers(
     model_path: Annotated[Optional[Path], typer.Option(help="Local folder of the model's weights.")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Text prompt of the denoiser passes.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for layers.json and layers_pca.png.")] = Path("layers"),
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")] = None,
-    memory: Annotated[str, typer.Option(help=_MEMORY_HELP)] = "full",
+    device: _Device = None,
+    dtype: _Dtype = None,
+    memory: _Memory = "full",
 ) -> None:
     """Find the denoiser blocks that carry semantics; suggest IRC and IRA layers for `protect`."""
     _setup_logging(False)
@@ -575,6 +580,54 @@ def convert_checkpoint(
     except AntiI2VError as err:
         raise _fail(err) from None
     console.print(f"wrote {path}; pass it with --model dynamicrafter-{variant.replace('_', '-')} --model-path {path}")
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model(s) the page offers, comma-separated (default: every model whose weights are here, else tiny-cogvideox as a demonstration).")] = None,
+    model_path: Annotated[Optional[Path], typer.Option(help="Local folder of the (one) model's weights.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 7860,
+    share: Annotated[bool, typer.Option("--share", help="Also open a public Gradio share link (off unless asked).")] = False,
+    keep_minutes: Annotated[float, typer.Option(help="Delete each job's uploads and results after this many minutes.", min=1)] = 60.0,
+    temp_dir: Annotated[Optional[Path], typer.Option(help="Where the temporary folder goes (default: the system's).")] = None,
+    max_megapixels: Annotated[float, typer.Option(help="Largest photo accepted, in megapixels.", min=0.01)] = 50.0,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest file accepted, in MB.", min=0.01)] = 50.0,
+    check_steps: Annotated[int, typer.Option(help="Sampling steps of the check step's videos.", min=1)] = 50,
+    device: _Device = None,
+    dtype: _Dtype = None,
+    memory: _Memory = "full",
+    verbose: _Verbose = False,
+) -> None:
+    """Serve a web page that protects uploaded photos (needs the web extra: pip install 'anti-i2v\\[web]')."""
+    _setup_logging(verbose)
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise _fail(AntiI2VError("`serve` needs the web extra: pip install 'anti-i2v[web]'"))
+    from anti_i2v.memory import check_memory_mode
+    from anti_i2v.models.registry import MODELS, weights_present
+    from anti_i2v.web.app import serve as run_page
+
+    if model is not None:
+        names = [m.strip() for m in model.split(",") if m.strip()]
+    else:
+        names = [s.name for s in MODELS.values() if not s.is_tiny and weights_present(s)] or ["tiny-cogvideox"]
+    if all(MODELS[n].is_tiny for n in names if n in MODELS):
+        console.print("[yellow]only models with random weights are served: the page demonstrates the pipeline "
+                      "and protects against nothing.[/]")
+
+    def ready(url: str, folder: Path) -> None:
+        console.print(f"anti-i2v page at {url} (Ctrl-C stops it); uploads and results in {folder}, "
+                      f"deleted after {keep_minutes:g} min and when the server stops", highlight=False)
+
+    try:
+        check_memory_mode(memory)
+        run_page(names, host=host, port=port, share=share, keep_minutes=keep_minutes, temp_dir=temp_dir,
+                 on_ready=ready, model_path=model_path, device=device, dtype=dtype, memory=memory,
+                 max_megapixels=max_megapixels, max_upload_mb=max_upload_mb, check_steps=check_steps)
+    except AntiI2VError as err:
+        raise _fail(err) from None
 
 
 @app.command()

@@ -8,6 +8,7 @@ default below is ours and is marked "(ours)".
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -221,19 +222,25 @@ class ProtectConfig:
                 raise ConfigError(f"model weights must be >= 0 and not all 0 (got {self.model_weights})")
 
     @classmethod
-    def from_preset(cls, preset: str = DEFAULT_PRESET, **overrides: Any) -> ProtectConfig:
+    def from_preset(
+        cls, preset: str = DEFAULT_PRESET, families: Sequence[str] = (), **overrides: Any
+    ) -> ProtectConfig:
         """A config from a named preset and method, with explicit values taking precedence.
 
         The method's own settings (e.g. the space of an ablation) sit between the
-        preset and the explicit values.
+        preset and the explicit values; after them come the settings the method measured
+        better on the model family, when every model targeted (``families``) is of one
+        family that the method tunes (see `anti_i2v.methods.Method.family_overrides`).
         """
         from anti_i2v.methods import get_method
 
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
         explicit = {k: v for k, v in overrides.items() if v is not None}
+        method = get_method(explicit.get("method", "anti-i2v"))
         values = dict(PRESETS[preset])
-        values.update(get_method(explicit.get("method", "anti-i2v")).overrides)
+        values.update(method.overrides)
+        values.update(method.overrides_for(families))
         values.update(explicit)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:

@@ -66,6 +66,7 @@ _EXTENSIONS: dict[str, str] = {
 _GRID_TOL = 2.5e-7
 # Work on blocks of about this many values to bound float64 / SSIM memory.
 _BLOCK_VALUES = 1 << 22
+_LEVEL_BLOCK_VALUES = 1 << 19  # the floor's rounding passes: blocks that stay in cache
 _SSIM_WINDOW = 11
 
 
@@ -574,39 +575,104 @@ def quantize_protected(
         orig = orig[:1]
     channels, height, width = prot.shape
     out = np.empty((height, width, channels), dtype=dtype)
-    budget = eps * maxval
     rows = max(1, _BLOCK_VALUES // max(1, channels * width))
     for r0 in range(0, height, rows):
-        o = orig[:, r0 : r0 + rows].numpy().astype(np.float64) * maxval
-        p = prot[:, r0 : r0 + rows].numpy().astype(np.float64) * maxval
-        near = np.rint(o)
-        o = np.where(np.abs(o - near) <= _GRID_TOL * maxval, near, o)
-        lo = np.ceil(o - budget - 1e-6)
-        hi = np.floor(o + budget + 1e-6)
-        empty = lo > hi
-        if empty.any():  # budget below half a step around an off-grid value
-            lo = np.where(empty, np.rint(o), lo)
-            hi = np.where(empty, np.rint(o), hi)
-        p = np.where(np.isfinite(p), p, o)
-        q = np.clip(np.clip(np.rint(p), lo, hi), 0, maxval)
+        o, lo, hi = _level_bounds(orig[:, r0 : r0 + rows].numpy(), eps, maxval)
+        q = _round_within(prot[:, r0 : r0 + rows].numpy(), o, lo, hi, maxval)
         out[r0 : r0 + rows] = q.transpose(1, 2, 0).astype(dtype)
     return out[..., 0] if photo.is_gray else out
 
 
-def _saved_levels(photo: Photo, protected: torch.Tensor, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """The saved 8-bit pixels and the original, channels first, in [0, 1] (one channel for gray)."""
-    saved = quantize_protected(photo, protected, eps, bit_depth=8).astype(np.float64) / 255
-    saved = saved[None] if photo.is_gray else saved.transpose(2, 0, 1)
-    original = (photo.rgb[:1] if photo.is_gray else photo.rgb).numpy().astype(np.float64)
-    return saved, original
+def _level_bounds(original: np.ndarray, eps: float, maxval: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The original in levels (snapped to the grid when within float error of it) and, per value,
+    the lowest and highest integer level within ``eps`` of it, both clipped to [0, maxval]."""
+    o = original.astype(np.float64) * maxval
+    near = np.rint(o)
+    o = np.where(np.abs(o - near) <= _GRID_TOL * maxval, near, o)
+    budget = eps * maxval
+    lo = np.ceil(o - budget - 1e-6)
+    hi = np.floor(o + budget + 1e-6)
+    empty = lo > hi
+    if empty.any():  # budget below half a step around an off-grid value
+        lo = np.where(empty, np.rint(o), lo)
+        hi = np.where(empty, np.rint(o), hi)
+    return o, np.clip(lo, 0, maxval), np.clip(hi, 0, maxval)
+
+
+def _round_within(protected: np.ndarray, o: np.ndarray, lo: np.ndarray, hi: np.ndarray, maxval: int) -> np.ndarray:
+    """``protected`` (in [0, 1]) rounded to the nearest level inside [lo, hi] (non-finite values: the original)."""
+    p = protected.astype(np.float64) * maxval
+    p = np.where(np.isfinite(p), p, o)
+    return np.clip(np.rint(p), lo, hi)
+
+
+class _SavedLevels:
+    """The 8-bit levels `save_protected` writes for ``photo + scale * (protected - photo)``, and their
+    PSNR, for any scale. What does not depend on the scale (the bounds of the budget per value) is
+    computed once, and each scale is one rounding pass over row blocks small enough to stay in
+    cache, so the bisection of `limit_saved_psnr` stays cheap on large photos."""
+
+    def __init__(self, photo: Photo, protected: torch.Tensor, eps: float) -> None:
+        self.photo = photo
+        delta = protected.detach().to("cpu", torch.float32) - photo.rgb
+        channels = 1 if photo.is_gray else 3
+        height, width = photo.rgb.shape[1:]
+        self.shape = (channels, height, width)
+        self.rows = max(1, _LEVEL_BLOCK_VALUES // (channels * width))
+        self.lo = np.empty(self.shape, np.uint8)
+        self.hi = np.empty(self.shape, np.uint8)
+        for rows in self._blocks():
+            _, self.lo[:, rows], self.hi[:, rows] = _level_bounds(self._original(rows), eps, 255)
+        # a non-finite value is saved at the original's level (as `quantize_protected` does)
+        broken = ~torch.isfinite(delta)
+        broken = (broken.any(dim=0, keepdim=True) if photo.is_gray else broken).numpy()
+        self.broken = np.flatnonzero(broken)
+        original, lo, hi = _level_bounds(photo.rgb[:channels].numpy().ravel()[self.broken], eps, 255)
+        self.broken_levels = np.clip(np.rint(original), lo, hi).astype(np.uint8)
+        self.delta = torch.nan_to_num(delta, 0.0, 0.0, 0.0)
+
+    def _blocks(self) -> list[slice]:
+        return [slice(r, r + self.rows) for r in range(0, self.shape[1], self.rows)]
+
+    def _original(self, rows: slice) -> np.ndarray:
+        """The original's values of ``rows`` in [0, 1] (gray photos: one channel)."""
+        return self.photo.rgb[: self.shape[0], rows].numpy()
+
+    def levels(self, scale: float) -> np.ndarray:
+        """The saved pixels at ``scale``: (C, H, W) uint8 levels."""
+        out = np.empty(self.shape, np.uint8)
+        for rows in self._blocks():
+            scaled = torch.mul(self.delta[:, rows], scale).add_(self.photo.rgb[:, rows])
+            if self.photo.is_gray:  # saved as the channel mean, as `quantize_protected` does
+                scaled = scaled.mean(dim=0, keepdim=True)
+            p = np.multiply(scaled.numpy(), 255, dtype=np.float64)
+            out[:, rows] = np.clip(np.rint(p, out=p), self.lo[:, rows], self.hi[:, rows], out=p)
+        out.ravel()[self.broken] = self.broken_levels
+        return out
+
+    def squared_error(self, levels: np.ndarray) -> float:
+        """Sum of squared differences of ``levels`` (in [0, 1] units) to the original."""
+        total = 0.0
+        for rows in self._blocks():
+            diff = levels[:, rows] / 255.0 - self._original(rows)
+            total += float(np.square(diff, out=diff).sum())
+        return total
+
+    def psnr(self, levels: np.ndarray) -> float:
+        """PSNR in dB (data range 1) of ``levels`` to the original; inf when equal."""
+        mse = self.squared_error(levels) / levels.size
+        return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
 def saved_psnr(photo: Photo, protected: torch.Tensor, eps: float) -> float:
     """PSNR in dB (data range 1) of ``protected`` against the photo once rounded to 8-bit levels,
     as `save_protected` writes most photos (16-bit gray PNGs round finer); inf when nothing changes."""
-    saved, original = _saved_levels(photo, protected, eps)
-    mse = float(((saved - original) ** 2).mean())
-    return math.inf if mse == 0 else -10 * math.log10(mse)
+    saved = _SavedLevels(photo, protected, eps)
+    return saved.psnr(saved.levels(1.0))
+
+
+# Decisions on the floor keep this margin, so that a sum taken in another order cannot tip them.
+_FLOOR_MARGIN_DB = 1e-9
 
 
 def limit_saved_psnr(photo: Photo, protected: torch.Tensor, eps: float, min_psnr: float | None) -> torch.Tensor:
@@ -619,41 +685,45 @@ def limit_saved_psnr(photo: Photo, protected: torch.Tensor, eps: float, min_psnr
     pixels at once), so on 8-bit photos the budget left below the floor is then filled: pixels that
     the next larger scale would move are moved, in a seeded random order, while the floor holds.
     """
-    if not min_psnr or saved_psnr(photo, protected, eps) >= min_psnr:
+    if not min_psnr:
         return protected
-    delta = protected - photo.rgb
+    saved = _SavedLevels(photo, protected, eps)
+    floor = min_psnr + _FLOOR_MARGIN_DB
+    if saved.psnr(saved.levels(1.0)) >= floor:
+        return protected
     low, high = 0.0, 1.0  # low always meets the floor (0 is the photo itself)
     for _ in range(16):
         mid = (low + high) / 2
-        if saved_psnr(photo, photo.rgb + mid * delta, eps) >= min_psnr:
+        if saved.psnr(saved.levels(mid)) >= floor:
             low = mid
         else:
             high = mid
-    limited = photo.rgb + low * delta
+    limited = photo.rgb + low * saved.delta
     if photo.bit_depth != 8:
         return limited
-    return _fill_to_floor(photo, limited, photo.rgb + high * delta, eps, min_psnr)
+    filled = _fill_to_floor(saved, saved.levels(low), saved.levels(high), floor)
+    if filled is None:
+        return limited
+    return torch.from_numpy(filled / 255.0).to(limited.dtype).expand_as(limited).clone()
 
 
-def _fill_to_floor(photo: Photo, below: torch.Tensor, above: torch.Tensor, eps: float, min_psnr: float) -> torch.Tensor:
-    """The saved levels of ``below`` (meets the floor) with some of the pixels where it and ``above``
-    (does not) round differently at ``above``'s level, as many as the floor allows (8-bit photos).
-
-    The result holds exact 8-bit levels, which saving keeps as they are."""
-    low, original = _saved_levels(photo, below, eps)
-    high, _ = _saved_levels(photo, above, eps)
-    allowed = original.size * 10 ** (-min_psnr / 10)  # total squared error at the floor
-    spent = float(((low - original) ** 2).sum())
+def _fill_to_floor(saved: _SavedLevels, low: np.ndarray, high: np.ndarray, floor: float) -> np.ndarray | None:
+    """The levels ``low`` (meets the floor) with some of the pixels where ``high`` (does not) differs
+    taken from ``high``, as many as the floor allows, in a seeded random order (8-bit photos); None
+    when none fits. The result holds exact 8-bit levels, which saving keeps as they are."""
+    allowed = low.size * 10 ** (-floor / 10)  # total squared error at the floor
+    spent = saved.squared_error(low)
     where = np.flatnonzero(low != high)
-    cost = ((high - original) ** 2 - (low - original) ** 2).ravel()[where]
+    original = saved.photo.rgb[: saved.shape[0]].numpy().ravel()[where].astype(np.float64)
+    cost = (high.ravel()[where] / 255.0 - original) ** 2 - (low.ravel()[where] / 255.0 - original) ** 2
     order = np.random.default_rng(0).permutation(where.size)
     fits = np.cumsum(cost[order]) <= allowed - spent
     taken = where[order[: where.size if fits.all() else int(np.argmin(fits))]]  # the longest prefix that fits
-    filled = low.ravel().copy()
-    filled[taken] = high.ravel()[taken]
-    out = torch.from_numpy(filled.reshape(low.shape)).to(below.dtype).expand_as(below).clone()
-    # the budget was summed in another order than `saved_psnr` sums: at a tie, keep the safe side
-    return out if saved_psnr(photo, out, eps) >= min_psnr else below
+    if taken.size == 0:
+        return None
+    filled = low.copy()
+    filled.ravel()[taken] = high.ravel()[taken]
+    return filled if saved.psnr(filled) >= floor else None
 
 
 def _icc_colour_space(icc: bytes) -> bytes | None:

@@ -32,6 +32,10 @@ from anti_i2v.photo import Photo, load_photo
 logger = logging.getLogger(__name__)
 
 CLEAN, PROTECTED = "original", "protected"
+RANDOM_WEIGHTS_NOTE = (
+    "This report used a model with random weights: it shows the pipeline works, and says nothing about "
+    "how well the photo is protected against real models."
+)
 NOISE = "random noise (same budget)"
 REFERENCES = (CLEAN, NOISE)  # rows that are yardsticks, not attacks
 PURIFIED_NOTE = (  # shown when the verdicts are noise-referenced and purified copies were tested

@@ -179,6 +179,8 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
             pipeline does (otherwise the posterior mode).
     """
 
+    family = "cogvideox"
+
     def __init__(
         self,
         pipe: CogVideoXImageToVideoPipeline,

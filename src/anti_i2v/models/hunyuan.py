@@ -197,6 +197,8 @@ class HunyuanVideoI2V(VideoModel):
         gradient_checkpointing: recompute transformer blocks in backward to save memory.
     """
 
+    family = "hunyuan"
+
     def __init__(
         self,
         pipe: HunyuanVideoImageToVideoPipeline,

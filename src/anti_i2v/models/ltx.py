@@ -140,6 +140,8 @@ class LTXVideoI2V(VideoModel):
         gradient_checkpointing: recompute transformer blocks in backward to save memory.
     """
 
+    family = "ltx"
+
     def __init__(
         self,
         pipe: LTXImageToVideoPipeline,

@@ -21,6 +21,9 @@ from anti_i2v.models.base import VideoModel
 logger = logging.getLogger(__name__)
 
 
+DEMONSTRATION_NOTE = "random weights: it demonstrates the pipeline and protects against nothing"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One entry of the registry."""

@@ -175,6 +175,8 @@ class StableVideoDiffusionI2V(VideoModel):
             pipeline's defaults (7, 127, 0.02); `generate` uses the same values.
     """
 
+    family = "svd"
+
     checkpoints_whole_blocks = False  # its U-Net checkpoints parts of blocks
 
     def __init__(

@@ -231,6 +231,8 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
         gradient_checkpointing: recompute transformer blocks in backward to save memory.
     """
 
+    family = "wan"
+
     def __init__(
         self,
         pipe: WanImageToVideoPipeline,

@@ -55,6 +55,8 @@ class DynamiCrafterI2V(VideoModel):
             released inference does (otherwise the posterior mean).
     """
 
+    family = "dynamicrafter"
+
     checkpoints_whole_blocks = False  # its U-Net checkpoints parts of blocks
 
     def __init__(

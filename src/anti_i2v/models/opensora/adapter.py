@@ -51,6 +51,8 @@ class OpenSoraI2V(VideoModel):
         gradient_checkpointing: recompute STDiT3 blocks in backward (saves memory).
     """
 
+    family = "opensora"
+
     def __init__(
         self,
         stdit3: torch.nn.Module,

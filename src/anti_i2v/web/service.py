@@ -1,0 +1,295 @@
+"""What the web page does, without the page: check uploads, protect them, package the results, verify one.
+
+One `ProtectionService` serves every visitor of a server. It keeps one model loaded at a
+time (the page runs one job at a time per GPU) and writes each job into its own folder of
+the `Workspace`: the uploads as received, the protected photos and sidecars exactly as
+`anti-i2v protect` writes them, a comparison picture per photo and one zip of them all.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import shutil
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anti_i2v.atomic import write_atomic
+from anti_i2v.batch import output_stems, protect_photo
+from anti_i2v.config import DEFAULT_PRESET, PRESETS
+from anti_i2v.engine import StepReport
+from anti_i2v.errors import ConfigError, InputError, ModelError
+from anti_i2v.models.base import VideoModel
+from anti_i2v.models.registry import DEMONSTRATION_NOTE, get_spec, load_model, weights_present
+from anti_i2v.photo import BudgetReport, load_photo
+from anti_i2v.web.views import comparison_panel
+from anti_i2v.web.workspace import Workspace
+
+MAX_MEGAPIXELS = 50.0
+MAX_UPLOAD_MB = 50.0
+# the check step's purifications: the upload channel every shared photo goes through
+CHECK_PURIFIERS = ("jpeg75", "social")
+ARCHIVE_NAME = "anti-i2v-protected.zip"
+
+# progress: (index of the photo, number of photos, its name, the step just done or None)
+ProgressCallback = Callable[[int, int, str, "StepReport | None"], None]
+
+
+@dataclass
+class PhotoOutcome:
+    """One uploaded file and what became of it."""
+
+    name: str  # the file name as uploaded
+    status: str  # "done" or "failed"
+    message: str = ""  # why it failed
+    original: Path | None = None
+    output: Path | None = None
+    sidecar: Path | None = None
+    panel: Path | None = None
+    budget: BudgetReport | None = None
+
+    def caption(self) -> str:
+        """``name: L-inf 8.00/255, PSNR 31.4 dB`` (the budget measured on the saved file)."""
+        if self.budget is None:
+            return f"{self.name}: {self.message}"
+        return f"{self.name}: L-inf {self.budget.linf_255:.2f}/255, PSNR {self.budget.psnr:.2f} dB"
+
+
+@dataclass
+class JobResult:
+    """Every photo of one upload, and the zip of the protected ones."""
+
+    folder: Path
+    model: str
+    preset: str
+    outcomes: list[PhotoOutcome] = field(default_factory=list)
+    archive: Path | None = None
+
+    @property
+    def done(self) -> list[PhotoOutcome]:
+        """The photos that were protected."""
+        return [o for o in self.outcomes if o.status == "done"]
+
+
+@dataclass
+class CheckResult:
+    """What `verify` made of one protected photo."""
+
+    verdict: str  # of the protected photo's video
+    worst_case: str | None
+    report_markdown: str
+    contact_sheet: Path
+    video: Path
+    report: dict[str, Any]
+
+
+def check_upload(path: Path, name: str, max_megapixels: float = MAX_MEGAPIXELS,
+                 max_upload_mb: float = MAX_UPLOAD_MB) -> None:
+    """Refuse an empty or oversized file, or a photo of too many pixels, with a message naming it
+    (files that are no image, or a corrupt or too small one, are refused by `load_photo`)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"'{name}' is empty")
+    if size > max_upload_mb * 1e6:
+        raise InputError(f"'{name}' is {size / 1e6:.1f} MB; this page takes files up to {max_upload_mb:g} MB")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        raise InputError(f"'{name}' has too many pixels to open safely; downscale it first") from None
+    except (OSError, SyntaxError, ValueError):
+        return  # not an image: `load_photo` says so in its own words
+    if width * height > max_megapixels * 1e6:
+        raise InputError(f"'{name}' is {width}x{height} ({width * height / 1e6:.0f} MP); this page takes photos "
+                         f"up to {max_megapixels:g} MP: downscale it first")
+
+
+def _safe_name(name: str, taken: set[str]) -> str:
+    """A file name without path parts or odd characters, distinct from those ``taken``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).strip("._") or "photo"
+    candidate, index = stem, 1
+    while candidate.lower() in taken:
+        index += 1
+        candidate = f"{index}-{stem}"
+    taken.add(candidate.lower())
+    return candidate
+
+
+def _pil(photo_path: Path) -> Image.Image:
+    """A photo upright in RGB, as the protection saw it."""
+    rgb = load_photo(photo_path).rgb
+    return Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+class ProtectionService:
+    """Protects uploads against one of ``models`` (registry names whose weights are present).
+
+    ``options`` are `ProtectConfig` settings applied to every job (on top of the preset).
+    """
+
+    def __init__(
+        self,
+        models: Sequence[str],
+        workspace: Workspace,
+        *,
+        model_path: str | Path | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        memory: str = "full",
+        max_megapixels: float = MAX_MEGAPIXELS,
+        max_upload_mb: float = MAX_UPLOAD_MB,
+        check_steps: int = 50,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        if not models:
+            raise ConfigError("name at least one model to serve")
+        if model_path is not None and len(models) > 1:
+            raise ConfigError("--model-path serves one model; load the others from the hub cache")
+        for name in models:
+            spec = get_spec(name)
+            if not weights_present(spec, model_path):
+                raise ModelError(f"no weights for '{name}' here; download {spec.hub_id} or pass --model-path DIR")
+        self.models = list(models)
+        self.workspace = workspace
+        self.model_path, self.device, self.dtype, self.memory = model_path, device, dtype, memory
+        self.max_megapixels, self.max_upload_mb = max_megapixels, max_upload_mb
+        self.check_steps = check_steps
+        self.options = dict(options or {})
+        self._loaded: tuple[str, VideoModel] | None = None
+
+    @staticmethod
+    def label(name: str) -> str:
+        """How the page lists a model: tiny ones say they protect against nothing."""
+        return f"{name} (demonstration: {DEMONSTRATION_NOTE})" if get_spec(name).is_tiny else name
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, name) of every served model, real ones first."""
+        return [(self.label(n), n) for n in sorted(self.models, key=lambda n: get_spec(n).is_tiny)]
+
+    def model(self, name: str) -> VideoModel:
+        """The loaded model ``name``; the one loaded before is released first."""
+        if name not in self.models:
+            raise ConfigError(f"model '{name}' is not served here; choose one of {', '.join(self.models)}")
+        if self._loaded is not None and self._loaded[0] == name:
+            return self._loaded[1]
+        self._loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        model = load_model(name, self.model_path, self.device, self.dtype, self.memory)
+        self._loaded = (name, model)
+        return model
+
+    def protect_uploads(
+        self,
+        uploads: Sequence[str | Path],
+        model: str,
+        preset: str = DEFAULT_PRESET,
+        progress: ProgressCallback | None = None,
+    ) -> JobResult:
+        """Protect every uploaded file into a new job folder; a bad file is a failed outcome with its
+        reason and the others go on. Model, configuration and memory errors are raised."""
+        if not uploads:
+            raise InputError("no photo uploaded: drop one or more photos on the page")
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        folder = self.workspace.new_job()
+        with self.workspace.in_use(folder):
+            return self._protect_into(JobResult(folder, model, preset), uploads, progress)
+
+    def _protect_into(self, job: JobResult, uploads: Sequence[str | Path], progress: ProgressCallback | None) -> JobResult:
+        """Copy the uploads into the job, protect each, then zip the protected ones."""
+        originals = job.folder / "originals"
+        originals.mkdir()
+        taken: set[str] = set()
+        copies: list[tuple[str, Path]] = []
+        for upload in map(Path, uploads):
+            copy = originals / _safe_name(upload.name, taken)
+            shutil.copyfile(upload, copy)
+            copies.append((upload.name, copy))
+        stems = output_stems([c for _, c in copies])
+        model = self.model(job.model)
+        for index, (name, source) in enumerate(copies):
+            if progress is not None:
+                progress(index, len(copies), name, None)
+
+            def on_step(report: StepReport, index: int = index, name: str = name) -> None:
+                if progress is not None:
+                    progress(index, len(copies), name, report)
+
+            job.outcomes.append(self._protect_one(job, model, name, source, stems[source], on_step))
+        if job.done:
+            job.archive = job.folder / ARCHIVE_NAME
+            write_atomic(job.archive, lambda tmp: _zip(job.done, Path(tmp)))
+        return job
+
+    def _protect_one(self, job: JobResult, model: VideoModel, name: str, source: Path, stem: str,
+                     on_step: Callable[[StepReport], None]) -> PhotoOutcome:
+        """One uploaded file: checked, protected as `anti-i2v protect` does, and its comparison picture."""
+        try:
+            check_upload(source, name, self.max_megapixels, self.max_upload_mb)
+        except InputError as err:
+            return PhotoOutcome(name, "failed", str(err))
+        item = protect_photo(source, model, job.folder / "protected", "png", stem, callback=on_step,
+                             preset=job.preset, release_text_encoder=False, **self.options)
+        if item.status != "done":  # the visitor's file name, never a server path
+            return PhotoOutcome(name, "failed", (item.error or "failed").replace(str(source), name))
+        panel = job.folder / "views" / f"{stem}.png"
+        panel.parent.mkdir(exist_ok=True)
+        picture = comparison_panel(_pil(source), item.result.image)
+        write_atomic(panel, lambda tmp: picture.save(tmp, format="PNG"))
+        return PhotoOutcome(name, "done", original=source, output=item.output, sidecar=item.result.sidecar,
+                            panel=panel, budget=item.result.budget)
+
+    def check(self, job: JobResult, name: str) -> CheckResult:
+        """Run `verify` on the protected photo uploaded as ``name`` with the job's model: videos from
+        the original, the protected photo, same-budget noise and the upload channel's purifications."""
+        from anti_i2v.evaluation import missing_eval_extras
+
+        missing = missing_eval_extras()
+        if missing:
+            raise ConfigError(f"checking needs the evaluation extras (missing {', '.join(missing)}): "
+                              "pip install 'anti-i2v[eval]'")
+        from anti_i2v.evaluation.generate import GenerationSettings
+        from anti_i2v.evaluation.scoring import VideoScorer
+        from anti_i2v.evaluation.verify import PROTECTED, RANDOM_WEIGHTS_NOTE, markdown_report, verify
+
+        outcome = next((o for o in job.done if o.name == name), None)
+        if outcome is None:
+            raise InputError(f"'{name}' was not protected in this job; protect it first")
+        model = self.model(job.model)
+        sidecar_prompt = _sidecar_prompt(outcome.sidecar)
+        settings = GenerationSettings(steps=self.check_steps, **({"prompt": sidecar_prompt} if sidecar_prompt else {}))
+        out = job.folder / "checks" / outcome.output.stem
+        if not outcome.output.is_file():
+            raise InputError(f"the results of '{name}' were deleted after a while; protect it again")
+        with self.workspace.in_use(job.folder):
+            report = verify(outcome.original, outcome.output, model, out, settings, CHECK_PURIFIERS,
+                            scorer=VideoScorer(device=model.device),
+                            note=RANDOM_WEIGHTS_NOTE if get_spec(job.model).is_tiny else None)
+        return CheckResult(report["runs"][PROTECTED]["verdict"], report["worst_case"], markdown_report(report),
+                           out / "contact_sheet.png", out / "side_by_side.mp4", report)
+
+
+def _sidecar_prompt(sidecar: Path | None) -> str | None:
+    """The prompt the protection optimised for (so the check generates with the same one)."""
+    if sidecar is None or not sidecar.is_file():
+        return None
+    return json.loads(sidecar.read_text()).get("config", {}).get("prompt")
+
+
+def _zip(outcomes: Sequence[PhotoOutcome], path: Path) -> None:
+    """The protected photos and their sidecars, stored as they are (PNG is compressed already)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for outcome in outcomes:
+            for file in (outcome.output, outcome.sidecar):
+                if file is not None:
+                    archive.write(file, arcname=file.name)
