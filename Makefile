@@ -25,8 +25,8 @@ install: $(VENV)/.installed
 # The web page's browser test drives the distribution's headless Chromium (Playwright never downloads one).
 install-browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
-	{ SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$SUDO apt-get update -qq && \
-	  $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
+	{ SUDO=$$([ "$$(id -u)" -eq 0 ] || echo "sudo -n"); export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
 	echo "no Chromium could be installed: the browser test will be skipped (apt install chromium)"
 
 install-test: $(VENV)/.installed-test

@@ -188,11 +188,23 @@ class Runner:
         return record
 
 
-def with_previous_rows(records: list[dict], previous: Path) -> tuple[list[dict], list[str]]:
+# what must match for rows of two runs to share a table
+COMPARABLE = ("eps_255", "seed", "photos", "generation")
+
+
+def with_previous_rows(records: list[dict], previous: Path, settings: dict[str, Any] | None = None
+                       ) -> tuple[list[dict], list[str]]:
     """``records`` plus the runs of ``previous`` (a result file) whose group (testbed, method,
-    steps) this run did not produce, and the names of those groups."""
+    steps) this run did not produce, and the names of those groups. With ``settings`` (this
+    run's), a previous file of other eps, seed, photos or generation settings is refused."""
+    document = json.loads(previous.read_text())
+    if settings is not None:
+        differ = [k for k in COMPARABLE if json.loads(json.dumps(settings.get(k))) != document["settings"].get(k)]
+        if differ:
+            raise SystemExit(f"--keep-from {previous}: its {', '.join(differ)} differ from this run's; "
+                             "its rows would not compare")
     ran = {(r["testbed"], r["method"], r["steps"]) for r in records}
-    kept = [r for r in json.loads(previous.read_text())["runs"] if (r["testbed"], r["method"], r["steps"]) not in ran]
+    kept = [r for r in document["runs"] if (r["testbed"], r["method"], r["steps"]) not in ran]
     groups = sorted({f"{r['testbed']}: {r['method']}@{r['steps']}" for r in kept})
     return records + kept, groups
 
@@ -334,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep-from", default="", metavar="JSON",
                         help="a previous result file: its rows (testbed, method, steps) that this run does not "
-                             "produce join the tables, e.g. when only a changed method is re-run")
+                             "produce join the tables, e.g. when only a changed method is re-run "
+                             "(same eps, seed, photos and generation; ignored with --shard)")
     parser.add_argument("--out", default=str(BENCHMARKS / "results" / "strength.json"), help="JSON ('' for none)")
     parser.add_argument("--md", default=str(BENCHMARKS.parent / "docs" / "results" / "strength.md"),
                         help="tables ('' for none)")
@@ -370,16 +383,16 @@ def main(argv: list[str] | None = None) -> dict:
                         records.append(record)
                         print(json.dumps({k: record[k] for k in ("testbed", "method", "steps", "photo", "prompt",
                                                                   "mad", "seconds")}), flush=True)
-    reused: list[str] = []
-    if args.keep_from and count == 1:
-        records, reused = with_previous_rows(records, Path(args.keep_from))
-        records.sort(key=lambda r: list(TESTBEDS).index(r["testbed"]))  # stable: each testbed's order kept
-    table = summarise(records)
     command = "python benchmarks/strength.py " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = {"command": command.strip(), "eps_255": round(eps * 255, 4), "photos": args.photos.split(","),
                 "battery": list(battery), "battery_at": {k: list(v) for k, v in battery_at.items()},
-                "seed": args.seed, "generation": GENERATION, "reused": reused,
+                "seed": args.seed, "generation": GENERATION, "reused": [],
                 "seconds": round(time.perf_counter() - began, 1)}
+    if args.keep_from and count == 1:
+        records, settings["reused"] = with_previous_rows(records, Path(args.keep_from), settings)
+        order = list(TESTBEDS)
+        records.sort(key=lambda r: order.index(r["testbed"]) if r["testbed"] in order else len(order))
+    table = summarise(records)
     # Each run's full config stays in the cache (it validates reuse); the method spec and steps name it here.
     runs = [{k: v for k, v in r.items() if k != "config"} for r in records]
     document = {"settings": settings, "summary": table, "skipped": skipped, "runs": runs}

@@ -86,8 +86,11 @@ def test_rows_of_a_previous_result_fill_in_only_the_groups_not_rerun(tmp_path):
     def run(method, photo, mad):
         return {"testbed": "svd", "method": method, "steps": 60, "photo": photo, "mad": mad}
 
+    settings = {"eps_255": 8.0, "seed": 0, "photos": ["a", "b"], "generation": {"svd": {"steps": 8}}}
     previous = tmp_path / "strength.json"
-    previous.write_text(json.dumps({"runs": [run("anti-i2v", "a", 1.0), run("advdm", "a", 0.5),
-                                             run("advdm", "b", 0.7)]}))
-    records, reused = strength.with_previous_rows([run("anti-i2v", "a", 2.0)], previous)
+    previous.write_text(json.dumps({"settings": settings, "runs": [
+        run("anti-i2v", "a", 1.0), run("advdm", "a", 0.5), run("advdm", "b", 0.7)]}))
+    records, reused = strength.with_previous_rows([run("anti-i2v", "a", 2.0)], previous, settings)
     assert [r["mad"] for r in records] == [2.0, 0.5, 0.7] and reused == ["svd: advdm@60"]
+    with pytest.raises(SystemExit, match="seed differ"):
+        strength.with_previous_rows([], previous, {**settings, "seed": 1})

@@ -71,10 +71,12 @@ def job(tmp_path_factory):
     corrupt = root / "broken.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     small = _photo(root / "tiny.png", size=(20, 20))
+    empty = root / "empty.png"
+    empty.write_bytes(b"")
     workspace = Workspace(keep_seconds=3600, parent=tmp_path_factory.mktemp("work"))
     service = ProtectionService(["tiny-cogvideox"], workspace, check_steps=2, options={"steps": 2})
     steps = []
-    result = service.protect_uploads([good[0], corrupt, good[1], small], "tiny-cogvideox", "fast",
+    result = service.protect_uploads([good[0], corrupt, empty, good[1], small], "tiny-cogvideox", "fast",
                                      progress=lambda i, n, name, step: steps.append((i, n, name, step)))
     yield service, result, good, steps
     workspace.close()
@@ -82,16 +84,20 @@ def job(tmp_path_factory):
 
 def test_each_good_upload_is_protected_within_budget_and_bad_ones_say_why(job):
     _, result, good, steps = job
-    assert [o.status for o in result.outcomes] == ["done", "failed", "done", "failed"]
-    assert "broken.jpg" in result.outcomes[1].message and "64" in result.outcomes[3].message
+    assert [o.status for o in result.outcomes] == ["done", "failed", "failed", "done", "failed"]  # upload order
+    assert "broken.jpg" in result.outcomes[1].message and "empty" in result.outcomes[2].message
+    assert "64" in result.outcomes[4].message
     assert str(result.folder) not in result.outcomes[1].message  # the visitor's file name, not a server path
     first, second = result.done
-    assert first.output.name != second.output.name
+    assert (first.name, second.name) == ("me.png", "me.png (2)") and first.output.name != second.output.name
+    assert not (result.folder / "originals" / "empty.png").exists()  # refused before taking room
     for outcome, source in zip(result.done, good):
         saved = np.asarray(Image.open(outcome.output), dtype=np.int16)
         original = np.asarray(Image.open(source), dtype=np.int16)
         assert 0 < np.abs(saved - original).max() <= 8 and outcome.budget.linf_255 <= 8
-        assert json.loads(outcome.sidecar.read_text())["output_sha256"]
+        sidecar = json.loads(outcome.sidecar.read_text())
+        assert sidecar["output_sha256"] and sidecar["input"] == outcome.name
+        assert str(result.folder) not in outcome.sidecar.read_text()  # no server folder in what is downloaded
         assert outcome.panel.is_file() and "L-inf" in outcome.caption()
     with zipfile.ZipFile(result.archive) as archive:
         assert sorted(archive.namelist()) == sorted(
@@ -140,3 +146,42 @@ def test_a_job_in_use_is_never_swept(tmp_path):
         with workspace.in_use(folder):
             assert workspace.sweep(now=folder.stat().st_mtime + 3600) == []
         assert workspace.sweep(now=folder.stat().st_mtime + 61) == [folder]
+
+
+def test_closing_refuses_new_work_waits_for_the_running_job_then_deletes(tmp_path):
+    import threading
+    import time
+
+    from anti_i2v.web.workspace import WorkspaceClosed
+
+    workspace = Workspace(keep_seconds=60, parent=tmp_path, drain_seconds=10)
+    folder = workspace.new_job()
+    with workspace.in_use(folder):
+        closer = threading.Thread(target=workspace.close)
+        closer.start()
+        time.sleep(0.3)
+        assert folder.exists()  # the job in use is waited for
+        with pytest.raises(WorkspaceClosed):
+            workspace.check_open()
+    closer.join(5)
+    assert not closer.is_alive() and not workspace.root.exists()
+
+
+def test_an_unexpected_error_on_one_photo_leaves_the_others_protected(tmp_path, monkeypatch):
+    import anti_i2v.web.service as service_module
+
+    calls = []
+
+    def flaky(original, protected):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        return comparison_panel(original, protected)
+
+    monkeypatch.setattr(service_module, "comparison_panel", flaky)
+    photos = [_photo(tmp_path / "one.png", seed=3), _photo(tmp_path / "two.png", seed=4)]
+    with Workspace(keep_seconds=3600, parent=tmp_path) as workspace:
+        service = ProtectionService(["tiny-cogvideox"], workspace, options={"steps": 1})
+        result = service.protect_uploads(photos, "tiny-cogvideox", "fast")
+    assert [o.status for o in result.outcomes] == ["failed", "done"]
+    assert "unexpected error" in result.outcomes[0].message and "disk on fire" not in result.outcomes[0].message

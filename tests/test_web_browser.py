@@ -29,11 +29,20 @@ from anti_i2v.api import sample_photo
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = next(filter(None, (os.environ.get("ANTI_I2V_CHROMIUM"), shutil.which("chromium"),
                               shutil.which("chromium-browser"))), None)
-if CHROMIUM is None:
-    if os.environ.get("ANTI_I2V_REQUIRE_BROWSER"):
-        raise RuntimeError("no Chromium found: install the distribution's chromium package (apt install chromium)")
-    pytest.skip("no Chromium installed (apt install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def sync_api():
+    """Playwright's sync API and a Chromium to drive; missing ones skip the test, or fail it where
+    ``ANTI_I2V_REQUIRE_BROWSER`` says it must run."""
+    missing = pytest.fail if os.environ.get("ANTI_I2V_REQUIRE_BROWSER") else pytest.skip
+    if CHROMIUM is None:
+        missing("no Chromium found: install the distribution's chromium package (apt install chromium)")
+    try:
+        from playwright import sync_api as api
+    except ImportError:
+        missing("Playwright's Python package is missing: pip install -e '.[test]'")
+    return api
 
 
 def _free_port() -> int:
@@ -68,7 +77,7 @@ def server(tmp_path_factory):
         process.kill()
 
 
-def test_protect_download_and_bad_upload_in_a_real_browser(server, tmp_path):
+def test_protect_download_and_bad_upload_in_a_real_browser(sync_api, server, tmp_path):
     url, folders, process = server
     assert url.startswith("http://127.0.0.1:") and len(folders) == 1  # localhost only, one private folder
     bad = tmp_path / "holiday.png"

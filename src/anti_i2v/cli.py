@@ -618,16 +618,21 @@ def serve(
                       "and protects against nothing.[/]")
 
     def ready(url: str, folder: Path) -> None:
-        console.print(f"anti-i2v page at {url} (Ctrl-C stops it); uploads and results in {folder}, "
+        console.print(f"anti-i2v page at {url} (Ctrl-C stops it); uploads and results in {escape(str(folder))}, "
                       f"deleted after {keep_minutes:g} min and when the server stops", highlight=False)
 
     try:
         check_memory_mode(memory)
+        if temp_dir is not None and not temp_dir.is_dir():
+            raise ConfigError(f"--temp-dir '{temp_dir}' is not a folder; create it or choose another")
         run_page(names, host=host, port=port, share=share, keep_minutes=keep_minutes, temp_dir=temp_dir,
                  on_ready=ready, model_path=model_path, device=device, dtype=dtype, memory=memory,
                  max_megapixels=max_megapixels, max_upload_mb=max_upload_mb, check_steps=check_steps)
     except AntiI2VError as err:
         raise _fail(err) from None
+    except OSError as err:  # e.g. the port is taken
+        raise _fail(AntiI2VError(f"the page could not start on {host}:{port} ({err}); "
+                                 "choose another --port or --host")) from None
 
 
 @app.command()

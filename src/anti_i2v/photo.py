@@ -625,11 +625,13 @@ class _SavedLevels:
             _, self.lo[:, rows], self.hi[:, rows] = _level_bounds(self._original(rows), eps, 255)
         # a non-finite value is saved at the original's level (as `quantize_protected` does)
         broken = ~torch.isfinite(delta)
-        broken = (broken.any(dim=0, keepdim=True) if photo.is_gray else broken).numpy()
-        self.broken = np.flatnonzero(broken)
+        if photo.is_gray:  # one broken channel breaks the saved mean
+            broken = broken.any(dim=0, keepdim=True)
+        self.broken = np.flatnonzero(broken.numpy())
         original, lo, hi = _level_bounds(photo.rgb[:channels].numpy().ravel()[self.broken], eps, 255)
         self.broken_levels = np.clip(np.rint(original), lo, hi).astype(np.uint8)
-        self.delta = torch.nan_to_num(delta, 0.0, 0.0, 0.0)
+        # no change there, so that the scaled photo `limit_saved_psnr` returns saves those levels too
+        self.delta = torch.nan_to_num(delta, 0.0, 0.0, 0.0).masked_fill(broken, 0.0)
 
     def _blocks(self) -> list[slice]:
         return [slice(r, r + self.rows) for r in range(0, self.shape[1], self.rows)]

@@ -149,7 +149,7 @@ class VideoModel(ABC):
     """
 
     name: str
-    family: str  # the architecture family, the same for its tiny and released variants
+    family: str = ""  # the architecture family, the same for its tiny and released variants ("": none known)
     source: str = "built in code"  # hub id or folder the weights came from
     resolution: tuple[int, int]
     num_frames: int

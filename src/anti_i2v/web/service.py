@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import re
 import shutil
 import zipfile
@@ -22,16 +23,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anti_i2v.atomic import write_atomic
+from anti_i2v.atomic import write_atomic, write_json_atomic
 from anti_i2v.batch import output_stems, protect_photo
 from anti_i2v.config import DEFAULT_PRESET, PRESETS
 from anti_i2v.engine import StepReport
-from anti_i2v.errors import ConfigError, InputError, ModelError
+from anti_i2v.errors import AntiI2VError, ConfigError, InputError, ModelError
 from anti_i2v.models.base import VideoModel
 from anti_i2v.models.registry import DEMONSTRATION_NOTE, get_spec, load_model, weights_present
 from anti_i2v.photo import BudgetReport, load_photo
 from anti_i2v.web.views import comparison_panel
 from anti_i2v.web.workspace import Workspace
+
+logger = logging.getLogger(__name__)
 
 MAX_MEGAPIXELS = 50.0
 MAX_UPLOAD_MB = 50.0
@@ -47,7 +50,7 @@ ProgressCallback = Callable[[int, int, str, "StepReport | None"], None]
 class PhotoOutcome:
     """One uploaded file and what became of it."""
 
-    name: str  # the file name as uploaded
+    name: str  # the file name as uploaded ("name (2)" for a second file of the same name)
     status: str  # "done" or "failed"
     message: str = ""  # why it failed
     original: Path | None = None
@@ -114,13 +117,31 @@ def check_upload(path: Path, name: str, max_megapixels: float = MAX_MEGAPIXELS,
 
 def _safe_name(name: str, taken: set[str]) -> str:
     """A file name without path parts or odd characters, distinct from those ``taken``."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).strip("._") or "photo"
+    stem = re.sub(r"[^\w.-]+", "_", Path(name).name).strip("._") or "photo"
     candidate, index = stem, 1
     while candidate.lower() in taken:
         index += 1
         candidate = f"{index}-{stem}"
     taken.add(candidate.lower())
     return candidate
+
+
+def _display_names(names: Sequence[str]) -> list[str]:
+    """The upload names, a repeated one numbered ("me.jpg (2)") so that each names one photo."""
+    seen: dict[str, int] = {}
+    shown = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        shown.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return shown
+
+
+def _sidecar_without_server_paths(sidecar: Path, name: str) -> None:
+    """The sidecar as `protect` writes it, with the server's folders left out of the file names."""
+    record = json.loads(sidecar.read_text())
+    record["input"] = name
+    record["output"] = Path(record["output"]).name
+    write_json_atomic(sidecar, record)
 
 
 def _pil(photo_path: Path) -> Image.Image:
@@ -174,10 +195,14 @@ class ProtectionService:
         """(label, name) of every served model, real ones first."""
         return [(self.label(n), n) for n in sorted(self.models, key=lambda n: get_spec(n).is_tiny)]
 
-    def model(self, name: str) -> VideoModel:
-        """The loaded model ``name``; the one loaded before is released first."""
+    def _check_served(self, name: str) -> None:
         if name not in self.models:
             raise ConfigError(f"model '{name}' is not served here; choose one of {', '.join(self.models)}")
+
+    def model(self, name: str) -> VideoModel:
+        """The loaded model ``name``; the one loaded before is released first."""
+        self._check_served(name)
+        self.workspace.check_open()
         if self._loaded is not None and self._loaded[0] == name:
             return self._loaded[1]
         self._loaded = None
@@ -201,31 +226,42 @@ class ProtectionService:
             raise InputError("no photo uploaded: drop one or more photos on the page")
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        self._check_served(model)
         folder = self.workspace.new_job()
         with self.workspace.in_use(folder):
             return self._protect_into(JobResult(folder, model, preset), uploads, progress)
 
     def _protect_into(self, job: JobResult, uploads: Sequence[str | Path], progress: ProgressCallback | None) -> JobResult:
-        """Copy the uploads into the job, protect each, then zip the protected ones."""
+        """Check and copy the uploads into the job, protect each, then zip the protected ones."""
         originals = job.folder / "originals"
         originals.mkdir()
+        uploads = [Path(u) for u in uploads]
+        names = _display_names([u.name for u in uploads])
         taken: set[str] = set()
-        copies: list[tuple[str, Path]] = []
-        for upload in map(Path, uploads):
+        outcomes: dict[int, PhotoOutcome] = {}  # by upload order
+        accepted: list[tuple[int, str, Path]] = []
+        for position, (upload, name) in enumerate(zip(uploads, names)):
+            try:  # before copying: a file refused here never takes room in the job
+                check_upload(upload, name, self.max_megapixels, self.max_upload_mb)
+            except InputError as err:
+                outcomes[position] = PhotoOutcome(name, "failed", str(err))
+                continue
             copy = originals / _safe_name(upload.name, taken)
             shutil.copyfile(upload, copy)
-            copies.append((upload.name, copy))
-        stems = output_stems([c for _, c in copies])
-        model = self.model(job.model)
-        for index, (name, source) in enumerate(copies):
+            accepted.append((position, name, copy))
+        stems = output_stems([c for _, _, c in accepted])
+        model = self.model(job.model) if accepted else None
+        for index, (position, name, source) in enumerate(accepted):
             if progress is not None:
-                progress(index, len(copies), name, None)
+                progress(index, len(accepted), name, None)
 
             def on_step(report: StepReport, index: int = index, name: str = name) -> None:
+                self.workspace.check_open()
                 if progress is not None:
-                    progress(index, len(copies), name, report)
+                    progress(index, len(accepted), name, report)
 
-            job.outcomes.append(self._protect_one(job, model, name, source, stems[source], on_step))
+            outcomes[position] = self._protect_one(job, model, name, source, stems[source], on_step)
+        job.outcomes = [outcomes[p] for p in sorted(outcomes)]
         if job.done:
             job.archive = job.folder / ARCHIVE_NAME
             write_atomic(job.archive, lambda tmp: _zip(job.done, Path(tmp)))
@@ -233,19 +269,24 @@ class ProtectionService:
 
     def _protect_one(self, job: JobResult, model: VideoModel, name: str, source: Path, stem: str,
                      on_step: Callable[[StepReport], None]) -> PhotoOutcome:
-        """One uploaded file: checked, protected as `anti-i2v protect` does, and its comparison picture."""
+        """One accepted photo: protected as `anti-i2v protect` does, with its comparison picture. A
+        problem with this photo alone is its failed outcome; model, setting, memory errors are raised."""
         try:
-            check_upload(source, name, self.max_megapixels, self.max_upload_mb)
-        except InputError as err:
-            return PhotoOutcome(name, "failed", str(err))
-        item = protect_photo(source, model, job.folder / "protected", "png", stem, callback=on_step,
-                             preset=job.preset, release_text_encoder=False, **self.options)
-        if item.status != "done":  # the visitor's file name, never a server path
-            return PhotoOutcome(name, "failed", (item.error or "failed").replace(str(source), name))
-        panel = job.folder / "views" / f"{stem}.png"
-        panel.parent.mkdir(exist_ok=True)
-        picture = comparison_panel(_pil(source), item.result.image)
-        write_atomic(panel, lambda tmp: picture.save(tmp, format="PNG"))
+            item = protect_photo(source, model, job.folder / "protected", "png", stem, callback=on_step,
+                                 preset=job.preset, release_text_encoder=False, **self.options)
+            if item.status != "done":  # the visitor's file name, never a server path
+                return PhotoOutcome(name, "failed", (item.error or "failed").replace(str(source), name))
+            _sidecar_without_server_paths(item.result.sidecar, name)
+            panel = job.folder / "views" / f"{stem}.png"
+            panel.parent.mkdir(exist_ok=True)
+            picture = comparison_panel(_pil(source), _pil(item.output))
+            write_atomic(panel, lambda tmp: picture.save(tmp, format="PNG"))
+        except AntiI2VError:
+            raise
+        except Exception:  # noqa: BLE001 - one photo's surprise must not cost the others theirs
+            logger.exception("protecting %s failed", name)
+            return PhotoOutcome(name, "failed", f"'{name}' could not be protected (an unexpected error; "
+                                                "the server's log has the details)")
         return PhotoOutcome(name, "done", original=source, output=item.output, sidecar=item.result.sidecar,
                             panel=panel, budget=item.result.budget)
 
@@ -265,13 +306,14 @@ class ProtectionService:
         outcome = next((o for o in job.done if o.name == name), None)
         if outcome is None:
             raise InputError(f"'{name}' was not protected in this job; protect it first")
-        model = self.model(job.model)
-        sidecar_prompt = _sidecar_prompt(outcome.sidecar)
-        settings = GenerationSettings(steps=self.check_steps, **({"prompt": sidecar_prompt} if sidecar_prompt else {}))
-        out = job.folder / "checks" / outcome.output.stem
-        if not outcome.output.is_file():
-            raise InputError(f"the results of '{name}' were deleted after a while; protect it again")
         with self.workspace.in_use(job.folder):
+            if not outcome.output.is_file():
+                raise InputError(f"the results of '{name}' were deleted after a while; protect it again")
+            model = self.model(job.model)
+            sidecar_prompt = _sidecar_prompt(outcome.sidecar)
+            settings = GenerationSettings(steps=self.check_steps,
+                                          **({"prompt": sidecar_prompt} if sidecar_prompt else {}))
+            out = job.folder / "checks" / outcome.output.stem
             report = verify(outcome.original, outcome.output, model, out, settings, CHECK_PURIFIERS,
                             scorer=VideoScorer(device=model.device),
                             note=RANDOM_WEIGHTS_NOTE if get_spec(job.model).is_tiny else None)

@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 GAP = 8  # pixels between tiles
+MAX_TILE_HEIGHT = 900  # a very tall photo is shown smaller, never as a picture of unbounded size
 BACKGROUND = (255, 255, 255)
 
 
@@ -31,11 +32,13 @@ def busiest_window(original: Image.Image, protected: Image.Image, fraction: floa
     return int(left), int(top), int(left) + side, int(top) + side
 
 
-def _fit(image: Image.Image, width: int) -> Image.Image:
-    """``image`` scaled to ``width`` pixels wide (nearest neighbour when enlarging, to show the pixels)."""
-    height = max(1, round(image.height * width / image.width))
-    resample = Image.Resampling.NEAREST if width > image.width else Image.Resampling.LANCZOS
-    return image.resize((width, height), resample)
+def _fit(image: Image.Image, width: int, height: int = MAX_TILE_HEIGHT) -> Image.Image:
+    """``image`` scaled to fill ``width`` pixels, or ``height`` if that comes first (nearest neighbour
+    when enlarging, to show the pixels)."""
+    scale = min(width / image.width, height / image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+    return image.resize(size, resample)
 
 
 def _row(tiles: list[Image.Image], width: int) -> Image.Image:

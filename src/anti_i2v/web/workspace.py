@@ -12,7 +12,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from anti_i2v.errors import AntiI2VError
+
 JOBS = "jobs"
+
+
+class WorkspaceClosed(AntiI2VError):
+    """The server is stopping: the job in progress ends, and its files go with the workspace."""
 
 
 class Workspace:
@@ -20,13 +26,16 @@ class Workspace:
 
     Jobs left alone for more than ``keep_seconds`` are deleted by `sweep` (every ``sweep_every``
     seconds once `start` runs); a job in use (`in_use`) is never swept, and its time counts from
-    when it was last used. `close` deletes the whole folder. Use it as a context manager.
+    when it was last used. `close` tells running jobs to stop (`check_open`), waits for them
+    (at most ``drain_seconds``) and deletes the whole folder. Use it as a context manager.
     """
 
-    def __init__(self, keep_seconds: float, parent: str | Path | None = None, sweep_every: float = 60.0) -> None:
+    def __init__(self, keep_seconds: float, parent: str | Path | None = None, sweep_every: float = 60.0,
+                 drain_seconds: float = 30.0) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="anti-i2v-serve-", dir=parent))
         self.keep_seconds = keep_seconds
         self.sweep_every = sweep_every
+        self.drain_seconds = drain_seconds
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
         self._busy: dict[Path, int] = {}
@@ -34,7 +43,8 @@ class Workspace:
 
     def new_job(self) -> Path:
         """A fresh, empty folder for one job."""
-        folder = self.root / JOBS / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.check_open()
+        folder = self.root / JOBS / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex}"
         folder.mkdir(parents=True)
         return folder
 
@@ -79,11 +89,19 @@ class Workspace:
         self._sweeper = threading.Thread(target=loop, name="anti-i2v-sweeper", daemon=True)
         self._sweeper.start()
 
+    def check_open(self) -> None:
+        """Raise `WorkspaceClosed` once `close` has begun (jobs call it between steps)."""
+        if self._stop.is_set():
+            raise WorkspaceClosed("the server is stopping; nothing was kept")
+
     def close(self) -> None:
-        """Stop sweeping and delete everything."""
+        """Stop sweeping, let running jobs end (at most ``drain_seconds``), delete everything."""
         self._stop.set()
         if self._sweeper is not None:
             self._sweeper.join(timeout=5)
+        deadline = time.monotonic() + self.drain_seconds
+        while self._busy and time.monotonic() < deadline:
+            time.sleep(0.1)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Workspace:
