@@ -55,6 +55,9 @@ def test_folder_batch_keeps_going_past_bad_photos_and_a_rerun_skips_finished_one
     second = run(*args)
     assert "0 protected, 2 skipped, 3 failed" in second.text
     assert (out / "alice_protected.png").stat().st_mtime_ns == before
+    other = run(*args, "--eps", "4/255")  # other settings: protected again, not skipped
+    assert "2 protected, 0 skipped, 3 failed" in other.text
+    assert json.loads((out / "alice_protected.json").read_text())["config"]["eps_255"] == pytest.approx(4)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from anti_i2v.api import ProtectResult, file_sha256, protect, sidecar_path
+from anti_i2v.config import DEFAULT_PRESET, ProtectConfig
 from anti_i2v.engine import StepReport
 from anti_i2v.errors import InputError, OutputError
 from anti_i2v.models.base import VideoModel
@@ -78,8 +80,13 @@ def output_stems(sources: list[Path]) -> dict[Path, str]:
     return stems
 
 
-def is_done(source: Path, output: Path) -> bool:
-    """Whether ``output`` and its sidecar exist and were made from this very ``source`` file."""
+# settings a rerun must share with a finished photo to skip it (none depends on the model family)
+RESUME_KEYS = ("method", "eps", "steps", "seed", "prompt", "space", "min_psnr")
+
+
+def is_done(source: Path, output: Path, options: dict[str, Any] | None = None) -> bool:
+    """Whether ``output`` and its sidecar exist and were made from this very ``source`` file
+    (and, given the run's ``options``, with the same `RESUME_KEYS` settings)."""
     sidecar = sidecar_path(output)
     if not (output.is_file() and sidecar.is_file() and source.is_file()):
         return False
@@ -87,7 +94,15 @@ def is_done(source: Path, output: Path) -> bool:
         record = json.loads(sidecar.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and record.get("input_sha256") == file_sha256(source)
+    if not isinstance(record, dict) or record.get("input_sha256") != file_sha256(source):
+        return False
+    if options is None:
+        return True
+    fields = {f.name for f in dataclasses.fields(ProtectConfig)}
+    settings = {k: v for k, v in options.items() if k in fields}
+    wanted = ProtectConfig.from_preset(options.get("preset") or DEFAULT_PRESET, **settings).to_dict()
+    made = record.get("config", {})
+    return all(made.get(key) == wanted[key] for key in RESUME_KEYS)
 
 
 @dataclass
@@ -153,8 +168,9 @@ def protect_batch(
 ) -> list[BatchItem]:
     """Protect each photo in turn, saving each as soon as it is done.
 
-    A photo whose output and sidecar already exist, made from the same input bytes,
-    is skipped (unless ``overwrite``), so a rerun resumes an interrupted batch. A bad
+    A photo whose output and sidecar already exist, made from the same input bytes with the
+    same settings (`RESUME_KEYS`), is skipped (unless ``overwrite``), so a rerun resumes an
+    interrupted batch, and a rerun with other settings protects again. A bad
     photo is reported and the batch goes on; running out of memory stops it with one line that
     names the memory mode that would fit (photos already saved stay).
     """
@@ -167,7 +183,7 @@ def protect_batch(
         if on_start is not None:
             on_start(index, len(sources), source)
         output = output_path_for(source, out_dir, fmt, stems[source])
-        if not overwrite and is_done(source, output):
+        if not overwrite and is_done(source, output, options):
             item = BatchItem(source, "skipped", output=output)
         else:
             item = protect_photo(source, model, out_dir, fmt, stems[source], callback=callback, **options)

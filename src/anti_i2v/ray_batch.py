@@ -141,7 +141,7 @@ def protect_batch_on_ray(
     failures: dict[str, str] = {}
     for source in sources:
         output = output_path_for(source, out_dir, fmt, stems[source])
-        if not overwrite and is_done(source, output):
+        if not overwrite and is_done(source, output, {"preset": preset, **options}):
             outcomes[source] = _finish(BatchItem(source, "skipped", output=output), on_done)
         elif unreadable := _unreadable(source):  # no worker needs to start for a file that is not a photo
             failures[str(source)] = unreadable
