@@ -116,7 +116,7 @@ def build_app(service: ProtectionService, keep_seconds: int = 3600) -> Any:
                 start = gr.Button("Protect", variant="primary", elem_id="protect")
         status = gr.Markdown(elem_id="status")
         gallery = gr.Gallery(label="original | protected; below, the most changed crop of both and the change x8",
-                             columns=1, height="auto", object_fit="contain", elem_id="views")
+                             columns=2, fit_columns=False, height="auto", object_fit="contain", elem_id="views")
         downloads = gr.File(label="Download (each PNG with its JSON sidecar inside the zip)", file_count="multiple",
                             interactive=False, elem_id="downloads")
         job = gr.State()
