@@ -34,8 +34,9 @@ install-test: $(VENV)/.installed-test
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/anti-i2v protect --sample --model tiny-cogvideox --preset fast --out protected --overwrite
 
+# one test process per core (each test runs one torch thread); a file's tests share one process
 test: install-test install-browser
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -n auto --dist loadfile
 
 bench: install
 	cd benchmarks && HF_HUB_OFFLINE=1 ../$(BIN)/python bench_protect.py
