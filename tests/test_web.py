@@ -185,3 +185,15 @@ def test_an_unexpected_error_on_one_photo_leaves_the_others_protected(tmp_path, 
         result = service.protect_uploads(photos, "tiny-cogvideox", "fast")
     assert [o.status for o in result.outcomes] == ["failed", "done"]
     assert "unexpected error" in result.outcomes[0].message and "disk on fire" not in result.outcomes[0].message
+
+
+def test_a_downloaded_sidecar_names_no_server_folder(tmp_path):
+    from anti_i2v.web.service import _sidecar_without_server_paths
+
+    sidecar = tmp_path / "me_protected.json"
+    sidecar.write_text(json.dumps({"input": "/srv/jobs/1/originals/me.png", "output": "/srv/jobs/1/me_protected.png",
+                                   "model": {"source": "/home/op/weights/CogVideoX-5b-I2V"}, "seed": 0}))
+    _sidecar_without_server_paths(sidecar, "me.png")
+    record = json.loads(sidecar.read_text())
+    assert (record["input"], record["output"], record["model"]["source"]) == (
+        "me.png", "me_protected.png", "CogVideoX-5b-I2V") and record["seed"] == 0

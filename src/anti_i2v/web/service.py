@@ -141,6 +141,9 @@ def _sidecar_without_server_paths(sidecar: Path, name: str) -> None:
     record = json.loads(sidecar.read_text())
     record["input"] = name
     record["output"] = Path(record["output"]).name
+    for model in record["model"] if isinstance(record["model"], list) else [record["model"]]:
+        if Path(model["source"]).is_absolute():  # local weights: their folder's name, not where it is
+            model["source"] = Path(model["source"]).name
     write_json_atomic(sidecar, record)
 
 
