@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import anti_i2v  # noqa: E402
 from anti_i2v.config import ProtectConfig  # noqa: E402
 from anti_i2v.acceleration import compile_denoiser, use_attention_kernel  # noqa: E402
-from anti_i2v.memory import apply_memory_mode, check_memory_mode  # noqa: E402
+from anti_i2v.memory import apply_memory_mode  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
 from anti_i2v.models.registry import load_model  # noqa: E402
 from bench_protect import emit  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for spec in args.models.split(","):
         for memory in args.memory.split(","):
-            model = build(spec, args.device, check_memory_mode(memory), args.compile, args.attention)
+            model = build(spec, args.device, memory, args.compile, args.attention)
             runs.append(run_photo(model, spec, args.device, args.preset, args.steps, args.method))
             print(json.dumps(runs[-1]), flush=True)
             del model

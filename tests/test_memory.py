@@ -157,3 +157,13 @@ def test_ensemble_turns_leave_a_cpu_kept_text_encoder_on_the_cpu():
     move_weights(model, torch.device("meta"))  # where an ensemble turn would move the weights
     assert next(model.transformer.parameters()).device.type == "meta"
     assert next(model.pipe.text_encoder.parameters()).device.type == "cpu"
+
+
+def test_ensemble_turns_leave_a_text_encoder_inside_the_model_on_the_cpu():
+    from anti_i2v.models.registry import load_model
+    from anti_i2v.offload import move_weights
+
+    model = load_model("tiny-dynamicrafter", memory="offload")  # its text tower sits inside `net`
+    move_weights(model, torch.device("meta"))
+    assert next(model.net.model.parameters()).device.type == "meta"
+    assert next(model.net.cond_stage_model.parameters()).device.type == "cpu"

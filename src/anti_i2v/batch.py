@@ -84,9 +84,17 @@ def output_stems(sources: list[Path]) -> dict[Path, str]:
 RESUME_KEYS = ("method", "eps", "steps", "seed", "prompt", "space", "min_psnr")
 
 
-def is_done(source: Path, output: Path, options: dict[str, Any] | None = None) -> bool:
+def resume_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The `RESUME_KEYS` settings a run with these `protect` options uses (its preset included)."""
+    fields = {f.name for f in dataclasses.fields(ProtectConfig)}
+    settings = {k: v for k, v in options.items() if k in fields}
+    config = ProtectConfig.from_preset(options.get("preset") or DEFAULT_PRESET, **settings).to_dict()
+    return {key: config[key] for key in RESUME_KEYS}
+
+
+def is_done(source: Path, output: Path, settings: dict[str, Any] | None = None) -> bool:
     """Whether ``output`` and its sidecar exist and were made from this very ``source`` file
-    (and, given the run's ``options``, with the same `RESUME_KEYS` settings)."""
+    (and, given the run's `resume_settings`, with those settings)."""
     sidecar = sidecar_path(output)
     if not (output.is_file() and sidecar.is_file() and source.is_file()):
         return False
@@ -96,13 +104,8 @@ def is_done(source: Path, output: Path, options: dict[str, Any] | None = None) -
         return False
     if not isinstance(record, dict) or record.get("input_sha256") != file_sha256(source):
         return False
-    if options is None:
-        return True
-    fields = {f.name for f in dataclasses.fields(ProtectConfig)}
-    settings = {k: v for k, v in options.items() if k in fields}
-    wanted = ProtectConfig.from_preset(options.get("preset") or DEFAULT_PRESET, **settings).to_dict()
     made = record.get("config", {})
-    return all(made.get(key) == wanted[key] for key in RESUME_KEYS)
+    return settings is None or all(made.get(key) == value for key, value in settings.items())
 
 
 @dataclass
@@ -178,12 +181,13 @@ def protect_batch(
     check_output_dir(out_dir)
     sources = expand_inputs(inputs)
     stems = output_stems(sources)
+    settings = resume_settings(options)
     items: list[BatchItem] = []
     for index, source in enumerate(sources):
         if on_start is not None:
             on_start(index, len(sources), source)
         output = output_path_for(source, out_dir, fmt, stems[source])
-        if not overwrite and is_done(source, output, options):
+        if not overwrite and is_done(source, output, settings):
             item = BatchItem(source, "skipped", output=output)
         else:
             item = protect_photo(source, model, out_dir, fmt, stems[source], callback=callback, **options)

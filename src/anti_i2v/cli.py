@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from anti_i2v.config import DEFAULT_PRESET, MEMORY_MODES, PRESETS, format_eps, parse_eps
+from anti_i2v.config import DEFAULT_PRESET, MEMORY_MODES, PRESETS, describe_preset, format_eps, parse_eps
 from anti_i2v.errors import AntiI2VError, ConfigError, ModelError, OutOfMemory
 
 app = typer.Typer(
@@ -32,11 +32,7 @@ _Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N.")]
 _Dtype = Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32.")]
 _Memory = Annotated[str, typer.Option(help=_MEMORY_HELP)]
 _Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
-_PRESET_HELP = "; ".join(
-    f"{name}: eps {format_eps(p['eps'])}, {p['steps']} steps"
-    + (f", or fewer: stops once {p['early_stop']} steps gain nothing" if p.get("early_stop") else "")
-    for name, p in PRESETS.items()
-)
+_PRESET_HELP = "; ".join(describe_preset(name) for name in PRESETS)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -277,10 +273,7 @@ def _protect_on_ray(sources: list[Path], model: str, out: Path, address: str, wo
                     model_path: Path | None, device: str | None, dtype: str | None, memory: str,
                     compile_denoiser: bool, attention: str, fmt: str, overwrite: bool, options: dict) -> None:
     """`protect --ray`: the batch on Ray workers, a line per photo as it ends, and the run's summary."""
-    import importlib.util
-
-    if importlib.util.find_spec("ray") is None:
-        raise _fail(AntiI2VError("--ray needs Ray: pip install 'anti-i2v[ray]'"))
+    _require_extra("ray", "--ray")
     from anti_i2v.ray_batch import protect_batch_on_ray
 
     console.print(f"protecting {len(sources)} input(s) against [bold]{model}[/] on Ray ({address})")
@@ -297,14 +290,17 @@ def _protect_on_ray(sources: list[Path], model: str, out: Path, address: str, wo
         raise typer.Exit(code=1)
 
 
-def _require_eval_extras() -> None:
-    """End with one line when the evaluation extras are not installed."""
-    from anti_i2v.evaluation import missing_eval_extras
+def _require_extra(extra: str, what: str) -> None:
+    """End with one line when the modules of an optional extra (``eval``, ``ray``, ``web``) are missing."""
+    import importlib.util
 
-    missing = missing_eval_extras()
+    from anti_i2v.evaluation import EVAL_MODULES
+
+    modules = {"eval": EVAL_MODULES, "ray": ("ray",), "web": ("gradio",)}[extra]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise _fail(AntiI2VError(f"this command needs the evaluation extras (missing {', '.join(missing)}): "
-                                 "pip install 'anti-i2v[eval]'"))
+        raise _fail(AntiI2VError(f"{what} needs the {extra} extra (missing {', '.join(missing)}): "
+                                 f"pip install 'anti-i2v[{extra}]'"))
 
 
 def _purifier_names(text: str, diffpure_model: str | None) -> list[str]:
@@ -358,8 +354,6 @@ def _load_for_cli(
         raise _fail(OutOfMemory(f"'{model}' does not fit in this GPU's memory in --memory {memory}; {hint}")) from None
 
 
-
-
 @app.command()
 def verify(
     original: Annotated[Path, typer.Argument(help="The original photo.")],
@@ -381,7 +375,7 @@ def verify(
 ) -> None:
     """Generate videos from the original, the protected photo and purified copies; report whether protection holds."""
     _setup_logging(verbose)
-    _require_eval_extras()
+    _require_extra("eval", "this command")
     from anti_i2v.config import DEFAULT_PROMPT
     from anti_i2v.evaluation.generate import GenerationSettings
     from anti_i2v.evaluation.metrics.dino import DEFAULT_DINO
@@ -478,7 +472,7 @@ def evaluate(
 ) -> None:
     """Protect a data set with each method under one budget, generate, measure, and tabulate per model."""
     _setup_logging(verbose)
-    _require_eval_extras()
+    _require_extra("eval", "this command")
     from anti_i2v.evaluation.evaluate import evaluate as run_evaluate
     from anti_i2v.evaluation.evaluate import read_dataset
     from anti_i2v.evaluation.metrics.dino import DEFAULT_DINO
@@ -601,10 +595,7 @@ def serve(
 ) -> None:
     """Serve a web page that protects uploaded photos (needs the web extra: pip install 'anti-i2v\\[web]')."""
     _setup_logging(verbose)
-    import importlib.util
-
-    if importlib.util.find_spec("gradio") is None:
-        raise _fail(AntiI2VError("`serve` needs the web extra: pip install 'anti-i2v[web]'"))
+    _require_extra("web", "`serve`")
     from anti_i2v.memory import check_memory_mode
     from anti_i2v.models.registry import MODELS, weights_present
     from anti_i2v.web.app import serve as run_page

@@ -62,6 +62,13 @@ def format_eps(eps: float) -> str:
     return f"{eps * 255:g}/255 ({eps:.4f})"
 
 
+def describe_preset(name: str) -> str:
+    """``"balanced: eps 8/255 (0.0314), 50 steps, or fewer: ..."`` for help texts and the web page."""
+    preset = PRESETS[name]
+    stop = f", or fewer: stops once {preset['early_stop']} steps gain nothing" if preset.get("early_stop") else ""
+    return f"{name}: eps {format_eps(preset['eps'])}, {preset['steps']} steps{stop}"
+
+
 @dataclass
 class ProtectConfig:
     """All settings of one protection; `to_dict` is the reproducible record.

@@ -34,7 +34,7 @@ from anti_i2v.call_context import CallContext
 from anti_i2v.config import MEMORY_MODES
 from anti_i2v.errors import ConfigError
 from anti_i2v.models.base import VideoModel
-from anti_i2v.offload import module_bytes
+from anti_i2v.offload import module_bytes, move_tensors_except
 
 logger = logging.getLogger(__name__)
 
@@ -151,20 +151,6 @@ class BlockStreamer:
         self._handles.clear()
 
 
-def _move_except(modules: Sequence[nn.Module], skip: set[int], device: torch.device) -> None:
-    """Move the tensors of ``modules`` to ``device``, except those of modules whose id is in ``skip``."""
-    for module in modules:
-        for owner in module.modules():
-            if id(owner) in skip:
-                continue
-            for kind in ("_parameters", "_buffers"):
-                store = getattr(owner, kind)
-                for name, tensor in store.items():
-                    if tensor is not None and tensor.device != device:
-                        moved = tensor.detach().to(device)
-                        store[name] = nn.Parameter(moved, requires_grad=False) if kind == "_parameters" else moved
-
-
 def tile_decoding(vae: nn.Module) -> None:
     """Make a diffusers VAE decode in tiles (as `enable_tiling` does) while encoding stays whole, so
     that the protection's gradient is the one of the full mode; VAEs that cannot tile are left as
@@ -210,7 +196,7 @@ def apply_memory_mode(model: VideoModel, mode: str) -> VideoModel:
         streamer.install(blocks)
         model.block_streamer = streamer
         inside = {id(m) for b in blocks for m in b.modules()} | {id(m) for t in text for m in t.modules()}
-        _move_except(model.weight_modules(), inside, model.device)
+        move_tensors_except(model.weight_modules(), inside, model.device)
         # what autograd saves in the VAE encoder (not checkpointed) waits in CPU memory until the backward pass
         pin = model.device.type == "cuda"
         offload = CallContext(lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin))

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from anti_i2v.models.base import VideoModel
 
@@ -52,13 +53,25 @@ def weights_device(model: VideoModel) -> torch.device | None:
     return None
 
 
+def move_tensors_except(modules: Sequence[nn.Module], skip: set[int], device: torch.device) -> None:
+    """Move the tensors of ``modules`` to ``device``, except those of modules whose id is in ``skip``."""
+    for module in modules:
+        for owner in module.modules():
+            if id(owner) in skip:
+                continue
+            for kind in ("_parameters", "_buffers"):
+                store = getattr(owner, kind)
+                for name, tensor in store.items():
+                    if tensor is not None and tensor.device != device:
+                        moved = tensor.detach().to(device)
+                        store[name] = nn.Parameter(moved, requires_grad=False) if kind == "_parameters" else moved
+
+
 def move_weights(model: VideoModel, device: torch.device) -> None:
-    """Move every weight module of ``model`` to ``device`` (its dtype is kept), but a text encoder
-    that the memory mode keeps on the CPU."""
+    """Move every weight of ``model`` to ``device`` (its dtype is kept), but those of a text encoder
+    that the memory mode keeps on the CPU, wherever it sits in the model."""
     kept = model.text_encoders() if model.text_on_cpu else []
-    for module in model.weight_modules():
-        if not any(module is k for k in kept):
-            module.to(device)
+    move_tensors_except(model.weight_modules(), {id(m) for encoder in kept for m in encoder.modules()}, device)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

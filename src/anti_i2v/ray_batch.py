@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from anti_i2v.atomic import write_json_atomic
-from anti_i2v.batch import BatchItem, RunSummary, check_output_dir, expand_inputs, is_done, output_stems, protect_photo
-from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET, ProtectConfig
+from anti_i2v.batch import (
+    BatchItem, RunSummary, check_output_dir, expand_inputs, is_done, output_stems, protect_photo, resume_settings,
+)
+from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET
 from anti_i2v.errors import AntiI2VError, ConfigError
 from anti_i2v.photo import output_path_for
 
@@ -130,7 +132,7 @@ def protect_batch_on_ray(
 
     if "," in model:
         raise ConfigError("--ray serves one model; protect against an ensemble without --ray")
-    ProtectConfig.from_preset(preset, **options)  # a bad setting fails before any worker starts
+    settings = resume_settings({"preset": preset, **options})  # a bad setting fails before any worker starts
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     began = time.perf_counter()
@@ -141,7 +143,7 @@ def protect_batch_on_ray(
     failures: dict[str, str] = {}
     for source in sources:
         output = output_path_for(source, out_dir, fmt, stems[source])
-        if not overwrite and is_done(source, output, {"preset": preset, **options}):
+        if not overwrite and is_done(source, output, settings):
             outcomes[source] = _finish(BatchItem(source, "skipped", output=output), on_done)
         elif unreadable := _unreadable(source):  # no worker needs to start for a file that is not a photo
             failures[str(source)] = unreadable

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from anti_i2v.config import DEFAULT_PRESET, PRESETS, format_eps
+from anti_i2v.config import DEFAULT_PRESET, PRESETS, describe_preset
 from anti_i2v.errors import AntiI2VError, OutOfMemory
 from anti_i2v.web.service import CHECK_PURIFIERS, JobResult, ProtectionService
 from anti_i2v.web.workspace import Workspace
@@ -29,11 +29,6 @@ Protect photos of people from being turned into videos by image-to-video models.
 photo is capped (the budget below) and measured on the saved file. Keep the protected PNG: it carries the
 protection; re-saving it as a low-quality JPEG weakens it.
 """
-
-
-def _preset_label(name: str) -> str:
-    preset = PRESETS[name]
-    return f"{name}: eps {format_eps(preset['eps'])}, up to {preset['steps']} steps"
 
 
 def _cell(text: str) -> str:
@@ -111,7 +106,7 @@ def build_app(service: ProtectionService, keep_seconds: int = 3600) -> Any:
             uploads = gr.File(label="Photos (drop one or several)", file_count="multiple", elem_id="uploads")
             with gr.Column():
                 model = gr.Dropdown(choices, value=choices[0][1], label="Protect against", elem_id="model")
-                preset = gr.Radio([(_preset_label(n), n) for n in PRESETS], value=DEFAULT_PRESET, label="Strength",
+                preset = gr.Radio([(describe_preset(n), n) for n in PRESETS], value=DEFAULT_PRESET, label="Strength",
                                   elem_id="preset")
                 start = gr.Button("Protect", variant="primary", elem_id="protect")
         status = gr.Markdown(elem_id="status")

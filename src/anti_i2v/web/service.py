@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import re
 import shutil
 import zipfile
 from collections.abc import Callable, Sequence
@@ -19,16 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from anti_i2v.atomic import write_atomic, write_json_atomic
 from anti_i2v.batch import output_stems, protect_photo
-from anti_i2v.config import DEFAULT_PRESET, PRESETS
+from anti_i2v.config import DEFAULT_PRESET, ProtectConfig
 from anti_i2v.engine import StepReport
 from anti_i2v.errors import AntiI2VError, ConfigError, InputError, ModelError
 from anti_i2v.models.base import VideoModel
+from anti_i2v.models.diffusers_common import to_pil_8bit
 from anti_i2v.models.registry import DEMONSTRATION_NOTE, get_spec, load_model, weights_present
 from anti_i2v.photo import BudgetReport, load_photo
 from anti_i2v.web.views import comparison_panel
@@ -60,9 +59,7 @@ class PhotoOutcome:
     budget: BudgetReport | None = None
 
     def caption(self) -> str:
-        """``name: L-inf 8.00/255, PSNR 31.4 dB`` (the budget measured on the saved file)."""
-        if self.budget is None:
-            return f"{self.name}: {self.message}"
+        """``name: L-inf 8.00/255, PSNR 31.4 dB`` for a protected photo (the budget measured on the saved file)."""
         return f"{self.name}: L-inf {self.budget.linf_255:.2f}/255, PSNR {self.budget.psnr:.2f} dB"
 
 
@@ -86,12 +83,22 @@ class JobResult:
 class CheckResult:
     """What `verify` made of one protected photo."""
 
-    verdict: str  # of the protected photo's video
-    worst_case: str | None
+    report: dict[str, Any]  # as `verify` returns it
     report_markdown: str
     contact_sheet: Path
     video: Path
-    report: dict[str, Any]
+
+    @property
+    def verdict(self) -> str:
+        """The verdict on the protected photo's video."""
+        from anti_i2v.evaluation.verify import PROTECTED  # the eval extra, present once a check ran
+
+        return self.report["runs"][PROTECTED]["verdict"]
+
+    @property
+    def worst_case(self) -> str | None:
+        """The run where the protection held least."""
+        return self.report["worst_case"]
 
 
 def check_upload(path: Path, name: str, max_megapixels: float = MAX_MEGAPIXELS,
@@ -115,17 +122,6 @@ def check_upload(path: Path, name: str, max_megapixels: float = MAX_MEGAPIXELS,
                          f"up to {max_megapixels:g} MP: downscale it first")
 
 
-def _safe_name(name: str, taken: set[str]) -> str:
-    """A file name without path parts or odd characters, distinct from those ``taken``."""
-    stem = re.sub(r"[^\w.-]+", "_", Path(name).name).strip("._") or "photo"
-    candidate, index = stem, 1
-    while candidate.lower() in taken:
-        index += 1
-        candidate = f"{index}-{stem}"
-    taken.add(candidate.lower())
-    return candidate
-
-
 def _display_names(names: Sequence[str]) -> list[str]:
     """The upload names, a repeated one numbered ("me.jpg (2)") so that each names one photo."""
     seen: dict[str, int] = {}
@@ -145,12 +141,6 @@ def _sidecar_without_server_paths(sidecar: Path, name: str) -> None:
         if Path(model["source"]).is_absolute():  # local weights: their folder's name, not where it is
             model["source"] = Path(model["source"]).name
     write_json_atomic(sidecar, record)
-
-
-def _pil(photo_path: Path) -> Image.Image:
-    """A photo upright in RGB, as the protection saw it."""
-    rgb = load_photo(photo_path).rgb
-    return Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
 class ProtectionService:
@@ -227,8 +217,7 @@ class ProtectionService:
         reason and the others go on. Model, configuration and memory errors are raised."""
         if not uploads:
             raise InputError("no photo uploaded: drop one or more photos on the page")
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        ProtectConfig.from_preset(preset, **self.options)  # an unknown preset or setting fails here
         self._check_served(model)
         folder = self.workspace.new_job()
         with self.workspace.in_use(folder):
@@ -240,7 +229,7 @@ class ProtectionService:
         originals.mkdir()
         uploads = [Path(u) for u in uploads]
         names = _display_names([u.name for u in uploads])
-        taken: set[str] = set()
+        stems = output_stems(uploads)  # distinct, also for two files of one name
         outcomes: dict[int, PhotoOutcome] = {}  # by upload order
         accepted: list[tuple[int, str, Path]] = []
         for position, (upload, name) in enumerate(zip(uploads, names)):
@@ -249,10 +238,9 @@ class ProtectionService:
             except InputError as err:
                 outcomes[position] = PhotoOutcome(name, "failed", str(err))
                 continue
-            copy = originals / _safe_name(upload.name, taken)
+            copy = originals / f"{stems[upload]}{upload.suffix}"
             shutil.copyfile(upload, copy)
             accepted.append((position, name, copy))
-        stems = output_stems([c for _, _, c in accepted])
         model = self.model(job.model) if accepted else None
         for index, (position, name, source) in enumerate(accepted):
             if progress is not None:
@@ -263,7 +251,7 @@ class ProtectionService:
                 if progress is not None:
                     progress(index, len(accepted), name, report)
 
-            outcomes[position] = self._protect_one(job, model, name, source, stems[source], on_step)
+            outcomes[position] = self._protect_one(job, model, name, source, source.stem, on_step)
         job.outcomes = [outcomes[p] for p in sorted(outcomes)]
         if job.done:
             job.archive = job.folder / ARCHIVE_NAME
@@ -282,7 +270,7 @@ class ProtectionService:
             _sidecar_without_server_paths(item.result.sidecar, name)
             panel = job.folder / "views" / f"{stem}.png"
             panel.parent.mkdir(exist_ok=True)
-            picture = comparison_panel(_pil(source), _pil(item.output))
+            picture = comparison_panel(*(to_pil_8bit(load_photo(p).rgb) for p in (source, item.output)))
             write_atomic(panel, lambda tmp: picture.save(tmp, format="PNG"))
         except AntiI2VError:
             raise
@@ -304,7 +292,7 @@ class ProtectionService:
                               "pip install 'anti-i2v[eval]'")
         from anti_i2v.evaluation.generate import GenerationSettings
         from anti_i2v.evaluation.scoring import VideoScorer
-        from anti_i2v.evaluation.verify import PROTECTED, RANDOM_WEIGHTS_NOTE, markdown_report, verify
+        from anti_i2v.evaluation.verify import RANDOM_WEIGHTS_NOTE, markdown_report, verify
 
         outcome = next((o for o in job.done if o.name == name), None)
         if outcome is None:
@@ -320,8 +308,7 @@ class ProtectionService:
             report = verify(outcome.original, outcome.output, model, out, settings, CHECK_PURIFIERS,
                             scorer=VideoScorer(device=model.device),
                             note=RANDOM_WEIGHTS_NOTE if get_spec(job.model).is_tiny else None)
-        return CheckResult(report["runs"][PROTECTED]["verdict"], report["worst_case"], markdown_report(report),
-                           out / "contact_sheet.png", out / "side_by_side.mp4", report)
+        return CheckResult(report, markdown_report(report), out / "contact_sheet.png", out / "side_by_side.mp4")
 
 
 def _sidecar_prompt(sidecar: Path | None) -> str | None:
