@@ -21,6 +21,7 @@ Writes ``benchmarks/results/bench_photo_<device>.json`` (``cpu``, or the GPU's m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 import anti_i2v  # noqa: E402
 from anti_i2v.config import ProtectConfig  # noqa: E402
 from anti_i2v.acceleration import compile_denoiser, use_attention_kernel  # noqa: E402
-from anti_i2v.memory import apply_memory_mode  # noqa: E402
+from anti_i2v.memory import apply_memory_mode, deferred_placement  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
 from anti_i2v.models.registry import load_model  # noqa: E402
 from bench_protect import emit  # noqa: E402
@@ -63,7 +64,9 @@ def build(
         name = spec.removeprefix("full:")
         if name not in FULL_SIZE:
             raise SystemExit(f"unknown full-size model '{name}'; choose from {', '.join(FULL_SIZE)}")
-        model = use_attention_kernel(apply_memory_mode(FULL_SIZE[name](True, device), memory), attention)
+        with deferred_placement() if memory == "sequential" else contextlib.nullcontext():  # as load_model does
+            model = FULL_SIZE[name](True, device)
+        model = use_attention_kernel(apply_memory_mode(model, memory), attention)
         return compile_denoiser(model) if compile else model
     name, _, folder = spec.partition("=")
     return load_model(name, folder or None, device, None, memory, compile, attention)

@@ -46,11 +46,19 @@ _WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True
 _HUNYUAN_I2V = dict(in_channels=33, image_condition_type="latent_concat", guidance_embeds=False)
 
 
+def _build_device(device: str) -> str:
+    """Where a builder creates the weights: the CPU while placement is deferred (`--memory sequential`
+    builds a model too large for the GPU there, and the memory mode places it), else ``device``."""
+    from anti_i2v.models import diffusers_common
+
+    return "cpu" if diffusers_common.DEFER_PLACEMENT and device != "meta" else device
+
+
 def cogvideox(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
     """CogVideoX-5B-I2V: 480x720, 49 frames."""
     from anti_i2v.models.cogvideox import FULL_TRANSFORMER, FULL_VAE, CogVideoXI2V, random_pipeline
 
-    with torch.device(device):
+    with torch.device(_build_device(device)):
         pipe = random_pipeline(FULL_TRANSFORMER, FULL_VAE)
     model = CogVideoXI2V(pipe, name="cogvideox-5b-random", device=device, dtype=BF16,
                          gradient_checkpointing=gradient_checkpointing)
@@ -64,7 +72,7 @@ def dynamicrafter_512(gradient_checkpointing: bool, device: str = "cuda") -> Vid
     from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
     from anti_i2v.models.dynamicrafter.model import DynamiCrafterModel
 
-    with torch.device(device):
+    with torch.device(_build_device(device)):
         net = DynamiCrafterModel("512")
     model = DynamiCrafterI2V(net, name="dynamicrafter-512-random", device=device, dtype=BF16,
                              gradient_checkpointing=gradient_checkpointing)
@@ -79,7 +87,7 @@ def opensora(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
     from anti_i2v.models.opensora.configs import get_config
 
     config = get_config("opensora-v1.2")
-    with torch.device(device):
+    with torch.device(_build_device(device)):
         stdit3, vae = build_stdit3(config.stdit3), build_vae(config.vae)
     model = OpenSoraI2V(stdit3, vae, None, config, name="opensora-random", device=device, dtype=BF16,
                         gradient_checkpointing=gradient_checkpointing)
@@ -102,7 +110,7 @@ def svd_xt(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
 
     from anti_i2v.models.svd import SCHEDULER, StableVideoDiffusionI2V
 
-    with torch.device(device):  # schedulers stay outside: they compute on the CPU
+    with torch.device(_build_device(device)):  # schedulers stay outside: they compute on the CPU
         vae = AutoencoderKLTemporalDecoder(**_SVD_VAE)
         unet = UNetSpatioTemporalConditionModel(sample_size=96, num_frames=25)
         image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**_CLIP_VIT_H))
@@ -122,7 +130,7 @@ def _wan(name: str, device: str, gradient_checkpointing: bool, transformer: dict
 
     from anti_i2v.models.wan import RELEASED_BOUNDARY_22_A14B, RELEASED_MAX_SEQUENCE_LENGTH, WanI2V
 
-    with torch.device(device):
+    with torch.device(_build_device(device)):
         experts = [WanTransformer3DModel(**transformer) for _ in range(2 if two_experts else 1)] + [None]
         image_encoder = CLIPVisionModel(CLIPVisionConfig(**_CLIP_VIT_H)) if clip else None
         autoencoder = AutoencoderKLWan(**vae)
@@ -163,7 +171,7 @@ def ltx_i2v(gradient_checkpointing: bool, device: str = "cuda") -> VideoModel:
 
     from anti_i2v.models.ltx import RELEASED_MAX_SEQUENCE_LENGTH, LTXVideoI2V
 
-    with torch.device(device):
+    with torch.device(_build_device(device)):
         vae, transformer = AutoencoderKLLTXVideo(), LTXVideoTransformer3DModel()
     pipe = LTXImageToVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
                                    tokenizer=None, transformer=transformer)
@@ -184,7 +192,7 @@ def hunyuan_i2v(gradient_checkpointing: bool, device: str = "cuda") -> VideoMode
 
     from anti_i2v.models.hunyuan import RELEASED_MAX_SEQUENCE_LENGTH, HunyuanVideoI2V
 
-    with torch.device(device):
+    with torch.device(_build_device(device)):
         transformer, vae = HunyuanVideoTransformer3DModel(**_HUNYUAN_I2V), AutoencoderKLHunyuanVideo()
     pipe = HunyuanVideoImageToVideoPipeline(
         text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
@@ -261,7 +269,7 @@ def _t5_xxl(device: str) -> torch.nn.Module:
 
     config = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
                       feed_forward_proj="gated-gelu", is_encoder_decoder=False)
-    with torch.device(device):
+    with torch.device(_build_device(device)):
         return T5EncoderModel(config).to(BF16)
 
 

@@ -79,6 +79,21 @@ def test_a_kernel_that_cannot_serve_the_inputs_fails_rather_than_falling_back(ph
         use_attention_kernel(_tiny(), "fastest")
 
 
+def test_protect_passes_the_kernel_and_compilation_to_the_models_it_loads(photo, monkeypatch):
+    import anti_i2v
+    import anti_i2v.acceleration
+
+    compiled = []
+    monkeypatch.setattr(anti_i2v.acceleration, "compile_denoiser", lambda model: compiled.append(model) or model)
+    anti_i2v.protect(photo[0], "tiny-cogvideox", device="cpu", compile=True, steps=1, prompt=PROMPT)
+    assert [m.name for m in compiled] == ["tiny-cogvideox"]
+
+    with pytest.raises(RuntimeError, match="(?i)kernel"):  # the CUDA-only kernel reached the model
+        anti_i2v.protect(photo[0], "tiny-cogvideox", device="cpu", attention="cudnn", steps=1, prompt=PROMPT)
+    with pytest.raises(ConfigError, match="attention kernel"):
+        anti_i2v.protect(photo[0], "tiny-cogvideox", device="cpu", attention="fastest", steps=1, prompt=PROMPT)
+
+
 def test_bf16_keeps_the_direction_of_the_gradient(photo, plain):
     """Sign-PGD steps along the gradient's sign: in bf16 it must agree with fp32 almost everywhere."""
     _, grad = plain
@@ -140,3 +155,35 @@ def test_fewer_frames_keep_cogvideox_learned_positions():
         assert torch.equal(patch.pos_embedding, table[:, : patch.pos_embedding.shape[1]])
         assert patch.pos_embedding.shape[1] < table.shape[1]
     assert patch.sample_frames == frames and torch.equal(patch.pos_embedding, table)
+
+
+def test_a_noise_pool_gives_the_plain_loss_and_gradient_of_the_noise_it_picks(photo):
+    """With ``sampler_noise_pool`` the clean photo's sampler runs are computed once; each step's
+    loss and gradient must be the plain path's from the pool noise the step picked."""
+    model = _tiny()
+    settings = dict(prompt=PROMPT, weight_irc=0, weight_ira=0, weight_dm=0, weight_sampler=1, sampler_steps=2)
+    pooled = AntiI2VObjective(model, ProtectConfig(sampler_noise_pool=3, **settings))
+    pooled.prepare(model, photo)
+    plain = AntiI2VObjective(model, ProtectConfig(**settings))
+    plain.prepare(model, photo)
+    assert len(pooled.noise_pool) == 3
+
+    def loss_and_gradient(objective, seed: int, noise: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        draw = draw_step(torch.Generator().manual_seed(seed), objective.latent_shape(), (0, 999))
+        if noise is not None:
+            draw.noise = noise
+        x_adv = (photo + 2 / 255).clamp(0, 1).requires_grad_(True)
+        output = objective(x_adv, draw)
+        return float(output.loss.detach()), torch.autograd.grad(output.loss, x_adv)[0]
+
+    picked = set()
+    for seed in range(4):
+        loss, grad = loss_and_gradient(pooled, seed)
+        candidates = [loss_and_gradient(plain, seed, noise) for noise, _ in pooled.noise_pool]
+        matches = [i for i, (loss_p, grad_p) in enumerate(candidates)
+                   if loss_p == pytest.approx(loss, rel=1e-5) and torch.allclose(grad_p, grad, rtol=1e-3, atol=1e-6)]
+        assert len(matches) == 1
+        picked.add(matches[0])
+    assert len(picked) > 1  # the steps draw from the pool, not one noise every time
+    with pytest.raises(ConfigError, match="sampler_noise_pool"):
+        ProtectConfig(sampler_noise_pool=-1)

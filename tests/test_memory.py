@@ -167,3 +167,20 @@ def test_ensemble_turns_leave_a_text_encoder_inside_the_model_on_the_cpu():
     move_weights(model, torch.device("meta"))
     assert next(model.net.model.parameters()).device.type == "meta"
     assert next(model.net.cond_stage_model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["tiny-cogvideox", "tiny-opensora", "tiny-ltx-i2v", "tiny-hunyuan-i2v"])
+def test_sequential_loading_builds_the_denoiser_off_the_accelerator(name):
+    """A model too large for the GPU must never be placed on it whole: with placement deferred
+    (as `load_model` does for 'sequential'), every adapter leaves its weights where they were built."""
+    from anti_i2v.memory import deferred_placement
+    from anti_i2v.models.registry import get_spec
+
+    spec = get_spec(name)
+    meta = torch.device("meta")  # stands for the accelerator: a weight placed there shows as 'meta'
+    with deferred_placement():
+        model = spec.build(None, meta, torch.float32)
+    assert {p.device.type for b in denoiser_blocks(model) for p in b.parameters()} == {"cpu"}
+    assert {p.device.type for m in model.weight_modules() for p in m.parameters()} == {"cpu"}
+    placed = spec.build(None, meta, torch.float32)
+    assert {p.device.type for b in denoiser_blocks(placed) for p in b.parameters()} == {"meta"}

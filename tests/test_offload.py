@@ -6,11 +6,13 @@ import torch
 
 from anti_i2v.objectives.base import Objective, ObjectiveOutput, draw_step
 from anti_i2v.objectives.ensemble import EnsembleMember, EnsembleObjective
-from anti_i2v.offload import Residency, weight_bytes
+from anti_i2v.offload import Residency, moved_weight_bytes, weight_bytes
 
 
 class FakeAcceleratedModel:
     """Just what `Residency` reads of a model: a name, an accelerator device and weight modules."""
+
+    text_on_cpu = False
 
     def __init__(self, name: str, width: int) -> None:
         self.name = name
@@ -19,6 +21,9 @@ class FakeAcceleratedModel:
 
     def weight_modules(self) -> list[torch.nn.Module]:
         return [self.layer]
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return []
 
 
 class FakeAccelerator:
@@ -30,14 +35,14 @@ class FakeAccelerator:
         self.log: list[tuple[str, str]] = []
 
     def free_bytes(self, _device: torch.device) -> int:
-        return self.capacity - sum(weight_bytes(m) for m in self.resident)
+        return self.capacity - sum(moved_weight_bytes(m) for m in self.resident)
 
     def move(self, model: FakeAcceleratedModel, device: torch.device) -> None:
         self.log.append((model.name, device.type))
         if device.type == "cpu":
             self.resident.remove(model)
         else:
-            assert self.free_bytes(device) >= weight_bytes(model), "moved in without room"
+            assert self.free_bytes(device) >= moved_weight_bytes(model), "moved in without room"
             self.resident.append(model)
 
 
@@ -68,6 +73,30 @@ def test_models_that_do_not_fit_together_take_turns():
     # every turn after the first parks the other model and brings this one in
     assert device.log[-4:] == [("b", "cpu"), ("a", "meta"), ("a", "cpu"), ("b", "meta")]
     assert residency.moves == 1 + 2 * 5
+
+
+def test_a_text_encoder_kept_on_the_cpu_takes_no_room_on_the_accelerator():
+    class ModelWithCpuText(FakeAcceleratedModel):
+        text_on_cpu = True
+
+        def __init__(self, name: str) -> None:
+            super().__init__(name, 64)
+            self.text = torch.nn.Linear(256, 256)  # 16x the denoiser stand-in
+
+        def weight_modules(self) -> list[torch.nn.Module]:
+            return [self.layer, self.text]
+
+        def text_encoders(self) -> list[torch.nn.Module]:
+            return [self.text]
+
+    a, b = ModelWithCpuText("a"), ModelWithCpuText("b")
+    assert moved_weight_bytes(a) == weight_bytes(a) - weight_bytes(FakeAcceleratedModel("x", 256))
+    device = FakeAccelerator(capacity=3 * moved_weight_bytes(a))  # far less than one whole model
+    residency = Residency([a, b], free_bytes=device.free_bytes, move=device.move)
+    _rounds(residency, [a, b], 2)
+    moves_after_two = residency.moves
+    _rounds(residency, [a, b], 3)
+    assert residency.moves == moves_after_two and {m.name for m in device.resident} == {"a", "b"}
 
 
 def test_cpu_models_are_never_moved():

@@ -20,6 +20,8 @@ from PIL import Image
 
 ray = pytest.importorskip("ray")
 
+from anti_i2v.errors import InputError  # noqa: E402
+from anti_i2v.photo import load_photo  # noqa: E402
 from anti_i2v.ray_batch import FAILED_RECORD, protect_batch_on_ray  # noqa: E402
 
 MODEL = "tiny-cogvideox"
@@ -53,7 +55,10 @@ def test_two_workers_protect_a_folder_record_a_bad_photo_and_a_rerun_skips_the_f
         sidecar = json.loads((out / f"{name}_protected.json").read_text())
         assert sidecar["budget"]["linf"] <= 8 / 255 + 1e-9 and sidecar["model"]["name"] == MODEL
     failed = json.loads((out / FAILED_RECORD).read_text())
-    assert list(failed) == [str(photos / "notes.png")] and "notes.png" in failed[str(photos / "notes.png")]
+    assert list(failed) == [str(photos / "notes.png")]
+    with pytest.raises(InputError) as refused:  # worded as a local batch words it
+        load_photo(photos / "notes.png")
+    assert failed[str(photos / "notes.png")] == str(refused.value)
     assert not list(out.glob(".*tmp*")) and not list(out.glob("*.tmp"))  # nothing half-written left behind
     before = (out / "a_protected.png").stat().st_mtime_ns
     _, again = protect_batch_on_ray([photos], MODEL, out, workers=2, **OPTIONS)

@@ -118,6 +118,8 @@ def _load_models(
     device: str | None,
     dtype: str | None,
     memory: str = DEFAULT_MEMORY_MODE,
+    compile: bool = False,
+    attention: str = "auto",
 ) -> list[VideoModel]:
     """One model, a comma-separated list of names, or a list of names/models -> loaded models."""
     if isinstance(model, VideoModel):
@@ -132,7 +134,7 @@ def _load_models(
         if isinstance(item, VideoModel):
             models.append(item)
             continue
-        models.append(load_model(item, model_path, device, dtype, memory))
+        models.append(load_model(item, model_path, device, dtype, memory, compile, attention))
         if index < len(items) - 1:
             park_for_next_load(models[-1])  # make room for the next; a Residency brings it back for its turn
     return models
@@ -255,6 +257,8 @@ def protect(
     device: str | None = None,
     dtype: str | None = None,
     memory: str = DEFAULT_MEMORY_MODE,
+    compile: bool = False,
+    attention: str = "auto",
     preset: str = DEFAULT_PRESET,
     fmt: str = "png",
     overwrite: bool = False,
@@ -277,6 +281,9 @@ def protect(
             GPU in bf16 when present, else the CPU in fp32).
         memory: memory mode of models loaded by name: "full" (default), "offload" (24 GB cards)
             or "sequential" (12 GB cards, slower); see `anti_i2v.memory`.
+        compile, attention: for models loaded by name, compile the denoiser's blocks and choose
+            the attention kernel ("auto", "flash", "efficient", "cudnn" or "math"); see
+            `anti_i2v.acceleration`.
         preset: "fast", "balanced" or "strong" (eps and steps; overridable).
         fmt: "png" (default, lossless) or "jpg"/"webp" (lossy; weakens protection).
         overwrite: replace an existing output file.
@@ -301,7 +308,7 @@ def protect(
     ProtectConfig.from_preset(preset, **config)  # a bad setting fails before any model loads
     fmt = fmt.lower().lstrip(".")
     photo = load_photo(image)
-    models = _load_models(model, model_path, device, dtype, memory)
+    models = _load_models(model, model_path, device, dtype, memory, compile, attention)
     cfg = resolve_aux_weight(ProtectConfig.from_preset(preset, families=[m.family for m in models], **config))
     name = "+".join(m.name for m in models)
     out_path = checkpoint_path = None

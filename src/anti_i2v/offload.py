@@ -67,11 +67,20 @@ def move_tensors_except(modules: Sequence[nn.Module], skip: set[int], device: to
                         store[name] = nn.Parameter(moved, requires_grad=False) if kind == "_parameters" else moved
 
 
+def _cpu_kept_text_encoders(model: VideoModel) -> list[nn.Module]:
+    return model.text_encoders() if model.text_on_cpu else []
+
+
 def move_weights(model: VideoModel, device: torch.device) -> None:
     """Move every weight of ``model`` to ``device`` (its dtype is kept), but those of a text encoder
     that the memory mode keeps on the CPU, wherever it sits in the model."""
-    kept = model.text_encoders() if model.text_on_cpu else []
+    kept = _cpu_kept_text_encoders(model)
     move_tensors_except(model.weight_modules(), {id(m) for encoder in kept for m in encoder.modules()}, device)
+
+
+def moved_weight_bytes(model: VideoModel) -> int:
+    """Bytes `move_weights` brings onto a device: every weight but a CPU-kept text encoder's."""
+    return weight_bytes(model) - module_bytes(_cpu_kept_text_encoders(model))
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -122,7 +131,7 @@ class Residency:
         self.models = list(models)
         self._free = free_bytes
         self._move = move
-        self._weights = {id(m): weight_bytes(m) for m in self.models}
+        self._weights = {id(m): moved_weight_bytes(m) for m in self.models}
         self._working: dict[int, int] = {}  # peak extra memory of each model's last turn
         self._recent: list[VideoModel] = []  # resident models, least recently used first
         for model in self.models:

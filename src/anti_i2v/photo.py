@@ -165,28 +165,45 @@ def _check_min_side(width: int, height: int, what: str) -> None:
 
 
 def _photo_from_path(path: Path) -> Photo:
+    _check_path(path)
+    try:
+        with Image.open(path) as im:
+            return _photo_from_pil(im, path)
+    except _PILLOW_ERRORS as exc:
+        raise _open_error(path, exc) from None
+
+
+def check_photo_file(path: Path) -> None:
+    """Raise the `InputError` `load_photo` would for a file that cannot be a photo (missing, a
+    folder, unreadable, no image header), reading only its header: a cheap check before a batch."""
+    _check_path(path)
+    try:
+        with Image.open(path):
+            return
+    except _PILLOW_ERRORS as exc:
+        raise _open_error(path, exc) from None
+
+
+# how Pillow reports unreadable, damaged or truncated data
+_PILLOW_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError)
+
+
+def _check_path(path: Path) -> None:
     if not path.exists():
         raise InputError(f"photo not found: {path}; check the path and try again")
     if path.is_dir():
         raise InputError(f"{path} is a folder; pass an image file (JPEG, PNG or WebP)")
-    try:
-        with Image.open(path) as im:
-            return _photo_from_pil(im, path)
-    except UnidentifiedImageError:
-        raise InputError(
-            f"{path} is not an image Pillow can read; use a JPEG, PNG or WebP photo"
-        ) from None
-    except Image.DecompressionBombError as exc:
-        raise InputError(
-            f"{path} is too large to open safely ({_one_line(exc)}); downscale it first"
-        ) from None
-    except PermissionError:
-        raise InputError(f"cannot read {path}: permission denied; check the file permissions") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # Pillow reports truncated or damaged data this way.
-        raise InputError(
-            f"{path} is truncated or corrupt ({_one_line(exc)}); re-export or re-download it"
-        ) from None
+
+
+def _open_error(path: Path, exc: BaseException) -> InputError:
+    """The one-line `InputError` for a Pillow error ``exc`` on ``path``."""
+    if isinstance(exc, UnidentifiedImageError):
+        return InputError(f"{path} is not an image Pillow can read; use a JPEG, PNG or WebP photo")
+    if isinstance(exc, Image.DecompressionBombError):
+        return InputError(f"{path} is too large to open safely ({_one_line(exc)}); downscale it first")
+    if isinstance(exc, PermissionError):
+        return InputError(f"cannot read {path}: permission denied; check the file permissions")
+    return InputError(f"{path} is truncated or corrupt ({_one_line(exc)}); re-export or re-download it")
 
 
 def _raw_mode(im: Image.Image) -> str | None:

@@ -28,8 +28,8 @@ from anti_i2v.batch import (
     BatchItem, RunSummary, check_output_dir, expand_inputs, is_done, output_stems, protect_photo, resume_settings,
 )
 from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET
-from anti_i2v.errors import AntiI2VError, ConfigError
-from anti_i2v.photo import output_path_for
+from anti_i2v.errors import AntiI2VError, ConfigError, InputError
+from anti_i2v.photo import check_photo_file, output_path_for
 
 logger = logging.getLogger(__name__)
 
@@ -192,16 +192,12 @@ def protect_batch_on_ray(
 
 
 def _unreadable(source: Path) -> str | None:
-    """Why ``source`` cannot be a photo (missing, or no image header), None when it may be one."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not source.is_file():
-        return f"'{source}' does not exist; check the path"
+    """Why ``source`` cannot be a photo (as `load_photo` words it), None when it may be one."""
     try:
-        with Image.open(source):
-            return None
-    except (UnidentifiedImageError, OSError) as err:
-        return f"'{source}' is not an image anti-i2v can read ({type(err).__name__})"
+        check_photo_file(source)
+    except InputError as err:
+        return str(err)
+    return None
 
 
 def _wait_ready(workers: list) -> None:

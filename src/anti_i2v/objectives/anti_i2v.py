@@ -73,6 +73,7 @@ class AntiI2VObjective(Objective):
             for n in (config.ira_vae_layers if config.ira_vae_layers is not None else layers.vae_encoder)
         ]
         self.video_latents: torch.Tensor | None = None
+        self.noise_pool: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.t_last = model.num_train_timesteps - 1
 
     def prepare(self, model: VideoModel, x: torch.Tensor) -> None:
@@ -90,6 +91,20 @@ class AntiI2VObjective(Objective):
         if cfg.weight_div or cfg.weight_latent or cfg.weight_sampler:
             with torch.no_grad():  # one posterior draw of the clean photo, fixed for the whole run
                 self.clean_encoded = model.encode_image(x, (), torch.Generator().manual_seed(cfg.seed))
+        self.noise_pool = self._clean_runs(model) if cfg.weight_sampler and cfg.sampler_noise_pool else []
+
+    def _clean_runs(self, model: VideoModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``sampler_noise_pool`` seeded noises, each with the clean photo's sampler run from it."""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        pool = []
+        for _ in range(cfg.sampler_noise_pool):
+            noise = torch.randn(self.latent_shape(), generator=generator)
+            with torch.no_grad():
+                clean = sampler_run(model, self.clean_encoded, noise, cfg.sampler_steps, self.t_last,
+                                    cfg.sampler_guidance)
+            pool.append((noise, clean))
+        return pool
 
     def latent_shape(self) -> torch.Size:
         assert self.video_latents is not None, "call prepare() first"
@@ -142,10 +157,15 @@ class AntiI2VObjective(Objective):
             loss = loss - cfg.weight_latent * push
             parts["latent"] = float(push.detach())
         if cfg.weight_sampler:
-            with torch.no_grad():
-                clean = sampler_run(model, self.clean_encoded, draw.noise, cfg.sampler_steps, self.t_last,
-                                    cfg.sampler_guidance)
-            adv = sampler_run(model, encoded, draw.noise, cfg.sampler_steps, self.t_last, cfg.sampler_guidance)
+            if self.noise_pool:
+                pick = int(torch.randint(len(self.noise_pool), (1,), generator=draw.generator))
+                noise, clean = self.noise_pool[pick]
+            else:
+                noise = draw.noise
+                with torch.no_grad():
+                    clean = sampler_run(model, self.clean_encoded, noise, cfg.sampler_steps, self.t_last,
+                                        cfg.sampler_guidance)
+            adv = sampler_run(model, encoded, noise, cfg.sampler_steps, self.t_last, cfg.sampler_guidance)
             run = relative_sq_distance(adv, clean)
             loss = loss - cfg.weight_sampler * run
             parts["sampler"] = float(run.detach())

@@ -29,6 +29,7 @@ from anti_i2v.models.base import (
     ModelLayers,
     VideoModel,
 )
+from anti_i2v.models.diffusers_common import place
 from anti_i2v.models.opensora.checkpoint import STDIT3_HUB_ID, VAE_HUB_ID, build_stdit3, build_vae, load_stdit3, load_vae
 from anti_i2v.models.opensora.configs import OpenSoraConfig, get_config
 from anti_i2v.models.opensora.sampler import RFlowSampler, apply_reference, rf_noisy, rf_training_loss
@@ -69,9 +70,9 @@ class OpenSoraI2V(VideoModel):
         self.config = config
         self._device = torch.device(device)
         self._dtype = dtype
-        self.stdit3 = stdit3.to(self._device, dtype).eval().requires_grad_(False)
+        self.stdit3 = place(stdit3, self._device, dtype)
         self.stdit3.set_gradient_checkpointing(gradient_checkpointing)
-        self.vae = vae.to(self._device, dtype).eval().requires_grad_(False)
+        self.vae = place(vae, self._device, dtype)
         self.text = text
         self.sample_posterior = sample_posterior
         self.resolution = tuple(config.image_size)
