@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from anti_i2v.config import DEFAULT_PROMPT, ProtectConfig  # noqa: E402
 from anti_i2v.errors import ConfigError  # noqa: E402
+from anti_i2v.methods import get_method  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
 from anti_i2v.objectives import AntiI2VObjective, draw_step  # noqa: E402
 from anti_i2v.offload import weight_bytes  # noqa: E402
@@ -260,6 +261,13 @@ def meta_step(name: str) -> dict:
         (grad,) = torch.autograd.grad(loss, image)
         record[f"t{t}"] = {"features": {k: list(v.shape) for k, v in result.features.items()},
                            "gradient": list(grad.shape)}
+    # the default's objective as the tool runs it (the family's settings, one guided sampler step)
+    config = ProtectConfig.from_preset(families=[model.family], sampler_steps=1)
+    default = get_method(config.method).build(model, config, None, None)
+    default.prepare(model, x)
+    image = x.clone().requires_grad_(True)
+    output = default(image, draw_step(torch.Generator().manual_seed(0), default.latent_shape(), (500, 500)))
+    record["default"] = {"terms": sorted(output.parts), "gradient": list(torch.autograd.grad(output.loss, image)[0].shape)}
     return record
 
 
@@ -287,23 +295,35 @@ def memory_plan(name: str) -> dict:
     return {mode: round(resident_weight_bytes(model, mode) / gib, 2) for mode in MEMORY_MODES}
 
 
-def step_flops(name: str, shares: tuple[float, ...] = (1.0, 0.5, 0.25)) -> list[dict]:
-    """TFLOPs of one optimisation step at full size, counted on the meta device, for AdvDM's
-    objective (one denoiser pass) and the default's sampler divergence (guided, 4 or 2 sampler
-    steps, plus the clean run it is compared with), on a share of the frames. Gradient
-    checkpointing's recomputation is not counted (it adds about one forward pass)."""
+# the objectives counted per step: AdvDM's, the default's, and the default with each lever that changes its cost
+FLOP_SPECS = ("advdm", "anti-i2v", "anti-i2v:sampler_steps=2", "anti-i2v:sampler_noise_pool=4",
+              "anti-i2v:sampler_steps=2;sampler_noise_pool=4")
+
+
+def step_flops(name: str, shares: tuple[float, ...] = (1.0, 0.5, 0.25), specs: tuple[str, ...] = FLOP_SPECS
+               ) -> list[dict]:
+    """TFLOPs of one optimisation step at full size, counted on the meta device, for each method
+    spec (``name:key=value;...``, the model family's own settings applied) on a share of the frames:
+    the objective's own forward pass and its gradient to the photo. What ``prepare`` computes once
+    (the pooled clean runs) is not counted, nor gradient checkpointing's recomputation (about one
+    more forward pass of what is differentiated)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from anti_i2v.objectives.anti_i2v import sampler_run
+    from strength import parse_method
 
     model = FULL_SIZE[name](True, device="meta")
     x = torch.rand(1, 3, *model.resolution).to("meta")
-    t = torch.tensor([500])
 
-    def tflops(loss_of) -> float:
+    def tflops(spec: str) -> float:
+        method, overrides = parse_method(spec)
+        # a generated reference video (AdvDM's) is made once, and the meta device cannot sample it
+        config = ProtectConfig.from_preset(families=[model.family], method=method, **{**overrides, "reference": "repeat"})
+        objective = get_method(method).build(model, config, None, None)
+        objective.prepare(model, x)
+        draw = draw_step(torch.Generator().manual_seed(0), objective.latent_shape(), (500, 500))
         image = x.clone().requires_grad_(True)
         with FlopCounterMode(display=False) as counter:
-            torch.autograd.grad(loss_of(image), image)
+            torch.autograd.grad(objective(image, draw).loss, image)
         return round(counter.get_total_flops() / 1e12, 1)
 
     rows = []
@@ -313,24 +333,7 @@ def step_flops(name: str, shares: tuple[float, ...] = (1.0, 0.5, 0.25)) -> list[
         except ConfigError:  # an adapter with a fixed frame count
             continue
         with model.fewer_frames(share) as frames:
-            clean = model.encode_image(x)
-            latents = model.still_video(model.image_latent(clean))
-            noise = torch.randn(latents.shape, device="meta")
-
-            def sampler(steps: int):
-                def loss_of(image: torch.Tensor) -> torch.Tensor:
-                    with torch.no_grad():
-                        reference = sampler_run(model, clean, noise, steps, model.num_train_timesteps - 1)
-                    run = sampler_run(model, model.encode_image(image), noise, steps, model.num_train_timesteps - 1)
-                    return (run - reference).pow(2).mean()
-                return loss_of
-
-            rows.append({
-                "frames": frames, "frame_share": share,
-                "advdm": tflops(lambda image: model.denoise(model.encode_image(image), latents, t, noise,
-                                                            with_loss=True).loss),
-                "anti-i2v": tflops(sampler(4)), "anti-i2v:sampler_steps=2": tflops(sampler(2)),
-            })
+            rows.append({"frames": frames, "frame_share": share, **{spec: tflops(spec) for spec in specs}})
     return rows
 
 

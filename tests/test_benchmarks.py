@@ -72,3 +72,6 @@ def test_every_full_size_configuration_runs_one_step_on_the_meta_device():
     for name, record in steps.items():
         height, width = record["t100"]["gradient"][-2:]
         assert record["t950"]["gradient"] == record["t100"]["gradient"] and height * width > 0, name
+        assert record["default"]["gradient"] == record["t100"]["gradient"], name
+        assert "sampler" in record["default"]["terms"], name
+    assert "dm" in steps["svd-xt"]["default"]["terms"]  # the family's own setting

@@ -102,7 +102,7 @@ class BlockStreamer:
     device: torch.device
     loads: int = 0  # block copies made so far (read by tests and logs)
     masters: list[torch.Tensor] = field(default_factory=list)  # what the blocks hold between calls
-    _handles: list = field(default_factory=list)
+    _hooks: list[CallContext] = field(default_factory=list)
 
     def install(self, blocks: Sequence[nn.Module]) -> None:
         """Move ``blocks``' weights to the CPU (pinned when CUDA is present) and hook their calls."""
@@ -119,8 +119,7 @@ class BlockStreamer:
                         slots.append(_Slot(owner, kind, name, master))
                         self.masters.append(master)
                         self._put(slots[-1], master)
-            self._handles.append(block.register_forward_pre_hook(self._loader(slots)))
-            self._handles.append(block.register_forward_hook(self._unloader(slots), always_call=True))
+            self._hooks.append(CallContext(lambda slots=slots: self._streamed(slots)).install([block]))
 
     @staticmethod
     def _put(slot: _Slot, tensor: torch.Tensor) -> None:
@@ -128,27 +127,24 @@ class BlockStreamer:
             tensor = nn.Parameter(tensor, requires_grad=False)
         getattr(slot.owner, slot.kind)[slot.name] = tensor
 
-    def _loader(self, slots: list[_Slot]):
-        def load(_module: nn.Module, _inputs: object) -> None:
-            for slot in slots:
-                # copy=True: a fresh tensor per call, even where the device is the CPU itself
-                self._put(slot, slot.master.to(self.device, non_blocking=True, copy=True))
-            self.loads += 1
-
-        return load
-
-    def _unloader(self, slots: list[_Slot]):
-        def unload(_module: nn.Module, _inputs: object, _output: object) -> None:
+    @contextlib.contextmanager
+    def _streamed(self, slots: list[_Slot]) -> Iterator[None]:
+        """The block holds a device copy of its weights for one call, its CPU masters again after."""
+        for slot in slots:
+            # copy=True: a fresh tensor per call, even where the device is the CPU itself
+            self._put(slot, slot.master.to(self.device, non_blocking=True, copy=True))
+        self.loads += 1
+        try:
+            yield
+        finally:
             for slot in slots:
                 self._put(slot, slot.master)
 
-        return unload
-
     def remove(self) -> None:
         """Unhook the blocks (their weights stay on the CPU)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
 
 
 def tile_decoding(vae: nn.Module) -> None:

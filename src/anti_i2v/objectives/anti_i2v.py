@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from anti_i2v.config import ProtectConfig
 from anti_i2v.errors import ConfigError
 from anti_i2v.models.base import VAE_PREFIX, EncodedImage, VideoModel
-from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw, relative_sq_distance
+from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw, relative_sq_distance, scalar
 from anti_i2v.objectives.diffusion import reference_latents
 from anti_i2v.objectives.ira import default_target_image, ira_loss
 from anti_i2v.objectives.irc import default_irc_blocks, irc_loss
@@ -132,7 +132,7 @@ class AntiI2VObjective(Objective):
         if cfg.weight_irc:
             irc = irc_loss(result.features, self.shallow, self.deep)
             loss = loss + cfg.weight_irc * irc
-            parts["irc"] = float(irc.detach())
+            parts["irc"] = scalar(irc)
         if cfg.weight_ira:
             with torch.no_grad():
                 target = model.denoise(self.psi_encoded, self.video_latents, draw.t, draw.noise, self.ira_blocks)
@@ -140,22 +140,22 @@ class AntiI2VObjective(Objective):
             targets = {**target.features, **self.psi_encoded.features}
             ira = ira_loss(features, targets, self.ira_blocks + self.vae_layers)
             loss = loss + cfg.weight_ira * ira
-            parts["ira"] = float(ira.detach())
+            parts["ira"] = scalar(ira)
         if cfg.weight_dm:
             assert result.loss is not None
             loss = loss - cfg.weight_dm * result.loss
-            parts["dm"] = float(result.loss.detach())
+            parts["dm"] = scalar(result.loss)
         if cfg.weight_div:
             with torch.no_grad():
                 clean = model.denoise(self.clean_encoded, self.video_latents, draw.t, draw.noise, with_eps=True)
             assert result.eps is not None and clean.eps is not None
             div = relative_sq_distance(result.eps, clean.eps)
             loss = loss - cfg.weight_div * div
-            parts["div"] = float(div.detach())
+            parts["div"] = scalar(div)
         if cfg.weight_latent:
             push = relative_sq_distance(model.image_latent(encoded), model.image_latent(self.clean_encoded))
             loss = loss - cfg.weight_latent * push
-            parts["latent"] = float(push.detach())
+            parts["latent"] = scalar(push)
         if cfg.weight_sampler:
             if self.noise_pool:
                 pick = int(torch.randint(len(self.noise_pool), (1,), generator=draw.generator))
@@ -168,12 +168,12 @@ class AntiI2VObjective(Objective):
             adv = sampler_run(model, encoded, noise, cfg.sampler_steps, self.t_last, cfg.sampler_guidance)
             run = relative_sq_distance(adv, clean)
             loss = loss - cfg.weight_sampler * run
-            parts["sampler"] = float(run.detach())
+            parts["sampler"] = scalar(run)
         if self.aux is not None:
             aux = self.aux(x_adv)
             loss = loss + cfg.weight_aux * aux
-            parts["aux"] = float(aux.detach())
-        parts["total"] = float(loss.detach())
+            parts["aux"] = scalar(aux)
+        parts["total"] = scalar(loss)
         return ObjectiveOutput(loss=loss, parts=parts)
 
 

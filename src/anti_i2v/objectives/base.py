@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -61,6 +62,12 @@ def relative_sq_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     a, b = match_shapes(a.float(), b.float())
     return (a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-12)
+
+
+def scalar(value: torch.Tensor) -> float:
+    """A loss term as a float for the reports; NaN on the meta device, where objectives run only
+    to be measured (operations counted, shapes checked) and no value exists."""
+    return math.nan if value.device.type == "meta" else float(value.detach())
 
 
 @dataclass

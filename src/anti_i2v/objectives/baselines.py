@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from anti_i2v.config import ProtectConfig
 from anti_i2v.errors import ConfigError
 from anti_i2v.models.base import EncodedImage, VideoModel
-from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw
+from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw, scalar
 from anti_i2v.objectives.diffusion import reference_latents
 from anti_i2v.objectives.ira import default_target_image
 
@@ -59,7 +59,7 @@ class DiffusionLossAttack(_ReferenceObjective):
     def __call__(self, x_adv: torch.Tensor, draw: StepDraw) -> ObjectiveOutput:
         assert self.video_latents is not None, "call prepare() first"
         dm = self.model.training_loss(x_adv, self.video_latents, draw.t, draw.noise, draw.generator)
-        return ObjectiveOutput(-dm, {"dm": float(dm.detach()), "total": float(-dm.detach())})
+        return ObjectiveOutput(-dm, {"dm": scalar(dm), "total": -scalar(dm)})
 
 
 class EncoderAttack(_ReferenceObjective):
@@ -76,7 +76,7 @@ class EncoderAttack(_ReferenceObjective):
     def __call__(self, x_adv: torch.Tensor, draw: StepDraw) -> ObjectiveOutput:
         latent = self.model.image_latent(self.model.encode_image(x_adv, (), draw.generator))
         distance = (latent.float() - self.target_latent.float()).pow(2).mean()
-        return ObjectiveOutput(distance, {"encoder": float(distance.detach()), "total": float(distance.detach())})
+        return ObjectiveOutput(distance, {"encoder": scalar(distance), "total": scalar(distance)})
 
 
 class MistAttack(EncoderAttack):
@@ -98,7 +98,7 @@ class MistAttack(EncoderAttack):
         textural = (self.model.image_latent(encoded).float() - self.target_latent.float()).pow(2).sum()
         dm = self.model.denoise(encoded, self.video_latents, draw.t, draw.noise, with_loss=True).loss
         loss = textural - self.dm_weight * dm
-        parts = {"encoder": float(textural.detach()), "dm": float(dm.detach()), "total": float(loss.detach())}
+        parts = {"encoder": scalar(textural), "dm": scalar(dm), "total": scalar(loss)}
         return ObjectiveOutput(loss, parts)
 
 
@@ -119,7 +119,7 @@ class ScoreDistillationAttack(_ReferenceObjective):
             eps = self.model.denoise(frozen, still.detach(), draw.t, draw.noise, with_eps=True).eps
         residual = (eps - draw.noise.to(eps.device)).detach()
         surrogate = (residual * still.float()).sum() / residual.numel()
-        return ObjectiveOutput(surrogate, {"sds": float(surrogate.detach()), "total": float(surrogate.detach())})
+        return ObjectiveOutput(surrogate, {"sds": scalar(surrogate), "total": scalar(surrogate)})
 
 
 class ImageEmbeddingAttack(_ReferenceObjective):
@@ -140,4 +140,4 @@ class ImageEmbeddingAttack(_ReferenceObjective):
         embedding = self.model.image_embedding(x_adv)
         assert embedding is not None
         similarity = F.cosine_similarity(embedding.float().flatten(1), self.clean.flatten(1), dim=-1).mean()
-        return ObjectiveOutput(similarity, {"clip": float(similarity.detach()), "total": float(similarity.detach())})
+        return ObjectiveOutput(similarity, {"clip": scalar(similarity), "total": scalar(similarity)})

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from anti_i2v.models.base import VideoModel
-from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw, draw_step
+from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw, draw_step, scalar
 from anti_i2v.offload import Residency
 
 
@@ -68,7 +68,7 @@ class EnsembleObjective(Objective):
                 (member_grad,) = torch.autograd.grad(loss, image, allow_unused=True)
             if member_grad is not None:
                 grad += member_grad.to(grad)
-            total += float(loss.detach())
+            total += scalar(loss)
             parts.update({f"{member.name}.{k}": v for k, v in out.parts.items()})
         parts["total"] = total
         # linear in x_adv with the summed gradient, valued at the summed loss
