@@ -26,6 +26,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +73,15 @@ def build(
     return load_model(name, folder or None, device, None, memory, compile, attention)
 
 
+def step_times(elapsed: list[float]) -> dict[str, float | None]:
+    """The first step's seconds (it compiles, with ``--compile``) and the median of the others'
+    (the steady pace, from which a preset's time is projected), from the seconds after each step."""
+    durations = [b - a for a, b in zip([0.0, *elapsed], elapsed)]
+    later = durations[1:]
+    return {"first_step_seconds": round(durations[0], 3) if durations else None,
+            "step_seconds": round(statistics.median(later), 3) if later else None}
+
+
 def run_photo(
     model: VideoModel, spec: str, device: str, preset: str, steps: int | None, method: str = "anti-i2v"
 ) -> dict:
@@ -81,10 +91,11 @@ def run_photo(
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    elapsed: list[float] = []  # seconds into the optimisation after each step
     with tempfile.TemporaryDirectory() as out:
         began = time.perf_counter()
         result = anti_i2v.protect(anti_i2v.sample_photo(), model, out=out, device=device, preset=preset, steps=steps,
-                                  method=name, **overrides)
+                                  method=name, callback=lambda report: elapsed.append(report.elapsed), **overrides)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
@@ -97,6 +108,7 @@ def run_photo(
         "steps_done": len(result.history), "early_stop": result.config.early_stop,
         "method": method, "memory": model.memory_mode, "compiled": model.compiled,
         "attention": model.attention_kernel, "seconds": round(seconds, 2), "peak_gib": round(peak_gib, 2),
+        **step_times(elapsed),
         "device": device_label(device),
         "prompt_encoding_timed": not spec.startswith("full:"), "photo_size": list(result.image.size),
         "budget": result.budget.to_dict(),

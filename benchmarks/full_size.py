@@ -15,6 +15,7 @@ the tool frees before optimising.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -261,8 +262,9 @@ def meta_step(name: str) -> dict:
         (grad,) = torch.autograd.grad(loss, image)
         record[f"t{t}"] = {"features": {k: list(v.shape) for k, v in result.features.items()},
                            "gradient": list(grad.shape)}
-    # the default's objective as the tool runs it (the family's settings, one guided sampler step)
-    config = ProtectConfig.from_preset(families=[model.family], sampler_steps=1)
+    # the default's objective as the tool runs it (the family's settings; one guided sampler step and one
+    # pooled noise, which take the shapes of every step without the cost)
+    config = ProtectConfig.from_preset(families=[model.family], sampler_steps=1, sampler_noise_pool=1)
     default = get_method(config.method).build(model, config, None, None)
     default.prepare(model, x)
     image = x.clone().requires_grad_(True)
@@ -295,8 +297,9 @@ def memory_plan(name: str) -> dict:
     return {mode: round(resident_weight_bytes(model, mode) / gib, 2) for mode in MEMORY_MODES}
 
 
-# the objectives counted per step: AdvDM's, the default's, and the default with each lever that changes its cost
-FLOP_SPECS = ("advdm", "anti-i2v", "anti-i2v:sampler_steps=2", "anti-i2v:sampler_noise_pool=4",
+# the objectives counted per step: AdvDM's, the default's with its clean runs pooled and with fresh
+# noise every step (a clean run per step), and with two sampler steps (pooled)
+FLOP_SPECS = ("advdm", "anti-i2v:sampler_noise_pool=4", "anti-i2v:sampler_noise_pool=0",
               "anti-i2v:sampler_steps=2;sampler_noise_pool=4")
 
 
@@ -318,6 +321,8 @@ def step_flops(name: str, shares: tuple[float, ...] = (1.0, 0.5, 0.25), specs: t
         method, overrides = parse_method(spec)
         # a generated reference video (AdvDM's) is made once, and the meta device cannot sample it
         config = ProtectConfig.from_preset(families=[model.family], method=method, **{**overrides, "reference": "repeat"})
+        # a step costs the same whatever the pool's size: one pooled noise is enough to count it
+        config = dataclasses.replace(config, sampler_noise_pool=min(config.sampler_noise_pool, 1))
         objective = get_method(method).build(model, config, None, None)
         objective.prepare(model, x)
         draw = draw_step(torch.Generator().manual_seed(0), objective.latent_shape(), (500, 500))

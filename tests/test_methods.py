@@ -51,6 +51,8 @@ def test_the_default_takes_its_family_settings_only_for_one_family_and_explicit_
     assert ProtectConfig.from_preset("fast", families=["svd"], weight_dm=0.5).weight_dm == 0.5
     assert ProtectConfig.from_preset("fast", families=["svd"], method="advdm").weight_dm == 1  # its own L_DM
     assert ProtectConfig.from_preset("fast", families=["svd"], method="anti-i2v-paper").weight_irc == 1
+    assert ProtectConfig.from_preset(families=["cogvideox"]).sampler_noise_pool == 4
+    assert ProtectConfig.from_preset(families=["svd"]).sampler_noise_pool == 0
 
 
 def test_protect_records_the_family_settings_it_used(photo_path, tmp_path, tiny_model):

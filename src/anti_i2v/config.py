@@ -97,13 +97,15 @@ class ProtectConfig:
         weight_latent: weight of the image-latent push, maximised (ours): how far the VAE
             latent of the protected photo moves from the clean photo's.
         weight_sampler: weight of the sampler divergence, maximised (ours): how far a short
-            deterministic sampler run from fresh noise lands from the clean photo's run
+            deterministic sampler run from noise lands from the clean photo's run from the same noise
             (``sampler_steps`` denoiser passes, differentiated through), with the model's own
             classifier-free guidance where it has one (``sampler_guidance``).
-        sampler_noise_pool: a speed lever of the sampler divergence (ours): 0 (default) draws
-            fresh noise every step and runs the clean photo's sampler from it; K > 0 draws K
-            noises once, runs the clean photo's sampler from each once, and each step picks one
-            of them, saving the clean run (about a third of a step on the CPU, a fifth on a GPU).
+        sampler_noise_pool: a speed lever of the sampler divergence (ours): 0 draws fresh noise
+            every step and runs the clean photo's sampler from it; K > 0 draws K noises once, runs
+            the clean photo's sampler from each once, and each step picks one of them, saving the
+            clean run (about a third of a step on the CPU, a fifth on a GPU). The `anti-i2v`
+            method uses 4 (it held the strength on the trained testbeds), and 0 on Stable Video
+            Diffusion, where early stopping then stops sooner for the same strength.
         irc_shallow, irc_deep: IRC pulls the deep blocks' features to the shallow block's;
             indices, negative from the end. None picks them from the model's depth: the paper's
             block 3 and last three blocks where the model has three blocks after block 3,

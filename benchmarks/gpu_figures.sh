@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/results/speed.md, in one run of at most twelve minutes on one GPU (about eight expected), at
+# full size with random weights (bench_photo.py). Each run protects the sample photo for a few
+# steps and records its whole time, its peak memory, the first step (compilation included) and
+# the steady time per step: a preset's time per photo is the rest of `seconds` plus its steps
+# times `step_seconds`. In order of need, each with its own time limit, so that one that fails
+# or runs long does not cost the others:
+#   1. CogVideoX-5B-I2V in each memory mode (peak memory per mode; seconds per step);
+#   2. DynamiCrafter 512 and Open-Sora 1.2 with the default;
+#   3. the cheap settings on all three: two sampler steps, and on CogVideoX (the only one of the
+#      three that can change its frame count) a quarter of the frames;
+#   4. the same with the denoiser compiled, and CogVideoX's with the flash attention kernel.
+#
+#   benchmarks/gpu_figures.sh          # writes benchmarks/results/bench_photo_gpu_*.json
+#   COGVIDEOX=tiny-cogvideox DYNAMICRAFTER=tiny-dynamicrafter OPENSORA=tiny-opensora \
+#       DEVICE=cpu benchmarks/gpu_figures.sh    # the same runs on tiny models, to check the script
+set -uo pipefail
+cd "$(dirname "$0")"
+export HF_HUB_OFFLINE=1 PYTHONPATH="../src${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python}
+COGVIDEOX=${COGVIDEOX:-full:cogvideox}
+DYNAMICRAFTER=${DYNAMICRAFTER:-full:dynamicrafter-512}
+OPENSORA=${OPENSORA:-full:opensora}
+DEVICE=${DEVICE:-cuda}
+CHEAP="anti-i2v:sampler_steps=2"
+CHEAP_COGVIDEOX="$CHEAP;frame_share=0.25"
+failed=0
+
+bench() {  # NAME SECONDS STEPS ARGS...: one bench_photo.py run, written to results/bench_photo_gpu_NAME.json
+  local name=$1 limit=$2 steps=$3
+  shift 3
+  echo "== $name (at most ${limit} s)"
+  if ! timeout "$limit" "$PYTHON" bench_photo.py --device "$DEVICE" --steps "$steps" \
+      --out "results/bench_photo_gpu_$name.json" "$@"; then
+    echo "!! $name failed or ran out of time" >&2
+    failed=1
+  fi
+}
+
+bench memory_modes 240 2 --models "$COGVIDEOX" --memory full,offload,sequential
+bench default 90 3 --models "$DYNAMICRAFTER,$OPENSORA"
+bench cheap_cogvideox 60 3 --models "$COGVIDEOX" --method "$CHEAP_COGVIDEOX"
+bench cheap 60 3 --models "$DYNAMICRAFTER,$OPENSORA" --method "$CHEAP"
+bench compiled_cogvideox 90 3 --models "$COGVIDEOX" --method "$CHEAP_COGVIDEOX" --compile
+bench compiled 150 3 --models "$DYNAMICRAFTER,$OPENSORA" --method "$CHEAP" --compile
+if [ "$DEVICE" != cpu ]; then  # the flash kernel exists on CUDA only
+  bench flash_cogvideox 60 3 --models "$COGVIDEOX" --method "$CHEAP_COGVIDEOX" --attention flash
+fi
+exit $failed
