@@ -294,15 +294,12 @@ def _protect_on_ray(sources: list[Path], model: str, out: Path, address: str, wo
 
 def _require_extra(extra: str, what: str) -> None:
     """End with one line when the modules of an optional extra (``eval``, ``ray``, ``web``) are missing."""
-    import importlib.util
+    from anti_i2v.extras import require_extra
 
-    from anti_i2v.evaluation import EVAL_MODULES
-
-    modules = {"eval": EVAL_MODULES, "ray": ("ray",), "web": ("gradio",)}[extra]
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise _fail(AntiI2VError(f"{what} needs the {extra} extra (missing {', '.join(missing)}): "
-                                 f"pip install 'anti-i2v[{extra}]'"))
+    try:
+        require_extra(extra, what)
+    except AntiI2VError as err:
+        raise _fail(err) from None
 
 
 def _purifier_names(text: str, diffpure_model: str | None) -> list[str]:

@@ -164,6 +164,10 @@ def _check_min_side(width: int, height: int, what: str) -> None:
         )
 
 
+# how Pillow reports unreadable, damaged or truncated data
+_PILLOW_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError)
+
+
 def _photo_from_path(path: Path) -> Photo:
     _check_path(path)
     try:
@@ -182,10 +186,6 @@ def check_photo_file(path: Path) -> None:
             return
     except _PILLOW_ERRORS as exc:
         raise _open_error(path, exc) from None
-
-
-# how Pillow reports unreadable, damaged or truncated data
-_PILLOW_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError)
 
 
 def _check_path(path: Path) -> None:

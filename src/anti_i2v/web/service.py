@@ -25,6 +25,7 @@ from anti_i2v.atomic import write_atomic, write_json_atomic
 from anti_i2v.batch import output_stems, protect_photo
 from anti_i2v.config import DEFAULT_PRESET, ProtectConfig
 from anti_i2v.engine import StepReport
+from anti_i2v.extras import require_extra
 from anti_i2v.errors import AntiI2VError, ConfigError, InputError, ModelError
 from anti_i2v.models.base import VideoModel
 from anti_i2v.models.diffusers_common import to_pil_8bit
@@ -284,12 +285,7 @@ class ProtectionService:
     def check(self, job: JobResult, name: str) -> CheckResult:
         """Run `verify` on the protected photo uploaded as ``name`` with the job's model: videos from
         the original, the protected photo, same-budget noise and the upload channel's purifications."""
-        from anti_i2v.evaluation import missing_eval_extras
-
-        missing = missing_eval_extras()
-        if missing:
-            raise ConfigError(f"checking needs the evaluation extras (missing {', '.join(missing)}): "
-                              "pip install 'anti-i2v[eval]'")
+        require_extra("eval", "checking")
         from anti_i2v.evaluation.generate import GenerationSettings
         from anti_i2v.evaluation.scoring import VideoScorer
         from anti_i2v.evaluation.verify import RANDOM_WEIGHTS_NOTE, markdown_report, verify
