@@ -3,6 +3,7 @@ measurements move the right way, and an interrupted evaluation resumes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,7 +13,15 @@ from PIL import Image
 
 import anti_i2v
 from anti_i2v.errors import ConfigError
-from anti_i2v.evaluation.evaluate import evaluate, noise_reference, read_dataset, summarise, with_noise_reference
+from anti_i2v.evaluation.evaluate import (
+    _check_same_methods,
+    evaluate,
+    method_settings,
+    noise_reference,
+    read_dataset,
+    summarise,
+    with_noise_reference,
+)
 from anti_i2v.evaluation.generate import GenerationSettings
 from anti_i2v.evaluation.scoring import (
     NOISE_PROTECTED_DB,
@@ -24,7 +33,7 @@ from anti_i2v.evaluation.scoring import (
     verdict,
 )
 from anti_i2v.evaluation.verify import NOISE, PURIFIED_NOTE, same_budget_noise, verify, weakest_run
-from anti_i2v.methods import parse_methods
+from anti_i2v.methods import METHODS, get_method, parse_methods
 from anti_i2v.photo import load_photo
 
 SETTINGS = GenerationSettings(prompt="a person talking to the camera", seed=0, steps=2)
@@ -228,6 +237,28 @@ def test_evaluation_tabulates_resumes_and_anti_i2v_beats_random_noise(tmp_path, 
     with pytest.raises(ConfigError, match="other settings \\(eps\\)"):
         evaluate(samples, tiny_model, methods, tmp_path / "eval", eps=4 / 255, steps=12, generation_steps=2,
                  scorer=scorer)
+    # a version of the tool whose default resolves differently does not reuse these rows
+    changed = dataclasses.replace(METHODS["anti-i2v"], overrides={**METHODS["anti-i2v"].overrides, "sampler_noise_pool": 8})
+    monkeypatch.setitem(METHODS, "anti-i2v", changed)
+    with pytest.raises(ConfigError, match="results of 'anti-i2v' made with other settings of it \\(sampler_noise_pool\\)"):
+        evaluate(samples, tiny_model, methods, tmp_path / "eval", eps=8 / 255, steps=12, generation_steps=2,
+                 purifiers=["jpeg75"], scorer=scorer)
+    assert calls == []
+
+
+def test_method_settings_are_recorded_and_new_methods_may_join(tmp_path):
+    record = tmp_path / "methods.json"
+    advdm, default = (method_settings(m, ["cogvideox"], 8 / 255, 20, 0) for m in parse_methods("advdm,anti-i2v"))
+    assert advdm["method"] == "advdm" and advdm["eps"] == 8 / 255 and "prompt" not in advdm
+    assert method_settings(get_method("anti-i2v"), ["svd"], 8 / 255, 20, 0)["weight_dm"] != default["weight_dm"]
+    _check_same_methods(record, {"advdm": advdm})
+    _check_same_methods(record, {"advdm": advdm, "anti-i2v": default})  # a new method joins the folder
+    assert set(json.loads(record.read_text())) == {"advdm", "anti-i2v"}
+    with pytest.raises(ConfigError, match="'advdm' made with other settings of it \\(steps\\)"):
+        _check_same_methods(record, {"advdm": {**advdm, "steps": 60}})
+    record.write_text("{not json")
+    with pytest.raises(ConfigError, match="damaged"):
+        _check_same_methods(record, {"advdm": advdm})
 
 
 def test_evaluation_keeps_the_text_encoder_and_survives_bad_photos(tmp_path, photos, tiny_model, scorer, monkeypatch):

@@ -52,7 +52,20 @@ def test_the_default_takes_its_family_settings_only_for_one_family_and_explicit_
     assert ProtectConfig.from_preset("fast", families=["svd"], method="advdm").weight_dm == 1  # its own L_DM
     assert ProtectConfig.from_preset("fast", families=["svd"], method="anti-i2v-paper").weight_irc == 1
     assert ProtectConfig.from_preset(families=["cogvideox"]).sampler_noise_pool == 4
-    assert ProtectConfig.from_preset(families=["svd"]).sampler_noise_pool == 0
+    assert ProtectConfig.from_preset(families=["svd"]).sampler_noise_pool == 4
+
+
+def test_the_default_step_follows_the_run_length_unless_set():
+    """2.5 eps / steps, at least 1/255: short runs take larger steps, long ones the tuned 1/255."""
+    assert ProtectConfig.from_preset("fast").step_size == pytest.approx(2 / 255)  # 10 steps at 8/255
+    assert ProtectConfig.from_preset("balanced").step_size == 1 / 255
+    assert ProtectConfig.from_preset("balanced", steps=5).step_size == pytest.approx(4 / 255)  # explicit steps count
+    assert ProtectConfig.from_preset("balanced", eps=16 / 255).step_size == pytest.approx(2 / 255)
+    assert ProtectConfig.from_preset("fast", step_size=0.5 / 255).step_size == 0.5 / 255  # explicit wins
+    assert ProtectConfig.from_preset("fast", method="advdm").step_size == 1 / 255  # baselines keep theirs
+    assert ProtectConfig.from_preset("fast", method="anti-i2v-paper").step_size is None  # the paper's own rule
+    with pytest.raises(ConfigError, match="steps must be at least 1"):
+        ProtectConfig.from_preset(steps=0)
 
 
 def test_protect_records_the_family_settings_it_used(photo_path, tmp_path, tiny_model):

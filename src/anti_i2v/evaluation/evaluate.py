@@ -4,10 +4,14 @@ Layout of the output folder, per model::
 
     <out>/<model>/protected/<method>/<stem>_protected.png (+ .json sidecar)
     <out>/<model>/results.jsonl     one row per (photo, method, purification), appended
+    <out>/<model>/run.json, methods.json   the run's settings and each method's full config
     <out>/<model>/table.md, table.json   mean and worst case per method, every metric
 
 Every method runs with the same budget, steps and seed. Rows already in
-``results.jsonl`` are not computed again, so an interrupted evaluation resumes.
+``results.jsonl`` are not computed again, so an interrupted evaluation resumes; a rerun
+whose settings differ from the recorded ones (the run's, or a method's full config, which
+another version of the tool may resolve differently) stops with an error instead of
+mixing the two in one table.
 
 Where neither the face metrics nor DINO can judge a photo's videos, the verdicts are
 relative to the ``random`` method (uniform noise of the same budget, same seed and
@@ -31,7 +35,7 @@ from typing import Any
 
 from anti_i2v.api import protect
 from anti_i2v.atomic import json_safe, write_atomic, write_json_atomic
-from anti_i2v.batch import expand_inputs, is_done, output_stems
+from anti_i2v.batch import RESUME_KEYS, expand_inputs, is_done, output_stems
 from anti_i2v.config import DEFAULT_PROMPT, ProtectConfig
 from anti_i2v.errors import AntiI2VError, ConfigError, InputError
 from anti_i2v.evaluation.generate import GenerationSettings, generate_video
@@ -117,13 +121,20 @@ def _append_row(path: Path, rows: list[dict[str, Any]], row: dict[str, Any]) -> 
     rows.append(row)
 
 
+def _read_record(path: Path) -> Any:
+    """The settings recorded in ``path`` by an earlier run, or None on first use."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"'{path}' is damaged; delete it to start this evaluation again") from err
+
+
 def _check_same_run(path: Path, settings: dict[str, Any]) -> None:
     """Refuse to mix results of different settings in one folder; record them on first use."""
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except ValueError as err:
-            raise ConfigError(f"'{path}' is damaged; delete it to start this evaluation again") from err
+    previous = _read_record(path)
+    if previous is not None:
         if previous != json.loads(json.dumps(settings)):
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise ConfigError(
@@ -132,6 +143,33 @@ def _check_same_run(path: Path, settings: dict[str, Any]) -> None:
             )
     else:
         write_json_atomic(path, settings)
+
+
+# settings that vary by photo or by how the run is carried out, not by method
+_PER_PHOTO_KEYS = ("prompt", "checkpoint_every")
+
+
+def method_settings(method: Method, families: Sequence[str], eps: float, steps: int, seed: int) -> dict[str, Any]:
+    """Every setting ``method`` protects with in this evaluation (its preset, its own settings and
+    its family's), less those that vary by photo: what must match for a row to be reused."""
+    config = ProtectConfig.from_preset(families=families, method=method.name, eps=eps, steps=steps, seed=seed)
+    return {k: v for k, v in json.loads(json.dumps(config.to_dict())).items() if k not in _PER_PHOTO_KEYS}
+
+
+def _check_same_methods(path: Path, settings: dict[str, dict[str, Any]]) -> None:
+    """Refuse to reuse a method's rows made with other settings of that method (e.g. by another
+    version whose defaults differ); methods new to the folder are recorded and may join it."""
+    recorded: dict[str, dict[str, Any]] = _read_record(path) or {}
+    for name, current in settings.items():
+        previous = recorded.get(name)
+        if previous is not None and previous != current:
+            changed = sorted(k for k in current.keys() | previous.keys() if previous.get(k) != current.get(k))
+            raise ConfigError(
+                f"'{path.parent}' holds results of '{name}' made with other settings of it ({', '.join(changed)}); "
+                "pass another --out or delete that folder"
+            )
+    if not settings.keys() <= recorded.keys():
+        write_json_atomic(path, {**recorded, **settings})
 
 
 def with_noise_reference(methods: Sequence[Method], needed: bool) -> list[Method]:
@@ -281,8 +319,11 @@ def evaluate(
     _check_same_run(root / "run.json", {
         "model": model.identity, "protected_against": "+".join(m.identity for m in protectors), "eps": eps, "steps": steps, "seed": seed, "generation_steps": generation_steps,
         "guidance_scale": guidance_scale, "prompts_sha256": prompts, "identity_model": scorer.identity_model,
-        "skipped_metrics": sorted(scorer.skipped), "diffpure_model": diffpure_model,
+        "skipped_metrics": sorted(scorer.unavailable), "diffpure_model": diffpure_model,
     })
+    families = [m.family for m in protectors]
+    configs = {m.name: method_settings(m, families, eps, steps, seed) for m in with_noise_reference(methods, True)}
+    _check_same_methods(root / "methods.json", configs)
     results = root / "results.jsonl"
     rows = _load_rows(results)
     done = {(r["image"], r["method"], r.get("purify")) for r in rows}
@@ -315,7 +356,8 @@ def evaluate(
             folder = root / "protected" / method.name
             output = output_path_for(sample.path, folder, "png", stems[sample.path])
             try:
-                if not is_done(sample.path, output):
+                made_with = {k: v for k, v in {**configs[method.name], "prompt": sample.prompt}.items() if k in RESUME_KEYS}
+                if not is_done(sample.path, output, made_with):
                     protect(sample.path, protector, out=folder, method=method.name, eps=eps, steps=steps, seed=seed,
                             prompt=sample.prompt, stem=stems[sample.path], overwrite=True,
                             checkpoint_every=CHECKPOINT_EVERY, release_text_encoder=False)
@@ -341,7 +383,7 @@ def evaluate(
                 _append_row(results, rows, row)
     table = summarise(rows)
     write_json_atomic(root / "table.json", {"model": model.name, "eps": eps, "steps": steps, "seed": seed,
-                                             "identity_model": scorer.identity_model, "skipped_metrics": scorer.skipped,
+                                             "identity_model": scorer.identity_model, "skipped_metrics": scorer.unavailable,
                                              "table": table})
     write_atomic(root / "table.md", lambda tmp: tmp.write_text(markdown_table(model.name, table)))
     return table

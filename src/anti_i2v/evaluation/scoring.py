@@ -99,6 +99,9 @@ class VideoScorer:
         # ArcFace (the paper's identity model) when it is installed with its weights, else dlib
         self.faces = ArcFaceIdentity() if arcface_available() else shared_faces()
         self.identity_model = "arcface" if isinstance(self.faces, ArcFaceIdentity) else "dlib"
+        # what this scorer cannot measure on any photo (a setting of the run); `skipped` adds
+        # what the photo being scored cannot give (no face in it, say)
+        self.unavailable: dict[str, str] = dict(self.skipped)
         self.clean_photo: torch.Tensor | None = None
         self.clean_video: torch.Tensor | None = None
 
