@@ -64,7 +64,7 @@ def test_the_default_step_follows_the_run_length_unless_set():
     assert ProtectConfig.from_preset("fast", step_size=0.5 / 255).step_size == 0.5 / 255  # explicit wins
     assert ProtectConfig.from_preset("fast", method="advdm").step_size == 1 / 255  # baselines keep theirs
     assert ProtectConfig.from_preset("fast", method="anti-i2v-paper").step_size is None  # the paper's own rule
-    with pytest.raises(ConfigError, match="steps must be at least 1"):
+    with pytest.raises(ConfigError, match="steps must be an integer >= 1"):
         ProtectConfig.from_preset(steps=0)
 
 

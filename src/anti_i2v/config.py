@@ -105,8 +105,7 @@ class ProtectConfig:
             every step and runs the clean photo's sampler from it; K > 0 draws K noises once, runs
             the clean photo's sampler from each once, and each step picks one of them, saving the
             clean run (about a third of a step on the CPU, a fifth on a GPU). The `anti-i2v`
-            method uses 4 (it held the strength on the trained testbeds), and 0 on Stable Video
-            Diffusion, where early stopping then stops sooner for the same strength.
+            method uses 4 on every family (it held the strength on both trained testbeds).
         irc_shallow, irc_deep: IRC pulls the deep blocks' features to the shallow block's;
             indices, negative from the end. None picks them from the model's depth: the paper's
             block 3 and last three blocks where the model has three blocks after block 3,

@@ -46,6 +46,7 @@ from anti_i2v.objectives.baselines import (
     ScoreDistillationAttack,
 )
 from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity
+from anti_i2v.spaces import rgb_step_size
 
 ObjectiveFactory = Callable[[VideoModel, ProtectConfig, "torch.Tensor | None", "ClipEmbeddingSimilarity | None"], Objective]
 
@@ -83,10 +84,7 @@ def step_for_run_length(settings: dict[str, Any]) -> float:
     """The default's RGB step: 1/255, or more when the run is short, enough to cross the budget in
     40% of the steps (``2.5 * eps / steps``, Madry et al.'s rule): 2/255 for 10 steps at 8/255.
     At 10 steps it measured 7% (CogVideoX) and 5% (SVD) stronger than 1/255 (docs/method.md, Presets)."""
-    steps = settings["steps"]
-    if not isinstance(steps, int) or steps < 1:
-        return 1 / 255  # the config's own check then names the bad step count
-    return max(1 / 255, 2.5 * parse_eps(settings["eps"]) / steps)
+    return max(1 / 255, rgb_step_size(parse_eps(settings["eps"]), settings["steps"]))
 
 
 # The default, chosen on the trained testbeds (docs/results/strength.md): the sampler divergence

@@ -35,7 +35,7 @@ from typing import Any
 
 from anti_i2v.api import protect
 from anti_i2v.atomic import json_safe, write_atomic, write_json_atomic
-from anti_i2v.batch import RESUME_KEYS, expand_inputs, is_done, output_stems
+from anti_i2v.batch import expand_inputs, is_done, output_stems, resume_settings
 from anti_i2v.config import DEFAULT_PROMPT, ProtectConfig
 from anti_i2v.errors import AntiI2VError, ConfigError, InputError
 from anti_i2v.evaluation.generate import GenerationSettings, generate_video
@@ -356,7 +356,8 @@ def evaluate(
             folder = root / "protected" / method.name
             output = output_path_for(sample.path, folder, "png", stems[sample.path])
             try:
-                made_with = {k: v for k, v in {**configs[method.name], "prompt": sample.prompt}.items() if k in RESUME_KEYS}
+                made_with = resume_settings({"method": method.name, "eps": eps, "steps": steps, "seed": seed,
+                                             "prompt": sample.prompt})
                 if not is_done(sample.path, output, made_with):
                     protect(sample.path, protector, out=folder, method=method.name, eps=eps, steps=steps, seed=seed,
                             prompt=sample.prompt, stem=stems[sample.path], overwrite=True,
