@@ -5,7 +5,7 @@ video, as in `strength.py`, whose runs and cache it shares) at each step count, 
 of the same method's effect at the most steps measured and as a ratio to AdvDM at 60
 steps; and the default with early stopping (``--early-stop STEPS:PATIENCE``: at most STEPS
 steps, stopping once PATIENCE steps gain nothing), with the steps it actually took. The
-presets are chosen from this table (`fast` is 10 steps, `balanced` 20, `strong` 200:20).
+presets are chosen from this table (`fast` is 5 steps, `balanced` 10, `strong` 200:20).
 
     python benchmarks/steps.py                     # both testbeds, 2 prompts of CogVideoX
     python benchmarks/steps.py --testbeds cogvideox --steps 10,20,60 --early-stop 60:10
@@ -85,7 +85,7 @@ def markdown(table: dict[str, dict[str, Any]], command: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbeds", default=",".join(strength.TESTBEDS))
-    parser.add_argument("--steps", default="10,20,40,50,60,200")
+    parser.add_argument("--steps", default="3,5,10,20,40,50,60,200")
     parser.add_argument("--early-stop", default="200:10,200:20",
                         help="STEPS:PATIENCE runs of the default with early stopping, comma-separated")
     parser.add_argument("--prompts", default="zoom in,pan left",

@@ -250,7 +250,7 @@ def summarise(records: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
     return table
 
 
-# The presets: `fast` is `anti-i2v@10`, `balanced` `anti-i2v@20`, `strong` `anti-i2v:early_stop=20@200`.
+# The presets: `fast` is `anti-i2v@5`, `balanced` `anti-i2v@10`, `strong` `anti-i2v:early_stop=20@200`.
 SUMMARY_METHODS = ("anti-i2v", "anti-i2v:early_stop=20", "advdm", "mist", "photoguard", "sds", "anti-i2v-paper",
                    "random")
 
@@ -284,7 +284,7 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], settings: dict[str, An
              "the saved file against the original (FLIP: mean error, lower = less visible).", "",
              "## Summary", "", "Resize + JPEG 75 is `social192`: a 192-px cap on the long edge, then JPEG 75, which "
              "is to the testbeds' 128-px-wide input what a 1080-px upload cap is to CogVideoX's 720-px one. "
-             "The presets are `anti-i2v@10` (`fast`), `anti-i2v@20` (`balanced`, the default) and "
+             "The presets are `anti-i2v@5` (`fast`), `anti-i2v@10` (`balanced`, the default) and "
              "`anti-i2v:early_stop=20@200` (`strong`).", "",
              *[f"At {k} steps the battery is {', '.join(v)} only (worst kept over those)." for k, v in
                settings.get("battery_at", {}).items()], "", summary_markdown(table), ""]

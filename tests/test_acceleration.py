@@ -187,3 +187,44 @@ def test_a_noise_pool_gives_the_plain_loss_and_gradient_of_the_noise_it_picks(ph
     assert len(picked) > 1  # the steps draw from the pool, not one noise every time
     with pytest.raises(ConfigError, match="sampler_noise_pool"):
         ProtectConfig(sampler_noise_pool=-1)
+
+
+def test_the_default_step_runs_only_the_sampler_passes(photo):
+    """The sampler divergence alone runs two passes per sampler step (conditional and
+    unconditional) and no pass on the noised reference video, which no term of it reads."""
+    model = _tiny()
+    objective = AntiI2VObjective(model, ProtectConfig.from_preset("balanced", "anti-i2v", prompt=PROMPT))
+    objective.prepare(model, photo)
+    passes = []
+    hook = model.transformer.register_forward_hook(lambda *_: passes.append(1))
+    draw = draw_step(torch.Generator().manual_seed(0), objective.latent_shape(), (0, 999))
+    objective((photo + 2 / 255).clamp(0, 1).requires_grad_(True), draw)
+    hook.remove()
+    assert len(passes) == 2 * objective.config.sampler_steps
+
+
+def test_differentiating_the_last_sampler_steps_keeps_the_loss_and_the_gradient_direction(photo):
+    """``sampler_grad_steps`` changes no forward value; with every step it is the plain
+    gradient, with fewer a truncated one that still points the same way."""
+    model = _tiny()
+    settings = dict(prompt=PROMPT, weight_irc=0, weight_ira=0, weight_dm=0, weight_sampler=1, sampler_steps=3,
+                    sampler_noise_pool=1)
+
+    def loss_and_gradient(grad_steps: int) -> tuple[float, torch.Tensor]:
+        objective = AntiI2VObjective(model, ProtectConfig(sampler_grad_steps=grad_steps, **settings))
+        objective.prepare(model, photo)
+        draw = draw_step(torch.Generator().manual_seed(3), objective.latent_shape(), (0, 999))
+        x_adv = (photo + 2 / 255).clamp(0, 1).requires_grad_(True)
+        output = objective(x_adv, draw)
+        return float(output.loss.detach()), torch.autograd.grad(output.loss, x_adv)[0].flatten()
+
+    plain_loss, plain_grad = loss_and_gradient(0)
+    every_loss, every_grad = loss_and_gradient(3)
+    assert every_loss == pytest.approx(plain_loss, rel=1e-6) and torch.allclose(every_grad, plain_grad)
+    for grad_steps in (1, 2):
+        loss, grad = loss_and_gradient(grad_steps)
+        assert loss == pytest.approx(plain_loss, rel=1e-6)
+        assert not torch.allclose(grad, plain_grad)
+        assert torch.cosine_similarity(grad, plain_grad, dim=0) > 0.3
+    with pytest.raises(ConfigError, match="sampler_grad_steps"):
+        ProtectConfig(sampler_grad_steps=-1)

@@ -56,11 +56,13 @@ def test_the_default_takes_its_family_settings_only_for_one_family_and_explicit_
 
 
 def test_the_default_step_follows_the_run_length_unless_set():
-    """2.5 eps / steps, at least 1/255: short runs take larger steps, long ones the tuned 1/255."""
-    assert ProtectConfig.from_preset("fast").step_size == pytest.approx(2 / 255)  # 10 steps at 8/255
-    assert ProtectConfig.from_preset("balanced").step_size == 1 / 255
-    assert ProtectConfig.from_preset("balanced", steps=5).step_size == pytest.approx(4 / 255)  # explicit steps count
-    assert ProtectConfig.from_preset("balanced", eps=16 / 255).step_size == pytest.approx(2 / 255)
+    """5 eps / steps, between 1/255 and eps: short runs take larger steps, long ones the tuned 1/255."""
+    assert ProtectConfig.from_preset("fast").step_size == pytest.approx(8 / 255)  # 5 steps at 8/255
+    assert ProtectConfig.from_preset("balanced").step_size == pytest.approx(4 / 255)  # 10 steps
+    assert ProtectConfig.from_preset("balanced", steps=20).step_size == pytest.approx(2 / 255)  # explicit steps
+    assert ProtectConfig.from_preset("balanced", steps=3).step_size == pytest.approx(8 / 255)  # at most eps
+    assert ProtectConfig.from_preset("strong").step_size == 1 / 255
+    assert ProtectConfig.from_preset("balanced", eps=16 / 255, steps=40).step_size == pytest.approx(2 / 255)
     assert ProtectConfig.from_preset("fast", step_size=0.5 / 255).step_size == 0.5 / 255  # explicit wins
     assert ProtectConfig.from_preset("fast", method="advdm").step_size == 1 / 255  # baselines keep theirs
     assert ProtectConfig.from_preset("fast", method="anti-i2v-paper").step_size is None  # the paper's own rule

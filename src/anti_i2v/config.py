@@ -21,12 +21,12 @@ DEFAULT_PROMPT = "a person moving naturally, looking at the camera, high quality
 
 # eps (in [0, 1] units), steps and early stopping of each preset, shown in `anti-i2v protect --help`.
 # Chosen from the strength-against-steps curves on the trained testbeds (docs/results/steps.md):
-# the default's video effect at 20 steps is 99% of its effect at 200 on both testbeds, and 10
-# steps give 99% of 20's. Its loss keeps falling slowly after the video has stopped moving, so a
-# loss-based stop ran 40 to 50 steps for the same effect: `strong` alone stops early.
+# with its step rule (`methods.step_for_run_length`) the default's video effect at 10 steps is 98
+# to 99% of its effect at 200 on both testbeds, and 5 steps give 97%. Its loss keeps falling slowly
+# after the video has stopped moving, so a loss-based stop runs long: `strong` alone stops early.
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"eps": 8 / 255, "steps": 10},
-    "balanced": {"eps": 8 / 255, "steps": 20},
+    "fast": {"eps": 8 / 255, "steps": 5},
+    "balanced": {"eps": 8 / 255, "steps": 10},
     "strong": {"eps": 8 / 255, "steps": 200, "early_stop": 20},
 }
 DEFAULT_PRESET = "balanced"
@@ -106,6 +106,9 @@ class ProtectConfig:
             the clean photo's sampler from each once, and each step picks one of them, saving the
             clean run (about a third of a step on the CPU, a fifth on a GPU). The `anti-i2v`
             method uses 4 on every family (it held the strength on both trained testbeds).
+        sampler_grad_steps: a speed lever of the sampler divergence (ours): 0 differentiates
+            through every sampler step; k > 0 runs the first steps without gradients and
+            differentiates through the last k only (the loss is the same, the gradient a truncated one).
         irc_shallow, irc_deep: IRC pulls the deep blocks' features to the shallow block's;
             indices, negative from the end. None picks them from the model's depth: the paper's
             block 3 and last three blocks where the model has three blocks after block 3,
@@ -169,6 +172,7 @@ class ProtectConfig:
     sampler_steps: int = 4
     sampler_guidance: bool = True
     sampler_noise_pool: int = 0
+    sampler_grad_steps: int = 0
     irc_shallow: int | None = None
     irc_deep: tuple[int, ...] | None = None
     ira_blocks: tuple[int, ...] | None = None
@@ -212,6 +216,8 @@ class ProtectConfig:
             raise ConfigError(f"sampler_steps must be at least 1 (got {self.sampler_steps})")
         if self.sampler_noise_pool < 0:
             raise ConfigError(f"sampler_noise_pool is a number of noises >= 0 (got {self.sampler_noise_pool})")
+        if self.sampler_grad_steps < 0:
+            raise ConfigError(f"sampler_grad_steps is a number of steps >= 0, 0 for all (got {self.sampler_grad_steps})")
         if self.min_psnr and not 10 <= self.min_psnr <= 60:
             raise ConfigError(f"min_psnr is in dB, between 10 and 60, or 0 for none (got {self.min_psnr})")
         if self.step_schedule not in STEP_SCHEDULES:

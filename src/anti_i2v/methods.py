@@ -81,10 +81,14 @@ _PAPER = {"space": "dual", "reference": "repeat"}
 
 
 def step_for_run_length(settings: dict[str, Any]) -> float:
-    """The default's RGB step: 1/255, or more when the run is short, enough to cross the budget in
-    40% of the steps (``2.5 * eps / steps``, Madry et al.'s rule): 2/255 for 10 steps at 8/255.
-    At 10 steps it measured 7% (CogVideoX) and 5% (SVD) stronger than 1/255 (docs/method.md, Presets)."""
-    return max(1 / 255, rgb_step_size(parse_eps(settings["eps"]), settings["steps"]))
+    """The default's RGB step: twice Madry et al.'s ``2.5 * eps / steps``, between 1/255 and eps.
+
+    Enough to cross the budget in a fifth of the steps: eps itself for 5 steps at 8/255, 4/255
+    for 10, 2/255 for 20, the tuned 1/255 from 40 on. On both trained testbeds short runs gained
+    from larger steps up to eps (docs/results/speed.md, "Shorter runs"); long runs did not need them.
+    """
+    eps = parse_eps(settings["eps"])
+    return min(eps, max(1 / 255, 2 * rgb_step_size(eps, settings["steps"])))
 
 
 # The default, chosen on the trained testbeds (docs/results/strength.md): the sampler divergence

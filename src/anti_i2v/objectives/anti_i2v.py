@@ -11,9 +11,10 @@ ours, each with its weight in the config (0 turns a term off):
 - ``L_latent``, image-latent push: the relative squared distance between the VAE latent
   of the protected photo and the clean photo's.
 
-One VAE encoding and one denoiser pass of the protected image serve all terms; the IRA
-target's denoiser features and the clean prediction of ``L_div`` each need one extra
-pass without gradients.
+One VAE encoding and one denoiser pass of the protected image serve all terms but the
+sampler divergence, which runs its own passes (the shared one is skipped when no other
+term reads it); the IRA target's denoiser features and the clean prediction of ``L_div``
+each need one extra pass without gradients.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from anti_i2v.config import ProtectConfig
 from anti_i2v.errors import ConfigError
-from anti_i2v.models.base import VAE_PREFIX, EncodedImage, VideoModel
+from anti_i2v.models.base import VAE_PREFIX, DenoiserResult, EncodedImage, VideoModel
 from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw, relative_sq_distance, scalar
 from anti_i2v.objectives.diffusion import reference_latents
 from anti_i2v.objectives.ira import default_target_image, ira_loss
@@ -119,14 +120,21 @@ class AntiI2VObjective(Objective):
             taps += self.ira_blocks
         return list(dict.fromkeys(taps))
 
+    def reads_denoiser_pass(self) -> bool:
+        """Whether a term reads the denoiser pass on the noised reference video (IRC, IRA, L_DM, L_div)."""
+        cfg = self.config
+        return bool(cfg.weight_irc or cfg.weight_ira or cfg.weight_dm or cfg.weight_div)
+
     def __call__(self, x_adv: torch.Tensor, draw: StepDraw) -> ObjectiveOutput:
         cfg, model = self.config, self.model
         assert self.video_latents is not None, "call prepare() first"
         encoded = model.encode_image(x_adv, self.vae_layers if cfg.weight_ira else (), draw.generator)
-        result = model.denoise(
-            encoded, self.video_latents, draw.t, draw.noise, self.denoiser_taps(), with_loss=bool(cfg.weight_dm),
-            with_eps=bool(cfg.weight_div),
-        )
+        result = DenoiserResult()
+        if self.reads_denoiser_pass():  # the sampler term runs its own passes
+            result = model.denoise(
+                encoded, self.video_latents, draw.t, draw.noise, self.denoiser_taps(), with_loss=bool(cfg.weight_dm),
+                with_eps=bool(cfg.weight_div),
+            )
         loss = torch.zeros((), device=model.device)
         parts: dict[str, float] = {}
         if cfg.weight_irc:
@@ -165,7 +173,8 @@ class AntiI2VObjective(Objective):
                 with torch.no_grad():
                     clean = sampler_run(model, self.clean_encoded, noise, cfg.sampler_steps, self.t_last,
                                         cfg.sampler_guidance)
-            adv = sampler_run(model, encoded, noise, cfg.sampler_steps, self.t_last, cfg.sampler_guidance)
+            adv = sampler_run(model, encoded, noise, cfg.sampler_steps, self.t_last, cfg.sampler_guidance,
+                              cfg.sampler_grad_steps)
             run = relative_sq_distance(adv, clean)
             loss = loss - cfg.weight_sampler * run
             parts["sampler"] = scalar(run)
@@ -204,7 +213,13 @@ def checkpoints_sampler(model: VideoModel) -> bool:
 
 
 def sampler_run(
-    model: VideoModel, image: EncodedImage, noise: torch.Tensor, steps: int, t_last: int, guided: bool = True
+    model: VideoModel,
+    image: EncodedImage,
+    noise: torch.Tensor,
+    steps: int,
+    t_last: int,
+    guided: bool = True,
+    grad_steps: int = 0,
 ) -> torch.Tensor:
     """Clean-latent prediction after ``steps`` deterministic sampler steps from ``noise``.
 
@@ -213,7 +228,8 @@ def sampler_run(
     deterministic DDIM step in any parametrisation the adapter noises with. With
     ``guided`` and a model that states its sampling guidance, each prediction is the
     classifier-free-guided one its pipeline samples with: guidance amplifies what the
-    photo changes in the prediction, and so it does here.
+    photo changes in the prediction, and so it does here. With ``grad_steps`` k > 0 only the
+    last k steps are differentiated through; the earlier ones run without gradients.
     """
     guidance = model.sampling_guidance() if guided else None
     timesteps = [round(t_last * (1 - k / steps)) for k in range(steps)]
@@ -230,8 +246,12 @@ def sampler_run(
         return free.x0 + weight * (result.x0 - free.x0), free.eps + weight * (result.eps - free.eps)
 
     x0, eps = torch.zeros_like(noise), noise
-    for t in timesteps:
-        if torch.is_grad_enabled() and checkpoints_sampler(model):
+    untracked = max(steps - grad_steps, 0) if grad_steps else 0
+    for index, t in enumerate(timesteps):
+        if index < untracked:
+            with torch.no_grad():
+                x0, eps = sampler_step(x0, eps, t)
+        elif torch.is_grad_enabled() and checkpoints_sampler(model):
             # keep one step's activations at a time on the GPU; the backward pass recomputes each step
             x0, eps = checkpoint(sampler_step, x0, eps, t, use_reentrant=False)
         else:
