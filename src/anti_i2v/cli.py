@@ -111,7 +111,7 @@ def protect(
     compile_denoiser: Annotated[bool, typer.Option("--compile", help="Compile the denoiser's blocks (torch.compile): same numbers; the first step compiles.")] = False,
     attention: Annotated[str, typer.Option(help="Attention kernel: auto (PyTorch's fastest for the inputs), flash, efficient, cudnn or math.")] = "auto",
     fmt: Annotated[str, typer.Option("--format", help="png (lossless, default), or jpg / webp (lossy: weakens protection).")] = "png",
-    step_size: Annotated[Optional[float], typer.Option(help="RGB step in [0,1] units (default: the method's; the default method's is max(1/255, 2.5*eps/steps)).")] = None,
+    step_size: Annotated[Optional[float], typer.Option(help="RGB step in [0,1] units (default: the method's; the default method's is 5*eps/steps, at most eps and at least 1/255).")] = None,
     dct_band: Annotated[Optional[float], typer.Option(help="Share of the lowest DCT frequencies per axis that may change (default 0.25).")] = None,
     dct_block: Annotated[Optional[int], typer.Option(help="DCT tile size; 0 for one global DCT (default 8).")] = None,
     dual_period: Annotated[Optional[int], typer.Option(help="Steps per stage before the dual space switches Lab <-> DCT (default 1).")] = None,

@@ -22,7 +22,7 @@ DEFAULT_PROMPT = "a person moving naturally, looking at the camera, high quality
 # eps (in [0, 1] units), steps and early stopping of each preset, shown in `anti-i2v protect --help`.
 # Chosen from the strength-against-steps curves on the trained testbeds (docs/results/steps.md):
 # with its step rule (`methods.step_for_run_length`) the default's video effect at 10 steps is 98
-# to 99% of its effect at 200 on both testbeds, and 5 steps give 97%. Its loss keeps falling slowly
+# to 100% of its effect at 200 on both testbeds, and 5 steps give 97%. Its loss keeps falling slowly
 # after the video has stopped moving, so a loss-based stop runs long: `strong` alone stops early.
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"eps": 8 / 255, "steps": 5},
@@ -108,7 +108,8 @@ class ProtectConfig:
             method uses 4 on every family (it held the strength on both trained testbeds).
         sampler_grad_steps: a speed lever of the sampler divergence (ours): 0 differentiates
             through every sampler step; k > 0 runs the first steps without gradients and
-            differentiates through the last k only (the loss is the same, the gradient a truncated one).
+            differentiates through the last k only (the loss is the same, the gradient a truncated one);
+            k >= ``sampler_steps`` is every step. Measured weaker on CogVideoX: no default.
         irc_shallow, irc_deep: IRC pulls the deep blocks' features to the shallow block's;
             indices, negative from the end. None picks them from the model's depth: the paper's
             block 3 and last three blocks where the model has three blocks after block 3,

@@ -6,7 +6,7 @@ seed. ``random`` is uniform noise of the full budget, for reference.
 
 | name | objective | space |
 |---|---|---|
-| anti-i2v | sampler divergence: a guided 4-step sampler run pushed away from the clean photo's (the default, chosen by measurement); on Stable Video Diffusion also - L_DM | rgb, steps of 2.5 eps / steps, at least 1/255 |
+| anti-i2v | sampler divergence: a guided 4-step sampler run pushed away from the clean photo's (the default, chosen by measurement); on Stable Video Diffusion also - L_DM | rgb, steps of 5 eps / steps, at most eps and at least 1/255 |
 | anti-i2v-paper | IRC + IRA + aux - L_DM | dual (the paper's method) |
 | anti-i2v-paper-rgb | - L_DM | rgb (ablation: "RGB only") |
 | anti-i2v-paper-lab | - L_DM | lab (ablation: "+ Lab") |
@@ -92,7 +92,8 @@ def step_for_run_length(settings: dict[str, Any]) -> float:
 
 
 # The default, chosen on the trained testbeds (docs/results/strength.md): the sampler divergence
-# alone, RGB sign-PGD with 1/255 steps (larger on short runs); the saved photo is then kept at
+# alone, RGB sign-PGD with steps that follow the run length (1/255 on long runs, up to eps on short
+# ones: `step_for_run_length`); the saved photo is then kept at
 # 31.35 dB PSNR or more, no more visible than AdvDM's at the same eps and 50 to 200 steps on
 # either testbed (at most 31.30 dB). The reference video only sizes the noise: "repeat" is free.
 # Four pooled sampler noises (the clean photo's runs computed once) held the strength at a fifth
