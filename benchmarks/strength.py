@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 import anti_i2v  # noqa: E402
 from anti_i2v.atomic import write_atomic, write_json_atomic  # noqa: E402
-from anti_i2v.config import ProtectConfig  # noqa: E402
+from anti_i2v.config import DEFAULT_PRESET, PRESETS, ProtectConfig  # noqa: E402
 from anti_i2v.errors import ConfigError  # noqa: E402
 from anti_i2v.evaluation.generate import GenerationSettings, generate_video  # noqa: E402
 from anti_i2v.evaluation.metrics.fidelity import fidelity  # noqa: E402
@@ -250,9 +250,15 @@ def summarise(records: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
     return table
 
 
-# The presets: `fast` is `anti-i2v@5`, `balanced` `anti-i2v@10`, `strong` `anti-i2v:early_stop=20@200`.
-SUMMARY_METHODS = ("anti-i2v", "anti-i2v:early_stop=20", "advdm", "mist", "photoguard", "sds", "anti-i2v-paper",
-                   "random")
+def preset_spec(name: str) -> str:
+    """The ``method@steps`` row of the default that preset ``name`` runs, e.g. ``anti-i2v@10``."""
+    preset = PRESETS[name]
+    stop = f":early_stop={preset['early_stop']}" if preset.get("early_stop") else ""
+    return f"anti-i2v{stop}@{preset['steps']}"
+
+
+SUMMARY_METHODS = (*dict.fromkeys(preset_spec(n).rsplit("@", 1)[0] for n in PRESETS), "advdm", "mist", "photoguard",
+                   "sds", "anti-i2v-paper", "random")
 
 
 def summary_markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -284,8 +290,8 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], settings: dict[str, An
              "the saved file against the original (FLIP: mean error, lower = less visible).", "",
              "## Summary", "", "Resize + JPEG 75 is `social192`: a 192-px cap on the long edge, then JPEG 75, which "
              "is to the testbeds' 128-px-wide input what a 1080-px upload cap is to CogVideoX's 720-px one. "
-             "The presets are `anti-i2v@5` (`fast`), `anti-i2v@10` (`balanced`, the default) and "
-             "`anti-i2v:early_stop=20@200` (`strong`).", "",
+             "The presets are " + ", ".join(f"`{preset_spec(n)}` (`{n}`" + (", the default)" if n == DEFAULT_PRESET
+                                                                             else ")") for n in PRESETS) + ".", "",
              *[f"At {k} steps the battery is {', '.join(v)} only (worst kept over those)." for k, v in
                settings.get("battery_at", {}).items()], "", summary_markdown(table), ""]
     if settings.get("reused"):

@@ -53,6 +53,18 @@ def photos(tmp_path_factory, portrait):
     return folder
 
 
+def test_what_one_photo_cannot_give_is_not_skipped_for_the_next(portrait):
+    scorer = VideoScorer(dino=None, qalign=None)  # its own: this test changes what it skips
+    assert set(scorer.unavailable) >= {"dino", "qalign"} and scorer.skipped == scorer.unavailable
+    face = portrait[0]
+    video = face.unsqueeze(0).repeat(2, 1, 1, 1)
+    scorer.prepare(torch.zeros_like(face), video)  # no face in it
+    assert "ism" in scorer.skipped
+    scorer.skipped["motion"] = "what scoring this photo's videos could not measure"
+    scorer.prepare(face, video)
+    assert scorer.skipped == scorer.unavailable and "ism" not in scorer.unavailable
+
+
 def test_verify_writes_every_part_of_the_report(tmp_path, photos, tiny_model, scorer):
     protected = anti_i2v.protect(photos / "astronaut.png", tiny_model, out=tmp_path / "p", steps=3,
                                  prompt=SETTINGS.prompt).path

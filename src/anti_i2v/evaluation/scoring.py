@@ -88,31 +88,31 @@ class VideoScorer:
         face_quality: str | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        self.skipped: dict[str, str] = {}
+        # what this scorer cannot measure on any photo (a setting of the run); `skipped` starts from
+        # it for each photo and adds what that photo cannot give (no face in it, say)
+        self.unavailable: dict[str, str] = {}
         self.dino = None
         if dino is not None and dino_available(dino):
             self.dino = DinoSimilarity.from_pretrained(dino, device=device)
         else:
-            self.skipped["dino"] = f"no local weights for '{dino}' (download them or pass --dino-model DIR)"
+            self.unavailable["dino"] = f"no local weights for '{dino}' (download them or pass --dino-model DIR)"
         self.qalign = self._optional("qalign", lambda: QAlign.from_pretrained(qalign, device=device), qalign)
         self.face_quality = self._optional("face_quality", lambda: FaceQuality.from_file(face_quality, device=device), True)
         # ArcFace (the paper's identity model) when it is installed with its weights, else dlib
         self.faces = ArcFaceIdentity() if arcface_available() else shared_faces()
         self.identity_model = "arcface" if isinstance(self.faces, ArcFaceIdentity) else "dlib"
-        # what this scorer cannot measure on any photo (a setting of the run); `skipped` adds
-        # what the photo being scored cannot give (no face in it, say)
-        self.unavailable: dict[str, str] = dict(self.skipped)
+        self.skipped: dict[str, str] = dict(self.unavailable)
         self.clean_photo: torch.Tensor | None = None
         self.clean_video: torch.Tensor | None = None
 
     def _optional(self, name: str, load, wanted) -> object | None:
         if not wanted:
-            self.skipped[name] = "turned off"
+            self.unavailable[name] = "turned off"
             return None
         try:
             return load()
         except (Skipped, ModelError) as reason:
-            self.skipped[name] = str(reason)
+            self.unavailable[name] = str(reason)
             return None
 
     def prepare(self, clean_photo: torch.Tensor, clean_video: torch.Tensor) -> None:
@@ -120,11 +120,9 @@ class VideoScorer:
         self.clean_photo = clean_photo
         self.clean_video = clean_video
         self.clean_face = self.faces.embed(clean_photo)
+        self.skipped = dict(self.unavailable)  # what the previous photo could not give does not carry over
         if self.clean_face is None:
             self.skipped["ism"] = self.skipped["fdfr"] = "no face found in the clean photo"
-        else:
-            self.skipped.pop("ism", None)
-            self.skipped.pop("fdfr", None)
 
     def score(self, video: torch.Tensor) -> dict[str, float]:
         """Every available metric of ``video`` (F, 3, h, w) in [0, 1]."""

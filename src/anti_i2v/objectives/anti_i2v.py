@@ -246,7 +246,7 @@ def sampler_run(
         return free.x0 + weight * (result.x0 - free.x0), free.eps + weight * (result.eps - free.eps)
 
     x0, eps = torch.zeros_like(noise), noise
-    untracked = max(steps - grad_steps, 0) if grad_steps else 0
+    untracked = steps - grad_steps if 0 < grad_steps < steps else 0
     for index, t in enumerate(timesteps):
         if index < untracked:
             with torch.no_grad():
