@@ -5,7 +5,7 @@ video, as in `strength.py`, whose runs and cache it shares) at each step count, 
 of the same method's effect at the most steps measured and as a ratio to AdvDM at 60
 steps; and the default with early stopping (``--early-stop STEPS:PATIENCE``: at most STEPS
 steps, stopping once PATIENCE steps gain nothing), with the steps it actually took. The
-presets are chosen from this table (`fast` is 5 steps, `balanced` 10, `strong` 200:20).
+presets are chosen from this table (`fast` is 3 steps, `balanced` 5, `strong` 200:20).
 
     python benchmarks/steps.py                     # both testbeds, 2 prompts of CogVideoX
     python benchmarks/steps.py --testbeds cogvideox --steps 10,20,60 --early-stop 60:10

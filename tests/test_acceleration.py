@@ -179,7 +179,7 @@ def test_a_noise_pool_gives_the_plain_loss_and_gradient_of_the_noise_it_picks(ph
     picked = set()
     for seed in range(4):
         loss, grad = loss_and_gradient(pooled, seed)
-        candidates = [loss_and_gradient(plain, seed, noise) for noise, _ in pooled.noise_pool]
+        candidates = [loss_and_gradient(plain, seed, noise) for noise, *_ in pooled.noise_pool]
         matches = [i for i, (loss_p, grad_p) in enumerate(candidates)
                    if loss_p == pytest.approx(loss, rel=1e-5) and torch.allclose(grad_p, grad, rtol=1e-3, atol=1e-6)]
         assert len(matches) == 1
@@ -228,3 +228,30 @@ def test_differentiating_the_last_sampler_steps_keeps_the_loss_and_the_gradient_
         assert torch.cosine_similarity(grad, plain_grad, dim=0) > 0.3
     with pytest.raises(ConfigError, match="sampler_grad_steps"):
         ProtectConfig(sampler_grad_steps=-1)
+
+
+def test_the_guidance_branch_without_gradients_keeps_the_loss_and_the_gradient_direction(photo):
+    """``sampler_unconditional="detached"`` gives the plain loss and a gradient close to, but
+    not equal to, the plain one; it runs no pass more than the plain path."""
+    model = _tiny()
+    settings = dict(prompt=PROMPT, weight_irc=0, weight_ira=0, weight_dm=0, weight_sampler=1, sampler_steps=3,
+                    sampler_noise_pool=1)
+
+    def loss_and_gradient(mode: str) -> tuple[float, torch.Tensor, int]:
+        objective = AntiI2VObjective(model, ProtectConfig(sampler_unconditional=mode, **settings))
+        objective.prepare(model, photo)
+        draw = draw_step(torch.Generator().manual_seed(3), objective.latent_shape(), (0, 999))
+        x_adv = (photo + 2 / 255).clamp(0, 1).requires_grad_(True)
+        passes = []
+        hook = model.transformer.register_forward_hook(lambda *_: passes.append(1))
+        output = objective(x_adv, draw)
+        hook.remove()
+        return float(output.loss.detach()), torch.autograd.grad(output.loss, x_adv)[0].flatten(), len(passes)
+
+    plain_loss, plain_grad, plain_passes = loss_and_gradient("tracked")
+    loss, grad, passes = loss_and_gradient("detached")
+    assert loss == pytest.approx(plain_loss, rel=1e-6) and passes == plain_passes
+    assert not torch.allclose(grad, plain_grad)
+    assert torch.cosine_similarity(grad, plain_grad, dim=0) > 0.9
+    with pytest.raises(ConfigError, match="sampler_unconditional"):
+        ProtectConfig(sampler_unconditional="skipped")

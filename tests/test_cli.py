@@ -105,7 +105,7 @@ def test_models_lists_names_hub_ids_and_local_weights():
 def test_help_states_presets_in_unit_range():
     result = run("protect", "--help")
     flat = " ".join(result.text.replace("│", " ").split())  # the help box wraps lines
-    assert "fast: eps 8/255 (0.0314), 5 steps" in flat and "200 steps, or fewer" in flat
+    assert "fast: eps 8/255 (0.0314), 3 steps" in flat and "200 steps, or fewer" in flat
     assert "[0,1] pixel units" in result.text
 
 

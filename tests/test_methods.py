@@ -51,14 +51,15 @@ def test_the_default_takes_its_family_settings_only_for_one_family_and_explicit_
     assert ProtectConfig.from_preset("fast", families=["svd"], weight_dm=0.5).weight_dm == 0.5
     assert ProtectConfig.from_preset("fast", families=["svd"], method="advdm").weight_dm == 1  # its own L_DM
     assert ProtectConfig.from_preset("fast", families=["svd"], method="anti-i2v-paper").weight_irc == 1
-    assert ProtectConfig.from_preset(families=["cogvideox"]).sampler_noise_pool == 4
-    assert ProtectConfig.from_preset(families=["svd"]).sampler_noise_pool == 4
+    assert ProtectConfig.from_preset(families=["cogvideox"]).sampler_noise_pool == 2
+    assert ProtectConfig.from_preset(families=["svd"]).sampler_noise_pool == 2
 
 
 def test_the_default_step_follows_the_run_length_unless_set():
     """5 eps / steps, between 1/255 and eps: short runs take larger steps, long ones the tuned 1/255."""
-    assert ProtectConfig.from_preset("fast").step_size == pytest.approx(8 / 255)  # 5 steps at 8/255
-    assert ProtectConfig.from_preset("balanced").step_size == pytest.approx(4 / 255)  # 10 steps
+    assert ProtectConfig.from_preset("fast").step_size == pytest.approx(8 / 255)  # 3 steps: at most eps
+    assert ProtectConfig.from_preset("balanced").step_size == pytest.approx(8 / 255)  # 5 steps
+    assert ProtectConfig.from_preset("balanced", steps=10).step_size == pytest.approx(4 / 255)
     assert ProtectConfig.from_preset("balanced", steps=20).step_size == pytest.approx(2 / 255)  # explicit steps
     assert ProtectConfig.from_preset("balanced", steps=3).step_size == pytest.approx(8 / 255)  # at most eps
     assert ProtectConfig.from_preset("strong").step_size == 1 / 255

@@ -128,7 +128,7 @@ def protect(
     checkpoint_every: Annotated[int, typer.Option(help="Save optimisation state every N steps, to resume after a crash.")] = 0,
     early_stop: Annotated[Optional[int], typer.Option(help="Stop once the loss has stopped improving over this many steps; 0 runs every step (default: the preset's).")] = None,
     sampler_steps: Annotated[Optional[int], typer.Option(help="Steps of the guided sampler the default method differentiates through (default 4; 2 halves the cost of a step).")] = None,
-    sampler_noise_pool: Annotated[Optional[int], typer.Option(help="Draw this many sampler noises once and run the clean photo's sampler from each once, instead of fresh noise and a clean run every step (a fifth to a third faster per step); 0 for fresh noise every step (default: the method's, 4 for anti-i2v).")] = None,
+    sampler_noise_pool: Annotated[Optional[int], typer.Option(help="Draw this many sampler noises once and run the clean photo's sampler from each once, instead of fresh noise and a clean run every step (a fifth to a third faster per step); 0 for fresh noise every step (default: the method's, 2 for anti-i2v).")] = None,
     frame_share: Annotated[Optional[float], typer.Option(help="Optimise on about this share of the model's frames, e.g. 0.5 (faster; the attacker's videos keep every frame); default 1.")] = None,
     model_weights: Annotated[Optional[str], typer.Option(help="With several --model: each one's weight in the sum, e.g. 2,1 (default: all 1).")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray", help="Run the batch on Ray: local (start an instance here), auto (join this machine's cluster) or a cluster address; one worker per GPU, or per CPU slot.")] = None,

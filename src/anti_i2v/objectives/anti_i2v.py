@@ -174,7 +174,7 @@ class AntiI2VObjective(Objective):
                     clean = sampler_run(model, self.clean_encoded, noise, cfg.sampler_steps, self.t_last,
                                         cfg.sampler_guidance)
             adv = sampler_run(model, encoded, noise, cfg.sampler_steps, self.t_last, cfg.sampler_guidance,
-                              cfg.sampler_grad_steps)
+                              cfg.sampler_grad_steps, cfg.sampler_unconditional)
             run = relative_sq_distance(adv, clean)
             loss = loss - cfg.weight_sampler * run
             parts["sampler"] = scalar(run)
@@ -220,6 +220,7 @@ def sampler_run(
     t_last: int,
     guided: bool = True,
     grad_steps: int = 0,
+    unconditional: str = "tracked",
 ) -> torch.Tensor:
     """Clean-latent prediction after ``steps`` deterministic sampler steps from ``noise``.
 
@@ -230,30 +231,42 @@ def sampler_run(
     classifier-free-guided one its pipeline samples with: guidance amplifies what the
     photo changes in the prediction, and so it does here. With ``grad_steps`` k > 0 only the
     last k steps are differentiated through; the earlier ones run without gradients.
+    ``unconditional`` "detached" runs the guidance branch without gradients (the same loss,
+    a cheaper and different gradient); "tracked" differentiates through it.
     """
     guidance = model.sampling_guidance() if guided else None
     timesteps = [round(t_last * (1 - k / steps)) for k in range(steps)]
 
-    def sampler_step(x0: torch.Tensor, eps: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        step = torch.tensor([t])
-        result = model.denoise(image, x0, step, eps, with_eps=True)
+    def guidance_branch(x0: torch.Tensor, eps: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        free = model.denoise_unconditional(image, x0, torch.tensor([t]), eps)
+        assert free.x0 is not None and free.eps is not None
+        return free.x0, free.eps
+
+    def sampler_step(
+        x0: torch.Tensor, eps: torch.Tensor, t: int, free: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        result = model.denoise(image, x0, torch.tensor([t]), eps, with_eps=True)
         if result.x0 is None or result.eps is None:
             raise ConfigError(f"'{model.name}' does not give clean-latent predictions, so the sampler term does not apply")
         if guidance is None:
             return result.x0, result.eps
-        free = model.denoise_unconditional(image, x0, step, eps)
+        free_x0, free_eps = free if free is not None else guidance_branch(x0, eps, t)
         weight = guidance.to(result.x0.device, result.x0.dtype)
-        return free.x0 + weight * (result.x0 - free.x0), free.eps + weight * (result.eps - free.eps)
+        return free_x0 + weight * (result.x0 - free_x0), free_eps + weight * (result.eps - free_eps)
 
     x0, eps = torch.zeros_like(noise), noise
     untracked = steps - grad_steps if 0 < grad_steps < steps else 0
     for index, t in enumerate(timesteps):
+        free = None
+        if guidance is not None and unconditional == "detached":
+            with torch.no_grad():  # outside the checkpoint below, so the backward pass does not recompute it
+                free = guidance_branch(x0, eps, t)
         if index < untracked:
             with torch.no_grad():
-                x0, eps = sampler_step(x0, eps, t)
+                x0, eps = sampler_step(x0, eps, t, free)
         elif torch.is_grad_enabled() and checkpoints_sampler(model):
             # keep one step's activations at a time on the GPU; the backward pass recomputes each step
-            x0, eps = checkpoint(sampler_step, x0, eps, t, use_reentrant=False)
+            x0, eps = checkpoint(sampler_step, x0, eps, t, free, use_reentrant=False)
         else:
-            x0, eps = sampler_step(x0, eps, t)
+            x0, eps = sampler_step(x0, eps, t, free)
     return x0
