@@ -250,15 +250,20 @@ def summarise(records: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
     return table
 
 
-def preset_spec(name: str) -> str:
-    """The ``method@steps`` row of the default that preset ``name`` runs, e.g. ``anti-i2v@10``."""
-    preset = PRESETS[name]
-    stop = f":early_stop={preset['early_stop']}" if preset.get("early_stop") else ""
-    return f"anti-i2v{stop}@{preset['steps']}"
+def preset_method(name: str) -> str:
+    """The method spec of the default that preset ``name`` runs, e.g. ``anti-i2v:early_stop=20``."""
+    stop = PRESETS[name].get("early_stop")
+    return f"anti-i2v:early_stop={stop}" if stop else "anti-i2v"
 
 
-SUMMARY_METHODS = (*dict.fromkeys(preset_spec(n).rsplit("@", 1)[0] for n in PRESETS), "advdm", "mist", "photoguard",
-                   "sds", "anti-i2v-paper", "random")
+def preset_label(name: str) -> str:
+    """The summary row of preset ``name`` and its name, e.g. ```anti-i2v@5` (`balanced`, the default)``."""
+    default = ", the default" if name == DEFAULT_PRESET else ""
+    return f"`{preset_method(name)}@{PRESETS[name]['steps']}` (`{name}`{default})"
+
+
+SUMMARY_METHODS = (*dict.fromkeys(preset_method(n) for n in PRESETS), "advdm", "mist", "photoguard", "sds",
+                   "anti-i2v-paper", "random")
 
 
 def summary_markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -290,8 +295,7 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], settings: dict[str, An
              "the saved file against the original (FLIP: mean error, lower = less visible).", "",
              "## Summary", "", "Resize + JPEG 75 is `social192`: a 192-px cap on the long edge, then JPEG 75, which "
              "is to the testbeds' 128-px-wide input what a 1080-px upload cap is to CogVideoX's 720-px one. "
-             "The presets are " + ", ".join(f"`{preset_spec(n)}` (`{n}`" + (", the default)" if n == DEFAULT_PRESET
-                                                                             else ")") for n in PRESETS) + ".", "",
+             "The presets are " + ", ".join(preset_label(n) for n in PRESETS) + ".", "",
              *[f"At {k} steps the battery is {', '.join(v)} only (worst kept over those)." for k, v in
                settings.get("battery_at", {}).items()], "", summary_markdown(table), ""]
     if settings.get("reused"):
