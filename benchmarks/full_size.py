@@ -10,11 +10,13 @@ the tool frees before optimising.
     python benchmarks/full_size.py --meta-step svd-xt  # one full-size step on the meta device
     python benchmarks/full_size.py --memory-plan cogvideox  # weights on the GPU per memory mode
     python benchmarks/full_size.py --flops cogvideox  # TFLOPs per optimisation step, per objective and frames
+    python benchmarks/full_size.py --peak-memory cogvideox  # estimated peak GPU memory per memory mode
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -297,6 +299,63 @@ def memory_plan(name: str) -> dict:
     return {mode: round(resident_weight_bytes(model, mode) / gib, 2) for mode in MEMORY_MODES}
 
 
+def peak_memory(name: str, spec: str = "anti-i2v", shares: tuple[float, ...] = (1.0,)) -> list[dict]:
+    """Estimated peak accelerator memory of a protection in each memory mode, in GiB, on a share of
+    the frames: the weights the mode keeps on the accelerator (`memory_plan`) plus the working
+    memory of the method's preparation and of one optimisation step, counted on the meta device
+    as a GPU runs them (checkpointed denoiser blocks, and sampler passes but in ``max``; fused
+    attention; `memory_estimate`). ``sequential`` keeps what autograd saves in the VAE encoder
+    in CPU memory. A step's peak is every step's: nothing carries over from one to the next."""
+    from anti_i2v.config import MEMORY_MODES
+    from anti_i2v.memory import layer_modules, resident_weight_bytes
+    from memory_estimate import LiveTensorBytes, fused_attention, host_saved_tensors
+    from strength import parse_method
+
+    model = FULL_SIZE[name](True, device="meta")
+    if name == "cogvideox":
+        model.pipe.text_encoder = _t5_xxl("meta")
+    x = torch.rand(1, 3, *model.resolution).to("meta")
+    method, overrides = parse_method(spec)
+    config = ProtectConfig.from_preset(families=[model.family], method=method, **{**overrides, "reference": "repeat"})
+    gib = 1024**3
+
+    def working(mode: str) -> tuple[int, int]:
+        objective = get_method(method).build(model, config, None, None)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(fused_attention())
+            stack.callback(setattr, model, "memory_mode", model.memory_mode)
+            model.memory_mode = mode  # read by the sampler (`max` keeps its passes' activations)
+            if mode == "sequential":
+                stack.enter_context(host_saved_tensors(layer_modules(model, "vae_encoder")))
+            with LiveTensorBytes() as counted:
+                objective.prepare(model, x)
+                prepared = counted.peak
+                draw = draw_step(torch.Generator().manual_seed(0), objective.latent_shape(), (500, 500))
+                counted.reset_peak()
+                image = x.clone().requires_grad_(True)
+                torch.autograd.grad(objective(image, draw).loss, image)
+                return prepared, counted.peak
+
+    rows = []
+    for share in shares:
+        with model.fewer_frames(share) as frames:
+            row: dict = {"frames": frames, "frame_share": share, "method": spec}
+            for mode in MEMORY_MODES:
+                if mode == "sequential" and not model.checkpoints_whole_blocks:
+                    continue
+                prepared, step = working(mode)
+                weights = resident_weight_bytes(model, mode)
+                # the text encoder is freed (full) or never on the accelerator (the others) once the prompt is encoded
+                after_prompt = weights - (resident_weight_bytes(model, "full") - resident_weight_bytes(model, "offload")
+                                          if mode in ("max", "full") else 0)
+                row[mode] = {"weights_gib": round(weights / gib, 2),
+                             "prepare_working_gib": round(prepared / gib, 2),
+                             "step_working_gib": round(step / gib, 2),
+                             "peak_gib": round(max(weights, after_prompt + max(prepared, step)) / gib, 2)}
+            rows.append(row)
+    return rows
+
+
 # the objectives counted per step: AdvDM's, the default's with its clean runs pooled and with fresh
 # noise every step (a clean run per step), and with two sampler steps (pooled)
 FLOP_SPECS = ("advdm", "anti-i2v:sampler_noise_pool=4", "anti-i2v:sampler_noise_pool=0",
@@ -348,13 +407,20 @@ if __name__ == "__main__":
     parser.add_argument("--memory-plan", default=None,
                         help="models whose weights on the accelerator per memory mode to print, in GiB")
     parser.add_argument("--flops", default=None, help="models whose TFLOPs per optimisation step to count")
+    parser.add_argument("--peak-memory", default=None, help="models whose peak accelerator memory per mode to estimate")
+    parser.add_argument("--method", default="anti-i2v", help="the method whose peak memory to estimate (a spec)")
+    parser.add_argument("--frame-shares", default="1", help="shares of the frames to estimate the peak memory at")
     args = parser.parse_args()
+    if args.peak_memory:
+        shares = tuple(float(s) for s in args.frame_shares.split(","))
+        print(json.dumps({name: peak_memory(name, args.method, shares) for name in args.peak_memory.split(",")},
+                         indent=2))
     if args.flops:
         print(json.dumps({name: step_flops(name) for name in args.flops.split(",")}, indent=2))
     if args.memory_plan:
         print(json.dumps({name: memory_plan(name) for name in args.memory_plan.split(",")}, indent=2))
     if args.meta_step:
         print(json.dumps({name: meta_step(name) for name in args.meta_step.split(",")}, indent=2))
-    if not (args.memory_plan or args.meta_step or args.flops):
+    if not (args.memory_plan or args.meta_step or args.flops or args.peak_memory):
         print(json.dumps(parameter_counts(), indent=2))
     sys.exit(0)

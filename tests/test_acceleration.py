@@ -190,8 +190,9 @@ def test_a_noise_pool_gives_the_plain_loss_and_gradient_of_the_noise_it_picks(ph
 
 
 def test_the_default_step_runs_only_the_sampler_passes(photo):
-    """The sampler divergence alone runs two passes per sampler step (conditional and
-    unconditional) and no pass on the noised reference video, which no term of it reads."""
+    """The sampler divergence alone runs two passes per guided sampler step (conditional and
+    unconditional), one per unguided step, and no pass on the noised reference video, which no
+    term of it reads. The default guides the first two of its four sampler steps."""
     model = _tiny()
     objective = AntiI2VObjective(model, ProtectConfig.from_preset("balanced", "anti-i2v", prompt=PROMPT))
     objective.prepare(model, photo)
@@ -200,7 +201,9 @@ def test_the_default_step_runs_only_the_sampler_passes(photo):
     draw = draw_step(torch.Generator().manual_seed(0), objective.latent_shape(), (0, 999))
     objective((photo + 2 / 255).clamp(0, 1).requires_grad_(True), draw)
     hook.remove()
-    assert len(passes) == 2 * objective.config.sampler_steps
+    config = objective.config
+    assert (config.sampler_steps, config.sampler_guided_steps) == (4, 2)
+    assert len(passes) == config.sampler_steps + config.sampler_guided_steps == 6
 
 
 def test_differentiating_the_last_sampler_steps_keeps_the_loss_and_the_gradient_direction(photo):
@@ -255,3 +258,43 @@ def test_the_guidance_branch_without_gradients_keeps_the_loss_and_the_gradient_d
     assert torch.cosine_similarity(grad, plain_grad, dim=0) > 0.9
     with pytest.raises(ConfigError, match="sampler_unconditional"):
         ProtectConfig(sampler_unconditional="skipped")
+
+
+def test_guiding_some_sampler_steps_runs_one_pass_in_the_others(photo):
+    """``sampler_guided_steps`` k guides the first k sampler steps (the last -k when negative): the
+    others run the conditional pass alone, for the clean run as for the protected photo's."""
+    import anti_i2v.objectives.anti_i2v as anti
+
+    model = _tiny()
+    shape = model.encode_video(model.repeat_frames(photo)).shape
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    encoded = model.encode_image(photo, (), torch.Generator().manual_seed(0))
+
+    def run(guided_steps: int) -> tuple[torch.Tensor, list[bool]]:
+        guided = []
+        unconditional = model.denoise_unconditional
+        model.denoise_unconditional = lambda *a, **k: guided.append(True) or unconditional(*a, **k)
+        try:
+            with torch.no_grad():
+                return anti.sampler_run(model, encoded, noise, 3, 999, guided_steps=guided_steps), guided
+        finally:
+            del model.denoise_unconditional
+
+    every, every_passes = run(0)
+    assert len(every_passes) == 3
+    first, first_passes = run(1)
+    last, last_passes = run(-2)
+    assert len(first_passes) == 1 and len(last_passes) == 2
+    assert not torch.allclose(first, every) and not torch.allclose(last, every) and not torch.allclose(first, last)
+    torch.testing.assert_close(run(3)[0], every)
+    torch.testing.assert_close(run(-3)[0], every)
+    with torch.no_grad():
+        assert not torch.allclose(anti.sampler_run(model, encoded, noise, 3, 999, guided=False), every)
+    config = ProtectConfig(prompt=PROMPT, weight_irc=0, weight_ira=0, weight_dm=0, weight_sampler=1, sampler_steps=3,
+                           sampler_noise_pool=1, sampler_guided_steps=1)
+    objective = AntiI2VObjective(model, config)
+    objective.prepare(model, photo)
+    ((pooled_noise, pooled_run),) = objective.noise_pool
+    with torch.no_grad():
+        clean_run = anti.sampler_run(model, objective.clean_encoded, pooled_noise, 3, objective.t_last, guided_steps=1)
+    torch.testing.assert_close(pooled_run, clean_run)

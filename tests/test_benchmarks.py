@@ -76,3 +76,20 @@ def test_every_full_size_configuration_runs_one_step_on_the_meta_device():
         assert record["default"]["gradient"] == record["t100"]["gradient"], name
         assert "sampler" in record["default"]["terms"], name
     assert "dm" in steps["svd-xt"]["default"]["terms"]  # the family's own setting
+
+
+def test_peak_memory_per_mode_is_estimated_on_the_meta_device():
+    """Weights plus the working memory counted as a GPU runs a step; lighter modes hold less."""
+    printed = subprocess.run([sys.executable, "full_size.py", "--peak-memory", "cogvideox", "--frame-shares", "0.25",
+                              "--method", "anti-i2v:sampler_steps=1;sampler_noise_pool=1"], cwd=BENCHMARKS,
+                             check=True, capture_output=True, text=True, timeout=600).stdout
+    (row,) = json.loads(printed)["cogvideox"]
+    kept, full, offload, sequential = row["max"], row["full"], row["offload"], row["sequential"]
+    assert row["frames"] == 9 and full["weights_gib"] > offload["weights_gib"] > 5 > sequential["weights_gib"]
+    # max keeps every sampler pass's activations: more working memory for the same weights
+    assert kept["weights_gib"] == full["weights_gib"] and kept["step_working_gib"] > full["step_working_gib"]
+    for mode in (kept, full, offload, sequential):
+        assert mode["peak_gib"] >= mode["weights_gib"] and mode["step_working_gib"] > 0.5
+    # the VAE encoder's saved activations wait in CPU memory in sequential
+    assert sequential["step_working_gib"] < offload["step_working_gib"] == full["step_working_gib"]
+    assert sequential["peak_gib"] < offload["peak_gib"] < full["peak_gib"]

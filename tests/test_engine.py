@@ -3,9 +3,12 @@ noise of the same budget, it holds the budget, and it resumes from checkpoints."
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from feature_shift import deep_feature_shift
 
@@ -169,6 +172,14 @@ def test_checkpointed_sampler_steps_give_the_same_loss_and_gradient(tiny_model, 
     noise = torch.randn(tiny_model.encode_video(tiny_model.repeat_frames(portrait_small)).shape,
                         generator=torch.Generator().manual_seed(2))
 
+    checkpointed_calls = []
+
+    def counted_checkpoint(function, *args, **kwargs):
+        checkpointed_calls.append(function.__name__)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(anti, "checkpoint", counted_checkpoint)
+
     def run(checkpointed):
         monkeypatch.setattr(anti, "checkpoints_sampler", lambda model: checkpointed)
         x = portrait_small.clone().requires_grad_(True)
@@ -179,6 +190,9 @@ def test_checkpointed_sampler_steps_give_the_same_loss_and_gradient(tiny_model, 
     (plain, plain_grad), (saved, saved_grad) = run(False), run(True)
     torch.testing.assert_close(saved, plain)
     torch.testing.assert_close(saved_grad, plain_grad, rtol=1e-4, atol=1e-7)
+    # each guided step's two denoiser passes are checkpointed apart: one pass's activations at a time
+    assert tiny_model.sampling_guidance() is not None
+    assert checkpointed_calls == ["conditional", "guidance_branch"] * 3
 
 
 def test_cosine_schedule_decays_to_a_tenth():
@@ -261,3 +275,32 @@ def test_the_default_method_has_a_psnr_floor_that_zero_turns_off():
     assert torch.equal(limit_saved_psnr(photo, protected, 8 / 255, 0), protected)
     with pytest.raises(ConfigError, match="min_psnr"):
         ProtectConfig(min_psnr=5)
+
+
+def test_the_reference_pass_beside_the_sampler_is_checkpointed_to_the_same_loss_and_gradient(
+        tiny_model, portrait_small, monkeypatch):
+    import anti_i2v.objectives.anti_i2v as anti
+
+    config = ProtectConfig(weight_irc=0.0, weight_ira=0.0, weight_dm=1.0, weight_sampler=1.0, sampler_steps=2,
+                           sampler_noise_pool=1, reference="repeat")
+    objective = AntiI2VObjective(tiny_model, config)
+    objective.prepare(tiny_model, portrait_small)
+    draw = draw_step(torch.Generator().manual_seed(3), objective.latent_shape(), (400, 400))
+    checkpointed_calls = []
+
+    def counted_checkpoint(function, *args, **kwargs):
+        checkpointed_calls.append(function.__name__)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(anti, "checkpoint", counted_checkpoint)
+
+    def run(checkpointed):
+        monkeypatch.setattr(anti, "checkpoints_sampler", lambda model: checkpointed)
+        x = portrait_small.clone().requires_grad_(True)
+        output = objective(x, dataclasses.replace(draw, generator=torch.Generator().manual_seed(4)))
+        return output.loss, torch.autograd.grad(output.loss, x)[0]
+
+    (plain, plain_grad), (saved, saved_grad) = run(False), run(True)
+    torch.testing.assert_close(saved, plain)
+    torch.testing.assert_close(saved_grad, plain_grad, rtol=1e-4, atol=1e-7)
+    assert checkpointed_calls[0] == "denoise" and checkpointed_calls.count("conditional") == 2

@@ -61,7 +61,8 @@ def test_sequential_mode_gives_the_loss_and_gradient_of_the_full_mode(portrait, 
 def test_lighter_modes_keep_fewer_weights_on_the_accelerator():
     model = _tiny("full")
     full, offload, sequential = (resident_weight_bytes(model, m) for m in ("full", "offload", "sequential"))
-    assert full > offload > sequential > 0
+    assert resident_weight_bytes(model, "max") == full > offload > sequential > 0
+    assert lighter_mode("max") == "full"
     assert lighter_mode("full") == "offload" and lighter_mode("offload") == "sequential"
     assert lighter_mode("sequential") is None
     with pytest.raises(ConfigError, match="memory mode"):
@@ -82,6 +83,21 @@ def test_offload_mode_runs_the_text_encoder_on_the_cpu():
     model = _tiny("offload")
     assert model.text_on_cpu and model.text_device().type == "cpu"
     assert model.pipe.text_encoder is not None and next(model.pipe.text_encoder.parameters()).device.type == "cpu"
+
+
+def test_max_mode_keeps_the_sampler_passes_activations_on_an_accelerator(monkeypatch):
+    """``max`` moves no weight; on an accelerator it is the one mode whose sampler passes are not
+    recomputed (checkpointed), and its out-of-memory line points to ``full``."""
+    import anti_i2v.objectives.anti_i2v as anti
+
+    model = _tiny("max")
+    assert model.memory_mode == "max" and not model.text_on_cpu
+    assert not anti.checkpoints_sampler(model)  # the CPU never checkpoints them
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    assert not anti.checkpoints_sampler(model)
+    model.memory_mode = "full"
+    assert anti.checkpoints_sampler(model)
+    assert "try --memory full" in out_of_memory_message([model], "max")
 
 
 def test_the_out_of_memory_line_names_the_lighter_mode():

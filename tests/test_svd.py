@@ -71,6 +71,29 @@ def test_gradients_of_features_and_loss_reach_the_photo(model, x):
     assert torch.isfinite(grad).all() and (grad != 0).float().mean() > 0.99
 
 
+def test_gradient_checkpointing_recomputes_the_transformers_too_and_changes_nothing(model, x):
+    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+
+    checkpointed = StableVideoDiffusionI2V.tiny(seed=0, gradient_checkpointing=True)
+    latents, noise, t = _draw(model, x)
+
+    def loss_and_gradient(m):
+        calls = []
+        for block in m.unet.modules():
+            if isinstance(block, TransformerSpatioTemporalModel):
+                block.proj_in.register_forward_hook(lambda *_: calls.append(1))
+        pixels = x.clone().requires_grad_(True)
+        loss = m.training_loss(pixels, latents, t, noise, torch.Generator().manual_seed(0))
+        forward_calls = len(calls)
+        return loss, torch.autograd.grad(loss, pixels)[0], forward_calls, len(calls)
+
+    plain_loss, plain_grad, plain_calls, plain_after = loss_and_gradient(StableVideoDiffusionI2V.tiny(seed=0))
+    loss, grad, calls, after = loss_and_gradient(checkpointed)
+    torch.testing.assert_close(loss, plain_loss)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-4, atol=1e-7)
+    assert plain_calls == plain_after == calls > 0 and after == 2 * calls  # each transformer ran again backwards
+
+
 def test_loss_is_the_edm_weighted_v_prediction_loss(model, x):
     latents, noise, t = _draw(model, x, t=700)
     encoded = model.encode_image(x, (), torch.Generator().manual_seed(2))
@@ -116,3 +139,19 @@ def test_a_local_folder_loads_and_missing_weights_fail_clearly(tmp_path, x):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no Stable Video Diffusion weights"):
         StableVideoDiffusionI2V.from_pretrained(str(tmp_path / "empty"), device="cpu", dtype=torch.float32)
+
+
+def test_a_video_encodes_a_few_frames_at_a_time_to_the_same_latents(model, x, monkeypatch):
+    import anti_i2v.models.svd as svd
+
+    frames = torch.stack([x[0] * (1 - k / 10) for k in range(model.num_frames)])
+    whole = model.encode_video(frames)
+    monkeypatch.setattr(svd, "ENCODE_FRAMES", 3)
+    calls = []
+    handle = model.vae.encoder.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape[0]))
+    try:
+        chunked = model.encode_video(frames)
+    finally:
+        handle.remove()
+    assert calls == [3, 3, 2]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)

@@ -1,7 +1,14 @@
 """Memory modes: how much of a model sits on the accelerator at once.
 
+``max``
+    As ``full``, and the differentiated denoiser passes of the default's sampler keep their
+    activations until the backward pass instead of being recomputed in it: a step costs
+    four forward passes' worth per pass instead of five, for the activations of every pass at
+    once (about 22 GiB more on CogVideoX-5B by the meta-device estimate). For 80 GB cards.
 ``full``
-    Every weight on the accelerator; the text encoder runs there once, then is freed. Fastest.
+    Every weight on the accelerator; the text encoder runs there once, then is freed. Each
+    differentiated denoiser pass of the sampler is recomputed in the backward pass, so that
+    one pass's activations are held at a time.
 ``offload``
     The text encoder runs on the CPU and never reaches the accelerator; the denoiser
     recomputes its blocks in the backward pass (gradient checkpointing); the VAE decodes
@@ -73,7 +80,7 @@ def resident_weight_bytes(model: VideoModel, mode: str) -> int:
     """
     check_memory_mode(mode)
     everything = module_bytes(model.weight_modules())
-    if mode == "full":
+    if mode in ("max", "full"):
         return everything
     text = module_bytes(model.text_encoders())
     if mode == "offload":
@@ -169,15 +176,16 @@ def tile_decoding(vae: nn.Module) -> None:
 def apply_memory_mode(model: VideoModel, mode: str) -> VideoModel:
     """Set ``model`` up for ``mode`` (see the module docstring); returns it.
 
-    ``full`` changes nothing. On the CPU every mode computes the same numbers; ``sequential``
-    then still copies each block per call (which is how it is checked against ``full``).
+    ``full`` and ``max`` change no weight's place (``max`` is read by the sampler: its passes
+    are not recomputed). On the CPU every mode computes the same numbers; ``sequential`` then
+    still copies each block per call (which is how it is checked against ``full``).
     """
     check_memory_mode(mode)
     if mode == "sequential" and not model.checkpoints_whole_blocks:
         raise ConfigError(f"--memory sequential does not serve '{model.name}' (its denoiser recomputes parts of "
                           "blocks, which streaming whole blocks cannot follow); use --memory offload")
     model.memory_mode = mode
-    if mode == "full":
+    if mode in ("max", "full"):
         return model
     model.text_on_cpu = True
     vae = getattr(model, "vae", None)

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.checkpoint import checkpoint
 
 from anti_i2v.errors import ModelError
 from anti_i2v.models.base import DENOISER_PREFIX, VAE_PREFIX, ModelLayers
@@ -93,3 +96,21 @@ class CachedPromptEmbeds:
         if self._prompt_embeds is None:
             raise ModelError("call condition(prompt) before running the denoiser")
         return self._prompt_embeds
+
+
+def checkpoint_calls(modules: Iterable[torch.nn.Module]) -> None:
+    """Recompute each of ``modules``' calls in the backward pass (gradient checkpointing), for the
+    parts of a denoiser that its own gradient checkpointing leaves out.
+
+    The instance's ``forward`` is wrapped, so hooks on the module itself run once per call, as
+    before, and its weights and state-dict keys are untouched.
+    """
+    for module in modules:
+        forward = module.forward
+
+        def checkpointed(*args, forward=forward, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return forward(*args, **kwargs)
+
+        module.forward = checkpointed

@@ -60,6 +60,7 @@ from diffusers import (
     StableVideoDiffusionPipeline,
     UNetSpatioTemporalConditionModel,
 )
+from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
     _resize_with_antialiasing,
 )
@@ -79,11 +80,18 @@ from anti_i2v.models.base import (
     ModelLayers,
     VideoModel,
 )
-from anti_i2v.models.diffusers_common import load_diffusers_pipeline, place, standard_layers, to_pil_8bit
+from anti_i2v.models.diffusers_common import (
+    checkpoint_calls,
+    load_diffusers_pipeline,
+    place,
+    standard_layers,
+    to_pil_8bit,
+)
 
 logger = logging.getLogger(__name__)
 
 HUB_ID = "stabilityai/stable-video-diffusion-img2vid-xt"
+ENCODE_FRAMES = 8  # frames the VAE encodes at once in `encode_video`
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -204,6 +212,9 @@ class StableVideoDiffusionI2V(VideoModel):
         self.scheduler = pipe.scheduler
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+            # diffusers checkpoints the U-Net's resnets only; at 576x1024 and 25 frames the spatio-temporal
+            # transformers' activations are most of a pass's memory (about 45 GiB), so recompute them too
+            checkpoint_calls(m for m in self.unet.modules() if isinstance(m, TransformerSpatioTemporalModel))
 
         cfg = self.unet.config
         if cfg.in_channels != 2 * self.vae.config.latent_channels:
@@ -322,10 +333,13 @@ class StableVideoDiffusionI2V(VideoModel):
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """Scaled posterior-mode latents (1, F, C, h, w) of frames (F, 3, H, W) in [0, 1]."""
+        """Scaled posterior-mode latents (1, F, C, h, w) of frames (F, 3, H, W) in [0, 1].
+
+        The VAE encodes each frame on its own, so frames go through it a few at a time: the
+        same latents, a third of the memory of all 25 at 576x1024 (about 18 GiB at once)."""
         pixels = frames.to(self._device, self._dtype) * 2 - 1
-        latents = self.vae.encode(pixels).latent_dist.mode() * self.vae.config.scaling_factor
-        return latents.unsqueeze(0).detach()
+        latents = torch.cat([self.vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(ENCODE_FRAMES)])
+        return (latents * self.vae.config.scaling_factor).unsqueeze(0).detach()
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """The scheduler's sigma of integer training timesteps ``t`` (float32, on the device)."""

@@ -19,7 +19,9 @@ each need one extra pass without gradients.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +105,7 @@ class AntiI2VObjective(Objective):
             noise = torch.randn(self.latent_shape(), generator=generator)
             with torch.no_grad():
                 clean = sampler_run(model, self.clean_encoded, noise, cfg.sampler_steps, self.t_last,
-                                    cfg.sampler_guidance)
+                                    cfg.sampler_guidance, guided_steps=cfg.sampler_guided_steps)
             pool.append((noise, clean))
         return pool
 
@@ -131,10 +133,14 @@ class AntiI2VObjective(Objective):
         encoded = model.encode_image(x_adv, self.vae_layers if cfg.weight_ira else (), draw.generator)
         result = DenoiserResult()
         if self.reads_denoiser_pass():  # the sampler term runs its own passes
-            result = model.denoise(
-                encoded, self.video_latents, draw.t, draw.noise, self.denoiser_taps(), with_loss=bool(cfg.weight_dm),
-                with_eps=bool(cfg.weight_div),
-            )
+            args = (encoded, self.video_latents, draw.t, draw.noise, self.denoiser_taps())
+            options = {"with_loss": bool(cfg.weight_dm), "with_eps": bool(cfg.weight_div)}
+            if cfg.weight_sampler and torch.is_grad_enabled() and checkpoints_sampler(model):
+                # recomputed in the backward pass like the sampler's passes, so that its activations do not
+                # wait on the accelerator through the sampler's backward pass
+                result = checkpoint(model.denoise, *args, use_reentrant=False, **options)
+            else:
+                result = model.denoise(*args, **options)
         loss = torch.zeros((), device=model.device)
         parts: dict[str, float] = {}
         if cfg.weight_irc:
@@ -172,9 +178,9 @@ class AntiI2VObjective(Objective):
                 noise = draw.noise
                 with torch.no_grad():
                     clean = sampler_run(model, self.clean_encoded, noise, cfg.sampler_steps, self.t_last,
-                                        cfg.sampler_guidance)
+                                        cfg.sampler_guidance, guided_steps=cfg.sampler_guided_steps)
             adv = sampler_run(model, encoded, noise, cfg.sampler_steps, self.t_last, cfg.sampler_guidance,
-                              cfg.sampler_grad_steps, cfg.sampler_unconditional)
+                              cfg.sampler_grad_steps, cfg.sampler_unconditional, cfg.sampler_guided_steps)
             run = relative_sq_distance(adv, clean)
             loss = loss - cfg.weight_sampler * run
             parts["sampler"] = scalar(run)
@@ -208,8 +214,10 @@ def irc_blocks(depth: int, config: ProtectConfig, needed: bool = True) -> tuple[
 
 
 def checkpoints_sampler(model: VideoModel) -> bool:
-    """Whether sampler steps are gradient-checkpointed: on a GPU, where memory is short."""
-    return model.device.type == "cuda"
+    """Whether the sampler's denoiser passes are gradient-checkpointed: on an accelerator, where memory
+    is short (not in memory mode ``max``, which keeps their activations), and on the meta device,
+    which stands in for one when memory is estimated."""
+    return model.device.type != "cpu" and model.memory_mode != "max"
 
 
 def sampler_run(
@@ -221,6 +229,7 @@ def sampler_run(
     guided: bool = True,
     grad_steps: int = 0,
     unconditional: str = "tracked",
+    guided_steps: int = 0,
 ) -> torch.Tensor:
     """Clean-latent prediction after ``steps`` deterministic sampler steps from ``noise``.
 
@@ -232,41 +241,55 @@ def sampler_run(
     photo changes in the prediction, and so it does here. With ``grad_steps`` k > 0 only the
     last k steps are differentiated through; the earlier ones run without gradients.
     ``unconditional`` "detached" runs the guidance branch without gradients (the same loss,
-    a cheaper and different gradient); "tracked" differentiates through it.
+    a cheaper and different gradient); "tracked" differentiates through it. ``guided_steps`` k > 0
+    guides the first k steps only, k < 0 the last -k, 0 every step.
     """
     guidance = model.sampling_guidance() if guided else None
     timesteps = [round(t_last * (1 - k / steps)) for k in range(steps)]
+    guided_at = set(range(steps))
+    if guided_steps > 0:
+        guided_at = set(range(min(guided_steps, steps)))
+    elif guided_steps < 0:
+        guided_at = set(range(max(steps + guided_steps, 0), steps))
 
     def guidance_branch(x0: torch.Tensor, eps: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         free = model.denoise_unconditional(image, x0, torch.tensor([t]), eps)
         assert free.x0 is not None and free.eps is not None
         return free.x0, free.eps
 
-    def sampler_step(
-        x0: torch.Tensor, eps: torch.Tensor, t: int, free: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def conditional(x0: torch.Tensor, eps: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         result = model.denoise(image, x0, torch.tensor([t]), eps, with_eps=True)
         if result.x0 is None or result.eps is None:
             raise ConfigError(f"'{model.name}' does not give clean-latent predictions, so the sampler term does not apply")
-        if guidance is None:
-            return result.x0, result.eps
-        free_x0, free_eps = free if free is not None else guidance_branch(x0, eps, t)
-        weight = guidance.to(result.x0.device, result.x0.dtype)
-        return free_x0 + weight * (result.x0 - free_x0), free_eps + weight * (result.eps - free_eps)
+        return result.x0, result.eps
+
+    def denoiser_pass(
+        run: Callable[..., tuple[torch.Tensor, torch.Tensor]], x0: torch.Tensor, eps: torch.Tensor, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_grad_enabled() and checkpoints_sampler(model):
+            # keep one denoiser pass's activations at a time on the GPU; the backward pass recomputes
+            # each pass (per pass rather than per guided step: half the block inputs held at once)
+            return checkpoint(run, x0, eps, t, use_reentrant=False)
+        return run(x0, eps, t)
+
+    def sampler_step(
+        x0: torch.Tensor, eps: torch.Tensor, t: int, guided_here: bool, free: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cond_x0, cond_eps = denoiser_pass(conditional, x0, eps, t)
+        if guidance is None or not guided_here:
+            return cond_x0, cond_eps
+        free_x0, free_eps = free if free is not None else denoiser_pass(guidance_branch, x0, eps, t)
+        weight = guidance.to(cond_x0.device, cond_x0.dtype)
+        return free_x0 + weight * (cond_x0 - free_x0), free_eps + weight * (cond_eps - free_eps)
 
     x0, eps = torch.zeros_like(noise), noise
     untracked = steps - grad_steps if 0 < grad_steps < steps else 0
     for index, t in enumerate(timesteps):
         free = None
-        if guidance is not None and unconditional == "detached":
-            with torch.no_grad():  # outside the checkpoint below, so the backward pass does not recompute it
-                free = guidance_branch(x0, eps, t)
-        if index < untracked:
+        guided_here = index in guided_at
+        if guidance is not None and guided_here and unconditional == "detached":
             with torch.no_grad():
-                x0, eps = sampler_step(x0, eps, t, free)
-        elif torch.is_grad_enabled() and checkpoints_sampler(model):
-            # keep one step's activations at a time on the GPU; the backward pass recomputes each step
-            x0, eps = checkpoint(sampler_step, x0, eps, t, free, use_reentrant=False)
-        else:
-            x0, eps = sampler_step(x0, eps, t, free)
+                free = guidance_branch(x0, eps, t)
+        with torch.no_grad() if index < untracked else contextlib.nullcontext():
+            x0, eps = sampler_step(x0, eps, t, guided_here, free)
     return x0
