@@ -356,10 +356,12 @@ def peak_memory(name: str, spec: str = "anti-i2v", shares: tuple[float, ...] = (
     return rows
 
 
-# the objectives counted per step: AdvDM's, the default's with its clean runs pooled and with fresh
-# noise every step (a clean run per step), and with two sampler steps (pooled)
-FLOP_SPECS = ("advdm", "anti-i2v:sampler_noise_pool=4", "anti-i2v:sampler_noise_pool=0",
-              "anti-i2v:sampler_steps=2;sampler_noise_pool=4")
+# the objectives counted per step: AdvDM's, the default's, and with every sampler step guided (the
+# former default) with its clean runs pooled, with fresh noise every step (a clean run per step), and
+# with two sampler steps (pooled)
+FLOP_SPECS = ("advdm", "anti-i2v", "anti-i2v:sampler_guided_steps=0;sampler_noise_pool=4",
+              "anti-i2v:sampler_guided_steps=0;sampler_noise_pool=0",
+              "anti-i2v:sampler_steps=2;sampler_guided_steps=0;sampler_noise_pool=4")
 
 
 def step_flops(name: str, shares: tuple[float, ...] = (1.0, 0.5, 0.25), specs: tuple[str, ...] = FLOP_SPECS
@@ -367,13 +369,15 @@ def step_flops(name: str, shares: tuple[float, ...] = (1.0, 0.5, 0.25), specs: t
     """TFLOPs of one optimisation step at full size, counted on the meta device, for each method
     spec (``name:key=value;...``, the model family's own settings applied) on a share of the frames:
     the objective's own forward pass and its gradient to the photo. What ``prepare`` computes once
-    (the pooled clean runs) is not counted, nor gradient checkpointing's recomputation (about one
-    more forward pass of what is differentiated)."""
+    (the pooled clean runs) is not counted, nor gradient checkpointing's recomputation (on a GPU
+    one more forward pass of what is differentiated, two for the sampler's passes but in
+    ``--memory max``): the model is built without checkpointing and its sampler passes kept."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from strength import parse_method
 
-    model = FULL_SIZE[name](True, device="meta")
+    model = FULL_SIZE[name](False, device="meta")
+    model.memory_mode = "max"  # the sampler's passes are not checkpointed (recomputed) either
     x = torch.rand(1, 3, *model.resolution).to("meta")
 
     def tflops(spec: str) -> float:
