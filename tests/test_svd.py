@@ -155,3 +155,21 @@ def test_a_video_encodes_a_few_frames_at_a_time_to_the_same_latents(model, x, mo
         handle.remove()
     assert calls == [3, 3, 2]
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_u_net_with_its_transformers_checkpointed_gives_the_plain_loss_and_gradient(model, x):
+    from anti_i2v.acceleration import compile_denoiser
+
+    latents, noise, t = _draw(model, x)
+
+    def loss_and_gradient(m):
+        pixels = x.clone().requires_grad_(True)
+        loss = m.training_loss(pixels, latents, t, noise, torch.Generator().manual_seed(0))
+        return loss, torch.autograd.grad(loss, pixels)[0]
+
+    plain_loss, plain_grad = loss_and_gradient(StableVideoDiffusionI2V.tiny(seed=0))
+    compiled = compile_denoiser(StableVideoDiffusionI2V.tiny(seed=0, gradient_checkpointing=True), backend="aot_eager")
+    for _ in range(2):  # the first call compiles, the second runs the compiled code
+        loss, grad = loss_and_gradient(compiled)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-3, atol=1e-6)
