@@ -32,7 +32,7 @@ from anti_i2v.errors import ConfigError  # noqa: E402
 from anti_i2v.methods import get_method  # noqa: E402
 from anti_i2v.models.base import VideoModel  # noqa: E402
 from anti_i2v.objectives import AntiI2VObjective, draw_step  # noqa: E402
-from anti_i2v.offload import weight_bytes  # noqa: E402
+from anti_i2v.offload import module_bytes, weight_bytes  # noqa: E402
 
 BF16 = torch.bfloat16
 PAPER_MODELS = ("cogvideox", "dynamicrafter-512", "opensora")
@@ -318,6 +318,7 @@ def peak_memory(name: str, spec: str = "anti-i2v", shares: tuple[float, ...] = (
     method, overrides = parse_method(spec)
     config = ProtectConfig.from_preset(families=[model.family], method=method, **{**overrides, "reference": "repeat"})
     gib = 1024**3
+    text_bytes = module_bytes(model.text_encoders())
 
     def working(mode: str) -> tuple[int, int]:
         objective = get_method(method).build(model, config, None, None)
@@ -345,9 +346,8 @@ def peak_memory(name: str, spec: str = "anti-i2v", shares: tuple[float, ...] = (
                     continue
                 prepared, step = working(mode)
                 weights = resident_weight_bytes(model, mode)
-                # the text encoder is freed (full) or never on the accelerator (the others) once the prompt is encoded
-                after_prompt = weights - (resident_weight_bytes(model, "full") - resident_weight_bytes(model, "offload")
-                                          if mode in ("max", "full") else 0)
+                # once the prompt is encoded the text encoder is freed (max, full) or was never on the accelerator
+                after_prompt = weights - (text_bytes if mode in ("max", "full") else 0)
                 row[mode] = {"weights_gib": round(weights / gib, 2),
                              "prepare_working_gib": round(prepared / gib, 2),
                              "step_working_gib": round(step / gib, 2),

@@ -72,9 +72,8 @@ def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
                      enable_gqa=False):
     """`scaled_dot_product_attention` through the fused kernels' meta functions (flash without a
     mask, memory-efficient with one), which save what the GPU kernels save."""
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        repeat = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    if enable_gqa:
+        raise NotImplementedError("grouped-query attention is not estimated")
     if attn_mask is None:
         return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
                                                                   scale=scale)[0]

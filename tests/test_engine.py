@@ -166,22 +166,31 @@ def test_the_sampler_term_pushes_the_sampled_video_further_than_random_noise(tin
     assert distance(x_adv) >= 2 * distance(noisy)
 
 
-def test_checkpointed_sampler_steps_give_the_same_loss_and_gradient(tiny_model, portrait_small, monkeypatch):
+@pytest.fixture
+def recomputed(monkeypatch):
+    """``(switch, calls)``: ``switch(on)`` makes the objective recompute its denoiser passes in the
+    backward pass (as on an accelerator) or not; ``calls`` names each function checkpointed."""
+    import anti_i2v.objectives.anti_i2v as anti
+
+    calls: list[str] = []
+
+    def counted_checkpoint(function, *args, **kwargs):
+        calls.append(function.__name__)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(anti, "checkpoint", counted_checkpoint)
+    return (lambda on: monkeypatch.setattr(anti, "checkpoints_passes", lambda model: on)), calls
+
+
+def test_checkpointed_sampler_passes_give_the_same_loss_and_gradient(tiny_model, portrait_small, recomputed):
     import anti_i2v.objectives.anti_i2v as anti
 
     noise = torch.randn(tiny_model.encode_video(tiny_model.repeat_frames(portrait_small)).shape,
                         generator=torch.Generator().manual_seed(2))
-
-    checkpointed_calls = []
-
-    def counted_checkpoint(function, *args, **kwargs):
-        checkpointed_calls.append(function.__name__)
-        return checkpoint(function, *args, **kwargs)
-
-    monkeypatch.setattr(anti, "checkpoint", counted_checkpoint)
+    switch, checkpointed_calls = recomputed
 
     def run(checkpointed):
-        monkeypatch.setattr(anti, "checkpoints_sampler", lambda model: checkpointed)
+        switch(checkpointed)
         x = portrait_small.clone().requires_grad_(True)
         encoded = tiny_model.encode_image(x, (), torch.Generator().manual_seed(0))
         out = anti.sampler_run(tiny_model, encoded, noise, 3, 999).pow(2).mean()
@@ -278,24 +287,16 @@ def test_the_default_method_has_a_psnr_floor_that_zero_turns_off():
 
 
 def test_the_reference_pass_beside_the_sampler_is_checkpointed_to_the_same_loss_and_gradient(
-        tiny_model, portrait_small, monkeypatch):
-    import anti_i2v.objectives.anti_i2v as anti
-
+        tiny_model, portrait_small, recomputed):
     config = ProtectConfig(weight_irc=0.0, weight_ira=0.0, weight_dm=1.0, weight_sampler=1.0, sampler_steps=2,
                            sampler_noise_pool=1, reference="repeat")
     objective = AntiI2VObjective(tiny_model, config)
     objective.prepare(tiny_model, portrait_small)
     draw = draw_step(torch.Generator().manual_seed(3), objective.latent_shape(), (400, 400))
-    checkpointed_calls = []
-
-    def counted_checkpoint(function, *args, **kwargs):
-        checkpointed_calls.append(function.__name__)
-        return checkpoint(function, *args, **kwargs)
-
-    monkeypatch.setattr(anti, "checkpoint", counted_checkpoint)
+    switch, checkpointed_calls = recomputed
 
     def run(checkpointed):
-        monkeypatch.setattr(anti, "checkpoints_sampler", lambda model: checkpointed)
+        switch(checkpointed)
         x = portrait_small.clone().requires_grad_(True)
         output = objective(x, dataclasses.replace(draw, generator=torch.Generator().manual_seed(4)))
         return output.loss, torch.autograd.grad(output.loss, x)[0]

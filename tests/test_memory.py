@@ -92,11 +92,11 @@ def test_max_mode_keeps_the_sampler_passes_activations_on_an_accelerator(monkeyp
 
     model = _tiny("max")
     assert model.memory_mode == "max" and not model.text_on_cpu
-    assert not anti.checkpoints_sampler(model)  # the CPU never checkpoints them
+    assert not anti.checkpoints_passes(model)  # the CPU never checkpoints them
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
-    assert not anti.checkpoints_sampler(model)
+    assert not anti.checkpoints_passes(model)
     model.memory_mode = "full"
-    assert anti.checkpoints_sampler(model)
+    assert anti.checkpoints_passes(model)
     assert "try --memory full" in out_of_memory_message([model], "max")
 
 

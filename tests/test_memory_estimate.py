@@ -35,12 +35,11 @@ def test_the_peak_counts_saved_activations_and_checkpointing_lowers_it():
     chain = _chain()
     plain = _peak(chain)
     per_block = _peak(lambda h: [h := checkpoint(block, h, use_reentrant=False) for block in chain][-1])
-    # each block saves its input (1 MiB), the first linear's output and the GELU's (4 MiB each) in fp32
+    # each block saves its input (1 MiB), the first linear's output and the GELU's (4 MiB each) in fp32;
+    # the weights (8 MiB) existed before counting and are not counted, or the upper bound would not hold
     saved = 4 * (1 + 4 + 4) * MIB
     assert saved <= plain < saved + 8 * MIB
     assert per_block < plain / 2
-    # the weights existed before counting and are never counted
-    assert all(p.untyped_storage().nbytes() > 0 for p in chain.parameters())
 
 
 def test_views_and_in_place_results_are_not_new_memory():

@@ -279,7 +279,7 @@ def protect(
         model_path: local folder of released weights (instead of the hub id).
         device, dtype: where and in which precision the model runs (defaults: the
             GPU in bf16 when present, else the CPU in fp32).
-        memory: memory mode of models loaded by name: "max" (80 GB cards, a fifth faster per
+        memory: memory mode of models loaded by name: "max" (80 GB cards, a fifth less work per
             step), "full" (default), "offload" (24 GB cards) or "sequential" (12 GB cards,
             slower); see `anti_i2v.memory`.
         compile, attention: for models loaded by name, compile the denoiser's blocks and choose

@@ -34,7 +34,7 @@ DEFAULT_PRESET = "balanced"
 
 # How much of a model sits on the accelerator at once (`anti_i2v.memory` sets a model up for each).
 MEMORY_MODES: dict[str, str] = {
-    "max": "as full, and the sampler's activations kept instead of recomputed (about a fifth faster per step; 80 GB cards)",
+    "max": "as full, and the sampler's activations kept instead of recomputed (about a fifth less work per step; 80 GB cards)",
     "full": "every weight on the GPU, the sampler's passes recomputed in the backward pass",
     "offload": "text encoder on the CPU, denoiser checkpointed (24 GB cards)",
     "sequential": "as offload, and the denoiser's blocks streamed to the GPU one at a time (12 GB cards, slower)",

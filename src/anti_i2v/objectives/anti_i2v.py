@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from anti_i2v.objectives.irc import default_irc_blocks, irc_loss
 from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class AntiI2VObjective(Objective):
@@ -133,14 +135,12 @@ class AntiI2VObjective(Objective):
         encoded = model.encode_image(x_adv, self.vae_layers if cfg.weight_ira else (), draw.generator)
         result = DenoiserResult()
         if self.reads_denoiser_pass():  # the sampler term runs its own passes
+            # beside the sampler, recomputed in the backward pass like the sampler's passes, so that its
+            # activations do not wait on the accelerator through the sampler's backward pass
             args = (encoded, self.video_latents, draw.t, draw.noise, self.denoiser_taps())
             options = {"with_loss": bool(cfg.weight_dm), "with_eps": bool(cfg.weight_div)}
-            if cfg.weight_sampler and torch.is_grad_enabled() and checkpoints_sampler(model):
-                # recomputed in the backward pass like the sampler's passes, so that its activations do not
-                # wait on the accelerator through the sampler's backward pass
-                result = checkpoint(model.denoise, *args, use_reentrant=False, **options)
-            else:
-                result = model.denoise(*args, **options)
+            result = (recomputed_pass(model, model.denoise, *args, **options) if cfg.weight_sampler
+                      else model.denoise(*args, **options))
         loss = torch.zeros((), device=model.device)
         parts: dict[str, float] = {}
         if cfg.weight_irc:
@@ -213,11 +213,20 @@ def irc_blocks(depth: int, config: ProtectConfig, needed: bool = True) -> tuple[
     )
 
 
-def checkpoints_sampler(model: VideoModel) -> bool:
-    """Whether the sampler's denoiser passes are gradient-checkpointed: on an accelerator, where memory
-    is short (not in memory mode ``max``, which keeps their activations), and on the meta device,
-    which stands in for one when memory is estimated."""
+def checkpoints_passes(model: VideoModel) -> bool:
+    """Whether differentiated denoiser passes are gradient-checkpointed as a whole (`recomputed_pass`):
+    on an accelerator, where memory is short (not in memory mode ``max``, which keeps their
+    activations), and on the meta device, which stands in for one when memory is estimated."""
     return model.device.type != "cpu" and model.memory_mode != "max"
+
+
+def recomputed_pass(model: VideoModel, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``function(*args, **kwargs)`` (a denoiser pass of ``model``), recomputed in the backward pass
+    where `checkpoints_passes` says so: then only its inputs wait for the backward pass, and one
+    pass's activations are held at a time."""
+    if torch.is_grad_enabled() and checkpoints_passes(model):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+    return function(*args, **kwargs)
 
 
 def sampler_run(
@@ -246,11 +255,11 @@ def sampler_run(
     """
     guidance = model.sampling_guidance() if guided else None
     timesteps = [round(t_last * (1 - k / steps)) for k in range(steps)]
-    guided_at = set(range(steps))
+    guided_at = range(steps)
     if guided_steps > 0:
-        guided_at = set(range(min(guided_steps, steps)))
+        guided_at = range(guided_steps)
     elif guided_steps < 0:
-        guided_at = set(range(max(steps + guided_steps, 0), steps))
+        guided_at = range(steps + guided_steps, steps)
 
     def guidance_branch(x0: torch.Tensor, eps: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         free = model.denoise_unconditional(image, x0, torch.tensor([t]), eps)
@@ -263,22 +272,14 @@ def sampler_run(
             raise ConfigError(f"'{model.name}' does not give clean-latent predictions, so the sampler term does not apply")
         return result.x0, result.eps
 
-    def denoiser_pass(
-        run: Callable[..., tuple[torch.Tensor, torch.Tensor]], x0: torch.Tensor, eps: torch.Tensor, t: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.is_grad_enabled() and checkpoints_sampler(model):
-            # keep one denoiser pass's activations at a time on the GPU; the backward pass recomputes
-            # each pass (per pass rather than per guided step: half the block inputs held at once)
-            return checkpoint(run, x0, eps, t, use_reentrant=False)
-        return run(x0, eps, t)
-
     def sampler_step(
         x0: torch.Tensor, eps: torch.Tensor, t: int, guided_here: bool, free: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cond_x0, cond_eps = denoiser_pass(conditional, x0, eps, t)
+        # each pass recomputed on its own, not the guided step as a whole: half the block inputs held at once
+        cond_x0, cond_eps = recomputed_pass(model, conditional, x0, eps, t)
         if guidance is None or not guided_here:
             return cond_x0, cond_eps
-        free_x0, free_eps = free if free is not None else denoiser_pass(guidance_branch, x0, eps, t)
+        free_x0, free_eps = free if free is not None else recomputed_pass(model, guidance_branch, x0, eps, t)
         weight = guidance.to(cond_x0.device, cond_x0.dtype)
         return free_x0 + weight * (cond_x0 - free_x0), free_eps + weight * (cond_eps - free_eps)
 
