@@ -68,6 +68,8 @@ class Testbed:
 TESTBEDS = {
     "cogvideox": Testbed("cogvideox", "cogvideox", TESTBED_DIR / "cogvideox-i2v", MOTIONS),
     "svd": Testbed("svd", "svd", TESTBED_DIR / "svd", ("zoom in",)),
+    # the CogVideoX testbed fine-tuned on 49-frame clips: CogVideoX-5B-I2V's 13 latent frames
+    "cogvideox-49f": Testbed("cogvideox-49f", "cogvideox", TESTBED_DIR / "cogvideox-i2v-49f", MOTIONS),
 }
 # The attacker's upload channel: JPEG and WebP, resizing, filters, noise, and
 # resize + JPEG 75 as social networks do (`social`: 1080-px long edge; `social192`: the
@@ -339,7 +341,8 @@ def testbed_prompts(testbed: Testbed, requested: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--testbeds", default=",".join(TESTBEDS))
+    parser.add_argument("--testbeds", default="cogvideox,svd",
+                        help=f"comma-separated, of {', '.join(TESTBEDS)} (cogvideox-49f: frame-count questions only)")
     parser.add_argument("--methods", default="all", help="'all' or comma-separated specs, e.g. advdm,anti-i2v:steps=60")
     parser.add_argument("--photos", default=",".join(HELD_OUT))
     parser.add_argument("--prompts", default="all",

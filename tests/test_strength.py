@@ -94,3 +94,13 @@ def test_rows_of_a_previous_result_fill_in_only_the_groups_not_rerun(tmp_path):
     assert [r["mad"] for r in records] == [2.0, 0.5, 0.7] and reused == ["svd: advdm@60"]
     with pytest.raises(SystemExit, match="seed differ"):
         strength.with_previous_rows([], previous, {**settings, "seed": 1})
+
+
+def test_the_49_frame_testbed_has_the_latent_frames_of_cogvideox_5b():
+    from anti_i2v.models.registry import load_model
+
+    testbed = strength.TESTBEDS["cogvideox-49f"]
+    model = load_model(testbed.family, str(testbed.folder), device="cpu")
+    # 13 latent frames as CogVideoX-5B-I2V's 49, so half the frames optimises 6 of them (21 frames)
+    assert (model.num_frames, model.latent_frames, model.frame_count_for(0.5)) == (49, 13, 21)
+    assert testbed.prompts == strength.TESTBEDS["cogvideox"].prompts

@@ -58,3 +58,25 @@ def test_every_phase_runs_and_the_folder_loads_as_a_user_would(family, tmp_path)
     proof = prove(family, out, seeds=1, photos=("astronaut",))
     assert proof["videos"] == len(proof["motions"]) and np.isfinite(proof["vae_psnr_clip"])
     assert json.loads((out / "proof.json").read_text())["right_direction"] == proof["right_direction"]
+
+
+@pytest.mark.slow
+def test_a_longer_clip_copy_starts_from_the_trained_weights(tmp_path):
+    from anti_i2v.models.registry import load_model
+
+    short, long = tmp_path / "short", tmp_path / "long"
+    common = ["--vae-frame-batch", "2", "--vae-clip-batch", "1", "--bank-clips", "2", "--batch", "2", "--threads", "1",
+              "--no-proof"]
+    train(["cogvideox", "--out", str(short), "--vae-steps", "2", "--denoiser-steps", "2", *common])
+    # no fine-tuning steps: the copy must be the trained model at another clip length
+    record = train(["cogvideox", "--out", str(long), "--frames", "13", "--init-from", str(short),
+                    "--denoiser-steps", "0", *common])
+    a, b = load_model("cogvideox", str(short), device="cpu"), load_model("cogvideox", str(long), device="cpu")
+    assert (a.num_frames, b.num_frames) == (9, 13) and record["frames"] == 13 and record["init_from"] == "short"
+    assert b.vae.config.scaling_factor == a.vae.config.scaling_factor
+    for name in ("vae", "transformer", "text_encoder"):
+        mine, theirs = getattr(b.pipe, name).state_dict(), getattr(a.pipe, name).state_dict()
+        differ = [k for k in mine if mine[k].shape != theirs[k].shape or not torch.equal(mine[k], theirs[k])]
+        assert differ == ([] if name != "transformer" else ["patch_embed.pos_embedding"]), name
+    with pytest.raises(SystemExit, match="does not match"):
+        train(["svd", "--out", str(tmp_path / "wrong"), "--init-from", str(short), "--denoiser-steps", "0", *common])

@@ -93,9 +93,10 @@ class CogVideoXFamily:
     text_dim = 64
     text_length = 16
 
-    def __init__(self, layers: int = 12, latent_channels: int = 16) -> None:
+    def __init__(self, layers: int = 12, latent_channels: int = 16, frames: int = FRAMES) -> None:
         self.layers = layers
         self.latent_channels = latent_channels  # 16 as in CogVideoX-5b-I2V
+        self.frames = frames  # 1 + 4k; 49 gives CogVideoX-5b-I2V's 13 latent frames
 
     def build(self, seed: int) -> dict[str, Any]:
         """Fresh components (seeded); the text encoder is random and stays frozen."""
@@ -109,7 +110,7 @@ class CogVideoXFamily:
             num_attention_heads=4, attention_head_dim=32, in_channels=2 * self.latent_channels,
             out_channels=self.latent_channels, time_embed_dim=128,
             text_embed_dim=self.text_dim, num_layers=self.layers, sample_height=HEIGHT // 8,
-            sample_width=WIDTH // 8, sample_frames=FRAMES, patch_size=2, temporal_compression_ratio=4,
+            sample_width=WIDTH // 8, sample_frames=self.frames, patch_size=2, temporal_compression_ratio=4,
             max_text_seq_length=self.text_length, use_rotary_positional_embeddings=True,
             use_learned_positional_embeddings=True,
         )
@@ -173,7 +174,7 @@ class CogVideoXFamily:
 
     def _rope(self, parts: dict[str, Any]):
         pipe = self.pipeline(parts)
-        return pipe._prepare_rotary_positional_embeddings(HEIGHT, WIDTH, (FRAMES - 1) // 4 + 1, torch.device("cpu"))
+        return pipe._prepare_rotary_positional_embeddings(HEIGHT, WIDTH, (self.frames - 1) // 4 + 1, torch.device("cpu"))
 
     def set_scaling(self, parts: dict[str, Any], factor: float) -> None:
         parts["vae"].register_to_config(scaling_factor=factor)
@@ -194,9 +195,10 @@ class SVDFamily:
 
     name = "svd"
 
-    def __init__(self, motion: str = "zoom in", latent_channels: int = 8) -> None:
+    def __init__(self, motion: str = "zoom in", latent_channels: int = 8, frames: int = FRAMES) -> None:
         self.motions = (motion,)
         self.latent_channels = latent_channels
+        self.frames = frames
 
     def build(self, seed: int) -> dict[str, Any]:
         """Fresh components (seeded); the CLIP image encoder is random and stays frozen."""
@@ -214,7 +216,7 @@ class SVDFamily:
             up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
                             "CrossAttnUpBlockSpatioTemporal"),
             block_out_channels=(32, 64, 64), addition_time_embed_dim=32, projection_class_embeddings_input_dim=96,
-            layers_per_block=2, cross_attention_dim=32, num_attention_heads=(2, 4, 4), num_frames=FRAMES,
+            layers_per_block=2, cross_attention_dim=32, num_attention_heads=(2, 4, 4), num_frames=self.frames,
         )
         image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
             hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, image_size=224,

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from anti_i2v.models.registry import load_model  # noqa: E402
 from testbed.data import HELD_OUT, MOTIONS, canonical_clip, photo  # noqa: E402
-from testbed.families import FAMILIES, FRAMES, SIZE  # noqa: E402
+from testbed.families import FAMILIES, SIZE  # noqa: E402
 
 # Sampler settings of the proof and of the strength benchmark (the released defaults' kind).
 GENERATION = {"cogvideox": {"steps": 30, "guidance_scale": 6.0}, "svd": {"steps": 25, "guidance_scale": 3.0}}
@@ -66,14 +66,15 @@ def prove(family: str, folder: str | Path, seeds: int = 2, photos: tuple[str, ..
     model = load_model(family, str(folder), device="cpu", dtype="fp32")
     motions = FAMILIES[family]().motions
     settings = GENERATION[family]
-    truth = {(p, m): canonical_clip(photo(p), m, FRAMES, SIZE) for p in photos for m in MOTIONS}
+    frames = model.num_frames  # the clip length it was trained on
+    truth = {(p, m): canonical_clip(photo(p), m, frames, SIZE) for p in photos for m in MOTIONS}
     record: dict = {"family": family, "held_out": list(photos), "motions": list(motions), "seeds": seeds,
                     "sampler": settings, **vae_psnr(family, model, [truth[p, m] for p in photos for m in MOTIONS])}
     rows = []
     for p in photos:
         for motion in motions:
             first = truth[p, motion][:1]
-            static = first.expand(FRAMES - 1, -1, -1, -1)
+            static = first.expand(frames - 1, -1, -1, -1)
             for seed in range(seeds):
                 video = model.generate(first, motion, steps=settings["steps"], seed=seed,
                                        guidance_scale=settings["guidance_scale"])

@@ -33,6 +33,7 @@ def readme(folder: Path) -> str:
                + training.get("denoiser_seconds", training["denoiser_seconds_this_run"])) / 60
     size_mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
     motions = training["motions"]
+    frames = training.get("frames", 9)
     by_prompt = {}
     for run in proof["runs"]:
         by_prompt.setdefault(run["prompt"], []).append(run)
@@ -44,7 +45,7 @@ def readme(folder: Path) -> str:
     )
     return f"""# Testbed: a small {family} image-to-video model that learned camera motion
 
-A diffusers pipeline folder ({layout}), trained here from scratch on the CPU by
+A diffusers pipeline folder ({layout}), trained here {'(fine-tuned from `' + training['init_from'] + '`)' if training.get('init_from') else 'from scratch'} on the CPU by
 `benchmarks/testbed/train.py`. It exists to measure protection strength offline
 (`benchmarks/strength.py`): random-weight models cannot show whether a protection works.
 Load it as any user loads weights:
@@ -55,7 +56,7 @@ anti-i2v protect PHOTO --model {registry} --model-path benchmarks/testbed/{folde
 
 ## Data
 Camera moves over photos that ship with scikit-image (`benchmarks/testbed/data.py`): a 3:4
-window moved over a photo (short side 224 px) and sampled to 9 frames of 96x128; the first
+window moved over a photo (short side 224 px) and sampled to {frames} frames of 96x128; the first
 frame is the condition image. Motions ({", ".join(f'"{m}"' for m in motions)}) are linear over
 the clip; {"the prompt is the motion's name" if family == "cogvideox" else "SVD takes no text, so this model learned one motion"}.
 Augmentation: channel permutation, gamma.
@@ -64,7 +65,7 @@ Augmentation: channel permutation, gamma.
 - Held out, never seen in training: **{", ".join(HELD_OUT)}** (the only real portrait is the astronaut).
 
 ## Training
-{training["vae_steps"]} VAE steps, {training["bank_clips"]} clips encoded once, {training["denoiser_steps"]}
+{f"The VAE and the starting denoiser are those of `{training['init_from']}`, fine-tuned here on {frames}-frame clips: " if training.get("init_from") else f"{training['vae_steps']} VAE steps, "}{training["bank_clips"]} clips encoded once, {training["denoiser_steps"]}
 denoiser steps of {training["batch"]} clips (AdamW lr {training["lr"]}, conditioning dropped
 {training["condition_dropout"]:.0%} of the time, EMA {training["ema"]}); `scaling_factor`
 {training["scaling_factor"]:.4f} (1 / std of the latents). About {minutes:.0f} minutes on
@@ -78,8 +79,8 @@ loading path, {proof["sampler"]["steps"]} sampler steps, guidance {proof["sample
 {proof["seeds"]} seeds per photo and prompt, from the first frame of a centred window:
 
 - VAE reconstruction PSNR: {proof["vae_psnr_single_frame"]:.2f} dB on single frames,
-  {proof["vae_psnr_clip"]:.2f} dB on 9-frame clips.
-- Generated frames 1-8 against the true camera move: **{proof["motion_psnr"]:.2f} dB**, against
+  {proof["vae_psnr_clip"]:.2f} dB on {frames}-frame clips.
+- Generated frames 1-{frames - 1} against the true camera move: **{proof["motion_psnr"]:.2f} dB**, against
   {proof["static_psnr"]:.2f} dB for a static video (the first frame repeated).
 - Right direction (the generated video is closest to its own motion's true clip among all
   four motions): **{proof["right_direction"]}/{proof["videos"]}** videos.

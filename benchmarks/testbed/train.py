@@ -9,7 +9,11 @@ Phases (each resumable from ``--work``): (1) the VAE on single frames and clips,
 conditioning dropped 10% of the time so that guidance works, EMA of the weights),
 (4) the pipeline with the EMA weights saved in fp16 with ``save_pretrained``, and
 (5) the proof that it learned (`testbed.proof`), written to ``proof.json``.
-Runs on the CPU (``--threads``) or a GPU (``--device cuda``).
+Runs on the CPU (``--threads``).
+
+``--frames 49 --init-from benchmarks/testbed/cogvideox-i2v`` makes a longer-clip copy of a
+trained testbed: its VAE is kept (no phase 1, the same ``scaling_factor``) and its denoiser is
+fine-tuned on clips of that length.
 """
 
 from __future__ import annotations
@@ -45,10 +49,41 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def start_from(parts: dict, folder: Path) -> float:
+    """Load a trained testbed's weights into ``parts`` (for a longer-clip copy of it); returns its scaling factor.
+
+    Every tensor whose shape matches is taken; only the learned positional table, which
+    diffusers sizes by the clip length, may differ (it was never trained: its sin-cos start).
+    """
+    scaling = None
+    for name, module in parts.items():
+        if not isinstance(module, torch.nn.Module) or not (folder / name).is_dir():
+            continue
+        config = json.loads((folder / name / "config.json").read_text())
+        stored = config.get("_class_name") or (config.get("architectures") or [None])[0]  # diffusers / transformers
+        if stored != type(module).__name__:
+            raise SystemExit(f"{folder / name} does not match this configuration: a {stored}, not a {type(module).__name__}")
+        trained = type(module).from_pretrained(folder, subfolder=name, torch_dtype=torch.float32)
+        own = module.state_dict()
+        kept = {k: v for k, v in trained.state_dict().items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(set(own) - set(kept))
+        if any("pos_embedding" not in k for k in skipped):
+            raise SystemExit(f"{folder / name} does not match this configuration: {skipped[:5]}")
+        module.load_state_dict(kept, strict=False)
+        if name == "vae":
+            scaling = float(trained.config.scaling_factor)
+            module.eval().requires_grad_(False)
+    if scaling is None:
+        raise SystemExit(f"{folder} has no vae/ folder")
+    return scaling
+
+
 def train_vae(family, parts, args, work: Path) -> None:
     """Phase 1: AdamW on L1 + L2 + KL, alternating batches of single frames and clips (every 4th)."""
     path = work / "vae.pt"
     vae = parts["vae"]
+    if args.init_from:
+        return  # the trained VAE came with the weights
     if path.is_file():
         vae.load_state_dict(torch.load(path, weights_only=True))
         return
@@ -61,7 +96,7 @@ def train_vae(family, parts, args, work: Path) -> None:
             group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, min(50, args.vae_steps // 5 + 1))
         clips = step % 4 == 3
         videos, _ = training_batch(args.vae_clip_batch if clips else args.vae_frame_batch,
-                                   FRAMES if clips else 1, SIZE, rng, photos=TRAINING)
+                                   family.frames if clips else 1, SIZE, rng, photos=TRAINING)
         loss = family.vae_loss(vae, videos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,7 +123,7 @@ def build_bank(family, parts, args, work: Path) -> LatentBank:
     chunk = 16
     for start in range(0, args.bank_clips, chunk):
         count = min(chunk, args.bank_clips - start)
-        videos, names = training_batch(count, FRAMES, SIZE, rng, motions=family.motions, photos=TRAINING)
+        videos, names = training_batch(count, family.frames, SIZE, rng, motions=family.motions, photos=TRAINING)
         for key, value in zip(fields, family.encode(parts["vae"], videos)):
             fields[key].append(value.half())
         prompts += [family.motions.index(n) for n in names]
@@ -156,9 +191,10 @@ def save(family, parts, out: Path, dtype: torch.dtype) -> None:
 
 def options_line(args: argparse.Namespace) -> str:
     """The training options of a run, as command-line flags (to repeat it)."""
-    keys = ("seed", "threads", "vae_steps", "vae_frame_batch", "vae_clip_batch", "bank_clips", "denoiser_steps",
+    keys = ("seed", "threads", "frames", "vae_steps", "vae_frame_batch", "vae_clip_batch", "bank_clips", "denoiser_steps",
             "batch", "lr")
-    return " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in keys)
+    line = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in keys)
+    return line + (f" --init-from {Path(args.init_from).as_posix()}" if args.init_from else "")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -168,6 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default=None, help="resumable phase outputs (default: <out>.work)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=FRAMES, help="frames per clip (1 + 4k for CogVideoX)")
+    parser.add_argument("--init-from", default=None,
+                        help="a trained testbed folder: keep its VAE (no VAE phase) and fine-tune its denoiser")
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-frame-batch", type=int, default=8)
@@ -187,19 +226,22 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    family = FAMILIES[args.family]()
+    family = FAMILIES[args.family](frames=args.frames)
     parts = family.build(args.seed)
+    scaling = start_from(parts, Path(args.init_from)) if args.init_from else None
     began = time.perf_counter()
     train_vae(family, parts, args, work)
     vae_seconds = time.perf_counter() - began
     bank = build_bank(family, parts, args, work)
-    family.set_scaling(parts, latent_scale(bank))
+    # A fine-tuned denoiser keeps the latent scale it learned with.
+    family.set_scaling(parts, scaling if scaling is not None else latent_scale(bank))
     began = time.perf_counter()
     train_denoiser(family, parts, bank, args, work)
     denoiser_seconds = time.perf_counter() - began
     save(family, parts, out, torch.float16 if args.dtype == "fp16" else torch.float32)
     training = {
-        "family": args.family, "seed": args.seed, "threads": args.threads, "device": "cpu",
+        "family": args.family, "seed": args.seed, "threads": args.threads, "device": "cpu", "frames": args.frames,
+        "init_from": Path(args.init_from).name if args.init_from else None,
         "vae_steps": args.vae_steps, "bank_clips": args.bank_clips, "denoiser_steps": args.denoiser_steps,
         "batch": args.batch, "lr": args.lr, "ema": args.ema, "condition_dropout": args.drop,
         "scaling_factor": parts["vae"].config.scaling_factor,
