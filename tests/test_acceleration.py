@@ -102,11 +102,24 @@ def test_bf16_keeps_the_direction_of_the_gradient(photo, plain):
     assert (grad.sign() == grad_bf16.sign()).float().mean() > 0.95
 
 
+def _draws_gradient(model, x: torch.Tensor) -> torch.Tensor:
+    """The default objective's gradient at ``x`` + 2/255, summed over four seeded draws."""
+    from anti_i2v.methods import get_method
+
+    objective = get_method("anti-i2v").build(model, ProtectConfig.from_preset(prompt=PROMPT), None, None)
+    objective.prepare(model, x)
+    total = torch.zeros_like(x)
+    for seed in range(4):
+        draw = draw_step(torch.Generator().manual_seed(seed), objective.latent_shape(), (0, 999))
+        x_adv = (x + 2 / 255).clamp(0, 1).requires_grad_(True)
+        total += torch.autograd.grad(objective(x_adv, draw).loss, x_adv)[0]
+    return total
+
+
 @pytest.mark.parametrize("name", ["tiny-cogvideox", "tiny-svd"])
 def test_fewer_frames_keep_the_gradient_direction_and_every_frame_comes_back(name, portrait):
     """Optimising on half the frames changes the loss by design; its gradient must still point
     where the full-length one does (averaged over a few draws), and the model gets every frame back."""
-    from anti_i2v.methods import get_method
     from anti_i2v.models.registry import load_model
     from anti_i2v.photo import resize_for_model
 
@@ -115,21 +128,10 @@ def test_fewer_frames_keep_the_gradient_direction_and_every_frame_comes_back(nam
     x = resize_for_model(portrait[0], *model.resolution)
     full = model.num_frames
 
-    def gradient() -> torch.Tensor:
-        config = ProtectConfig.from_preset(prompt=PROMPT)
-        objective = get_method("anti-i2v").build(model, config, None, None)
-        objective.prepare(model, x)
-        total = torch.zeros_like(x)
-        for seed in range(4):
-            draw = draw_step(torch.Generator().manual_seed(seed), objective.latent_shape(), (0, 999))
-            x_adv = (x + 2 / 255).clamp(0, 1).requires_grad_(True)
-            total += torch.autograd.grad(objective(x_adv, draw).loss, x_adv)[0]
-        return total
-
-    reference = gradient()
+    reference = _draws_gradient(model, x)
     with model.fewer_frames(0.5) as count:
         assert count < full
-        fewer = gradient()
+        fewer = _draws_gradient(model, x)
     assert model.num_frames == full
     assert torch.nn.functional.cosine_similarity(reference.flatten(), fewer.flatten(), dim=0) > 0.5
 
@@ -298,3 +300,57 @@ def test_guiding_some_sampler_steps_runs_one_pass_in_the_others(photo):
     with torch.no_grad():
         clean_run = anti.sampler_run(model, objective.clean_encoded, pooled_noise, 3, objective.t_last, guided_steps=1)
     torch.testing.assert_close(pooled_run, clean_run)
+
+
+def test_spread_frames_keep_their_own_positions_in_cogvideox():
+    """With ``spread``, the frames optimised on are spaced over the whole video and each keeps the
+    rotary and table positions it has there (a lower frame rate); every position comes back after."""
+    model = _tiny()
+    patch = model.transformer.patch_embed
+    table, rope = patch.pos_embedding.clone(), tuple(r.clone() for r in model._rope)
+    text, full_latent = patch.max_text_seq_length, model.latent_frames
+    per_frame = rope[0].shape[0] // full_latent
+    rows = (table.shape[1] - text) // full_latent
+    with model.fewer_frames(0.5, spread=True):
+        positions = [0, full_latent - 1]  # two latent frames: the first and the last
+        assert model.latent_frames == len(positions)
+        for slot, position in enumerate(positions):
+            assert torch.equal(model._rope[0][slot * per_frame:(slot + 1) * per_frame],
+                               rope[0][position * per_frame:(position + 1) * per_frame])
+            assert torch.equal(patch.pos_embedding[:, text + slot * rows: text + (slot + 1) * rows],
+                               table[:, text + position * rows: text + (position + 1) * rows])
+    assert torch.equal(patch.pos_embedding, table) and all(torch.equal(a, b) for a, b in zip(model._rope, rope))
+
+
+def test_spread_frames_keep_the_gradient_direction(portrait):
+    """As with the first frames: the gradient on frames spread over the video points where the
+    full-length one does."""
+    from anti_i2v.photo import resize_for_model
+
+    model = _tiny()
+    model.condition(PROMPT)
+    x = resize_for_model(portrait[0], *model.resolution)
+
+    reference = _draws_gradient(model, x)
+    with model.fewer_frames(0.5, spread=True):
+        spread = _draws_gradient(model, x)
+    assert torch.nn.functional.cosine_similarity(reference.flatten(), spread.flatten(), dim=0) > 0.5
+
+
+def test_svd_refuses_spread_frames_but_takes_the_default_and_protect_records_the_choice(tiny_model, portrait):
+    import anti_i2v
+    from anti_i2v.models.registry import load_model
+
+    svd = load_model("tiny-svd", device="cpu")
+    frames = svd.num_frames
+    with pytest.raises(ConfigError, match="first frames"):
+        with svd.fewer_frames(0.5, spread=True):
+            pass
+    assert svd.num_frames == frames
+    with svd.fewer_frames(0.5, spread=None) as count:  # the default: the first frames where spreading cannot be
+        assert svd.num_frames == count < frames
+    assert svd.num_frames == frames
+    full = tiny_model.num_frames
+    result = anti_i2v.protect(portrait[0, :, :128, :192], tiny_model, steps=2, frame_share=0.5, frame_spread=True,
+                              prompt=PROMPT)
+    assert result.config.frame_spread and tiny_model.num_frames == full

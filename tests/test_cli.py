@@ -113,7 +113,8 @@ def test_method_options_reach_the_sidecar(tmp_path):
     result = run("protect", "--sample", "--model", "tiny-cogvideox", "--steps", "2", "--out", tmp_path,
                  "--space", "dct", "--dct-block", "0", "--dct-band", "0.1", "--weights", "irc=2,dm=0",
                  "--irc-deep", "-2,-1", "--eps", "4/255", "--seed", "5", "--t-min", "100", "--t-max", "800", "--min-psnr", "33",
-                 "--sampler-steps", "1", "--sampler-noise-pool", "2", "--sampler-guided-steps", "-1")
+                 "--sampler-steps", "1", "--sampler-noise-pool", "2", "--sampler-guided-steps", "-1",
+                 "--frame-share", "0.5", "--first-frames")
     assert result.exit_code == 0, result.output
     import json
 
@@ -123,6 +124,7 @@ def test_method_options_reach_the_sidecar(tmp_path):
     assert config["irc_deep"] == [-2, -1] and config["eps_255"] == 4 and config["seed"] == 5
     assert (config["t_min"], config["t_max"]) == (100, 800) and config["min_psnr"] == 33
     assert (config["sampler_steps"], config["sampler_noise_pool"], config["sampler_guided_steps"]) == (1, 2, -1)
+    assert (config["frame_share"], config["frame_spread"]) == (0.5, False)
 
 
 def test_photos_with_the_same_name_each_get_their_own_output(tmp_path, photos):

@@ -196,7 +196,7 @@ def _optimise(
     eot = ExpectationOverTransforms(parse_eot(config.eot))
     with contextlib.ExitStack() as frames:
         for model in models:  # fewer frames while optimising (frame_share), every frame again after
-            frames.enter_context(model.fewer_frames(config.frame_share))
+            frames.enter_context(model.fewer_frames(config.frame_share, config.frame_spread))
         members = []
         for index, model in enumerate(models):
             if residency is not None:

@@ -155,6 +155,10 @@ class ProtectConfig:
         frame_share: optimise on about this share of the model's frames (ours; a speed lever:
             the denoiser's cost grows with the frames); the videos an attacker generates keep
             every frame. 1: all frames.
+        frame_spread: with ``frame_share`` < 1, optimise on frames spread evenly over the whole
+            video, each at its own position (a lower frame rate; True), or on the first ones
+            (False). None: spread where the model keeps each frame's position (CogVideoX), the
+            first frames elsewhere.
         model_weights: with several models, the weight of each one's objective in the
             sum, in the order the models are given (None: all 1).
     """
@@ -204,6 +208,7 @@ class ProtectConfig:
     early_stop: int = 0
     early_stop_tolerance: float = 0.02
     frame_share: float = 1.0
+    frame_spread: bool | None = None
     model_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:

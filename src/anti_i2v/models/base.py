@@ -319,20 +319,22 @@ class VideoModel(ABC):
             raise ConfigError(f"'{self.name}' cannot change its frame count; use frame_share=1")
         return self.num_frames
 
-    def set_num_frames(self, num_frames: int) -> None:
-        """Run with ``num_frames`` frames from now on (one `frame_count_for` gave)."""
+    def set_num_frames(self, num_frames: int, spread: bool | None = False) -> None:
+        """Run with ``num_frames`` frames from now on (one `frame_count_for` gave): the first ones,
+        or with ``spread`` ones spaced over the whole video where the adapter can keep their
+        positions (None: spread if it can, else the first ones)."""
         if num_frames != self.num_frames:
             raise NotImplementedError(f"{type(self).__name__} has a fixed frame count")
 
     @contextlib.contextmanager
-    def fewer_frames(self, share: float) -> Iterator[int]:
+    def fewer_frames(self, share: float, spread: bool | None = False) -> Iterator[int]:
         """Run with about ``share`` of the frames inside the block (yields the count), then the full count."""
         full = self.num_frames
         count = self.frame_count_for(share)
         if count == full:
             yield full
             return
-        self.set_num_frames(count)
+        self.set_num_frames(count, spread)
         try:
             yield count
         finally:

@@ -313,26 +313,37 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
         latent = max(2, min(self.latent_frames, round(share * self.latent_frames)))
         return (latent - 1) * self.pipe.vae_scale_factor_temporal + 1
 
-    def set_num_frames(self, num_frames: int) -> None:
+    def set_num_frames(self, num_frames: int, spread: bool | None = False) -> None:
         """Run with ``num_frames`` (1 + 4k) frames: latent frame count, rotary embeddings and the
         patch embedding's positional table follow.
 
-        The table is cut to the first latent frames' positions rather than rebuilt: diffusers
-        rebuilds it as plain sin-cos values for another frame count, which would throw away a
-        learned table (CogVideoX-5B-I2V has one) and attack a different model.
+        The latent frames keep the positions they have in the full video: the first ones, or with
+        ``spread`` (or None) ones spaced evenly over the whole video (the first and the last
+        included), as a video at a lower frame rate. The table is cut to those positions rather
+        than rebuilt: diffusers rebuilds it as plain sin-cos values for another frame count, which
+        would throw away a learned table (CogVideoX-5B-I2V has one) and attack a different model.
         """
         patch = self.transformer.patch_embed
         full_frames, table = self._full_positions
+        full_latent = (full_frames - 1) // patch.temporal_compression_ratio + 1
         self.num_frames = num_frames
         self.latent_frames = (num_frames - 1) // self.pipe.vae_scale_factor_temporal + 1
+        if spread is not False and self.latent_frames > 1:
+            step = (full_latent - 1) / (self.latent_frames - 1)
+            positions = [round(i * step) for i in range(self.latent_frames)]
+        else:
+            positions = list(range(self.latent_frames))
         if table is not None:
-            full_latent = (full_frames - 1) // patch.temporal_compression_ratio + 1
-            per_frame = (table.shape[1] - patch.max_text_seq_length) // full_latent  # frames are outermost
-            patch.pos_embedding = table[:, : patch.max_text_seq_length + self.latent_frames * per_frame]
+            text = patch.max_text_seq_length
+            per_frame = (table.shape[1] - text) // full_latent  # frames are outermost
+            rows = [table[:, text + p * per_frame: text + (p + 1) * per_frame] for p in positions]
+            patch.pos_embedding = torch.cat([table[:, :text], *rows], dim=1)
         patch.sample_frames = (self.latent_frames - 1) * patch.temporal_compression_ratio + 1
         if self._rope is not None:
-            self._rope = self.pipe._prepare_rotary_positional_embeddings(*self.resolution, self.latent_frames,
-                                                                         self._device)
+            full = self.pipe._prepare_rotary_positional_embeddings(*self.resolution, full_latent, self._device)
+            per_frame = full[0].shape[0] // full_latent
+            index = torch.cat([torch.arange(p * per_frame, (p + 1) * per_frame) for p in positions]).to(self._device)
+            self._rope = tuple(f[index] for f in full)
 
     def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
         """Frame 0 of the condition latents (the rest is zero padding)."""

@@ -70,7 +70,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from anti_i2v.errors import ModelError
+from anti_i2v.errors import ConfigError, ModelError
 from anti_i2v.models.base import (
     DENOISER_PREFIX,
     VAE_PREFIX,
@@ -318,8 +318,13 @@ class StableVideoDiffusionI2V(VideoModel):
         """About ``share`` of the frames, at least 2 (the U-Net's temporal layers take any count)."""
         return max(2, min(self.num_frames, round(share * self.num_frames)))
 
-    def set_num_frames(self, num_frames: int) -> None:
-        """Run with ``num_frames`` frames (guidance ramps over them as over the full count)."""
+    def set_num_frames(self, num_frames: int, spread: bool | None = False) -> None:
+        """Run with the first ``num_frames`` frames (guidance ramps over them as over the full count).
+
+        SVD's temporal layers number the frames they get from 0, so frames spread over the video
+        cannot keep their positions: ``spread=True`` is refused (None takes the first frames)."""
+        if spread:
+            raise ConfigError(f"'{self.name}' can only optimise on its first frames (--first-frames)")
         self.num_frames = num_frames
 
     def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
