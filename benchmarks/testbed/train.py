@@ -82,8 +82,6 @@ def train_vae(family, parts, args, work: Path) -> None:
     """Phase 1: AdamW on L1 + L2 + KL, alternating batches of single frames and clips (every 4th)."""
     path = work / "vae.pt"
     vae = parts["vae"]
-    if args.init_from:
-        return  # the trained VAE came with the weights
     if path.is_file():
         vae.load_state_dict(torch.load(path, weights_only=True))
         return
@@ -230,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     parts = family.build(args.seed)
     scaling = start_from(parts, Path(args.init_from)) if args.init_from else None
     began = time.perf_counter()
-    train_vae(family, parts, args, work)
+    if not args.init_from:  # a copy keeps the trained VAE
+        train_vae(family, parts, args, work)
     vae_seconds = time.perf_counter() - began
     bank = build_bank(family, parts, args, work)
     # A fine-tuned denoiser keeps the latent scale it learned with.

@@ -166,6 +166,14 @@ def load_pipeline(source: str, dtype: torch.dtype) -> CogVideoXImageToVideoPipel
     return load_diffusers_pipeline(CogVideoXImageToVideoPipeline, source, dtype, "CogVideoX-I2V", HUB_ID, "tiny-cogvideox")
 
 
+def _frames_at(tensor: torch.Tensor, dim: int, positions: list[int], frames: int, prefix: int = 0) -> torch.Tensor:
+    """``tensor``'s first ``prefix`` entries along ``dim`` (text tokens), then the entries of the latent
+    frames at ``positions`` of ``frames`` (frames outermost, equal blocks)."""
+    per_frame = (tensor.shape[dim] - prefix) // frames
+    index = torch.cat([torch.arange(prefix), *(prefix + p * per_frame + torch.arange(per_frame) for p in positions)])
+    return tensor.index_select(dim, index.to(tensor.device))
+
+
 class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
     """The `VideoModel` adapter for `CogVideoXImageToVideoPipeline`.
 
@@ -221,8 +229,6 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
         self.num_frames = cfg.sample_frames
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.latent_frames = (self.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-        patch = self.transformer.patch_embed  # its frame count and positional table, for `set_num_frames`
-        self._full_positions = (patch.sample_frames, getattr(patch, "pos_embedding", None))
         self._prompt: str | None = None
         self._prompt_embeds: torch.Tensor | None = None
         self._negative_embeds: torch.Tensor | None = None
@@ -231,6 +237,9 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
             if cfg.use_rotary_positional_embeddings
             else None
         )
+        # the full video's frame count and positions (table, rotary), which `set_num_frames` cuts
+        patch = self.transformer.patch_embed
+        self._full_positions = (patch.sample_frames, getattr(patch, "pos_embedding", None), self._rope)
 
     # --- construction -------------------------------------------------------------
 
@@ -324,7 +333,7 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
         would throw away a learned table (CogVideoX-5B-I2V has one) and attack a different model.
         """
         patch = self.transformer.patch_embed
-        full_frames, table = self._full_positions
+        full_frames, table, rope = self._full_positions
         full_latent = (full_frames - 1) // patch.temporal_compression_ratio + 1
         self.num_frames = num_frames
         self.latent_frames = (num_frames - 1) // self.pipe.vae_scale_factor_temporal + 1
@@ -334,16 +343,10 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
         else:
             positions = list(range(self.latent_frames))
         if table is not None:
-            text = patch.max_text_seq_length
-            per_frame = (table.shape[1] - text) // full_latent  # frames are outermost
-            rows = [table[:, text + p * per_frame: text + (p + 1) * per_frame] for p in positions]
-            patch.pos_embedding = torch.cat([table[:, :text], *rows], dim=1)
+            patch.pos_embedding = _frames_at(table, 1, positions, full_latent, prefix=patch.max_text_seq_length)
         patch.sample_frames = (self.latent_frames - 1) * patch.temporal_compression_ratio + 1
-        if self._rope is not None:
-            full = self.pipe._prepare_rotary_positional_embeddings(*self.resolution, full_latent, self._device)
-            per_frame = full[0].shape[0] // full_latent
-            index = torch.cat([torch.arange(p * per_frame, (p + 1) * per_frame) for p in positions]).to(self._device)
-            self._rope = tuple(f[index] for f in full)
+        if rope is not None:
+            self._rope = tuple(_frames_at(r, 0, positions, full_latent) for r in rope)
 
     def image_latent(self, encoded: EncodedImage) -> torch.Tensor:
         """Frame 0 of the condition latents (the rest is zero padding)."""
