@@ -105,7 +105,8 @@ def run_photo(
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return {
         "model": result.model, "spec": spec, "preset": preset, "steps": result.config.steps,
-        "steps_done": len(result.history), "early_stop": result.config.early_stop,
+        "frame_share": result.config.frame_share, "steps_done": len(result.history),
+        "early_stop": result.config.early_stop,
         "method": method, "memory": model.memory_mode, "compiled": model.compiled,
         "attention": model.attention_kernel, "seconds": round(seconds, 2), "peak_gib": round(peak_gib, 2),
         **step_times(elapsed),

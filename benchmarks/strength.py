@@ -157,7 +157,9 @@ class Runner:
         safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
         record_path = self.work / "runs" / f"{safe}.json"
         name, overrides = parse_method(spec)
-        overrides = {"early_stop": 0, **overrides}  # every step counts here, unless the spec says otherwise
+        # every step and every frame count here, unless the spec says otherwise (the presets' long-video
+        # route is measured as its own spec: `config.LONG_VIDEO_PRESETS`)
+        overrides = {"early_stop": 0, "frame_share": 1.0, **overrides}
         config = ProtectConfig.from_preset(families=[self.model.family], method=name, steps=steps, eps=eps,
                                            prompt=prompt, seed=self.seed, **overrides).to_dict()
         if record_path.is_file():

@@ -354,3 +354,30 @@ def test_svd_refuses_spread_frames_but_takes_the_default_and_protect_records_the
     result = anti_i2v.protect(portrait[0, :, :128, :192], tiny_model, steps=2, frame_share=0.5, frame_spread=True,
                               prompt=PROMPT)
     assert result.config.frame_spread and tiny_model.num_frames == full
+
+
+def test_the_presets_take_the_long_video_route_on_cogvideox_5b_frame_counts(tiny_model, portrait):
+    """A model is long when a quarter of its latent frames, spread, still numbers three: the 49-frame
+    testbed (13 latent frames, as CogVideoX-5B) is; the 9-frame tiny model is not, and SVD, which
+    cannot spread its frames, never is. There `balanced` optimises 10 steps on a quarter of the
+    frames, records it, and leaves the model with every frame."""
+    from pathlib import Path
+
+    import anti_i2v
+    from anti_i2v.config import LONG_VIDEO_PRESETS, is_long_video
+    from anti_i2v.models.registry import load_model
+
+    testbed = Path(__file__).resolve().parents[1] / "benchmarks" / "testbed" / "cogvideox-i2v-49f"
+    long = load_model("cogvideox", str(testbed), device="cpu", dtype="fp32")
+    svd = load_model("tiny-svd", device="cpu")
+    assert (long.spread_frames_kept(0.25), tiny_model.spread_frames_kept(0.25), svd.spread_frames_kept(0.25)) == (3, 2, 0)
+    assert is_long_video([long]) and not is_long_video([tiny_model]) and not is_long_video([long, svd])
+
+    frames = long.num_frames
+    steps = []
+    result = anti_i2v.protect(portrait[0], long, prompt=PROMPT, callback=lambda report: steps.append(long.num_frames))
+    route = LONG_VIDEO_PRESETS["balanced"]
+    assert (result.config.steps, result.config.frame_share) == (route["steps"], route["frame_share"])
+    assert steps == [9] * route["steps"] and long.num_frames == frames  # 3 latent frames: 1 + 4 * 2 pixel frames
+    plain = anti_i2v.protect(portrait[0], tiny_model, prompt=PROMPT, steps=1)
+    assert plain.config.frame_share == 1

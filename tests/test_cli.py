@@ -60,6 +60,19 @@ def test_folder_batch_keeps_going_past_bad_photos_and_a_rerun_skips_finished_one
     assert json.loads((out / "alice_protected.json").read_text())["config"]["eps_255"] == pytest.approx(4)
 
 
+def test_a_rerun_compares_the_long_video_route_only_where_it_is_known():
+    """A batch that knows its model compares the route's steps and frames; a Ray driver, which
+    loads no model, compares them only where they were given, so either route's photo is done."""
+    from anti_i2v.batch import resume_settings
+
+    plain, long = resume_settings({}), resume_settings({}, long_video=True)
+    assert (plain["steps"], plain["frame_share"]) == (5, 1) and (long["steps"], long["frame_share"]) == (10, 0.25)
+    unknown = resume_settings({}, long_video=None)
+    assert "steps" not in unknown and "frame_share" not in unknown and unknown["eps"] == plain["eps"]
+    assert resume_settings({"steps": 20}, long_video=None)["steps"] == 20
+    assert resume_settings({"preset": "strong"}, long_video=None)["steps"] == 200  # no route: compared
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [

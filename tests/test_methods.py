@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import anti_i2v
-from anti_i2v.config import ProtectConfig
+from anti_i2v.config import ProtectConfig, describe_preset
 from anti_i2v.errors import ConfigError
 from anti_i2v.methods import METHODS, get_method, parse_methods
 from anti_i2v.objectives import draw_step
@@ -53,6 +53,28 @@ def test_the_default_takes_its_family_settings_only_for_one_family_and_explicit_
     assert ProtectConfig.from_preset("fast", families=["svd"], method="anti-i2v-paper").weight_irc == 1
     assert ProtectConfig.from_preset(families=["cogvideox"]).sampler_noise_pool == 2
     assert ProtectConfig.from_preset(families=["svd"]).sampler_noise_pool == 2
+
+
+def test_presets_take_their_long_video_route_with_the_default_only_and_explicit_values_win():
+    """On long videos `fast` and `balanced` optimise more steps on a quarter of the frames; `strong`,
+    the baselines and the paper's method keep their settings, and a value given wins."""
+    from anti_i2v.config import LONG_VIDEO_PRESETS, LONG_VIDEO_SHARE
+
+    for preset, route in LONG_VIDEO_PRESETS.items():
+        config = ProtectConfig.from_preset(preset, long_video=True)
+        assert (config.steps, config.frame_share) == (route["steps"], LONG_VIDEO_SHARE)
+        plain = ProtectConfig.from_preset(preset)
+        assert plain.frame_share == 1 and plain.steps < config.steps
+    balanced = ProtectConfig.from_preset("balanced", long_video=True)
+    assert balanced.step_size == pytest.approx(4 / 255)  # the step follows the route's 10 steps
+    strong = ProtectConfig.from_preset("strong", long_video=True)
+    assert (strong.steps, strong.frame_share) == (200, 1)
+    for method in ("advdm", "anti-i2v-paper"):
+        assert ProtectConfig.from_preset("balanced", long_video=True, method=method).frame_share == 1
+    assert ProtectConfig.from_preset("balanced", long_video=True, frame_share=1).frame_share == 1
+    assert ProtectConfig.from_preset("balanced", long_video=True, steps=20).steps == 20
+    assert "on long videos (CogVideoX-5B) 10 steps on 25% of the frames" in describe_preset("balanced")
+    assert "long videos" not in describe_preset("strong")
 
 
 def test_the_default_step_follows_the_run_length_unless_set():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from anti_i2v.api import ProtectResult, file_sha256, protect, sidecar_path
-from anti_i2v.config import DEFAULT_PRESET, ProtectConfig
+from anti_i2v.config import DEFAULT_PRESET, LONG_VIDEO_PRESETS, ProtectConfig, is_long_video
 from anti_i2v.engine import StepReport
 from anti_i2v.errors import InputError, OutputError
 from anti_i2v.models.base import VideoModel
@@ -80,16 +80,24 @@ def output_stems(sources: list[Path]) -> dict[Path, str]:
     return stems
 
 
-# settings a rerun must share with a finished photo to skip it (none depends on the model family)
-RESUME_KEYS = ("method", "eps", "steps", "seed", "prompt", "space", "min_psnr")
+# settings a rerun must share with a finished photo to skip it (none depends on the model family;
+# the steps and frames depend on whether the model's video is long: `config.LONG_VIDEO_PRESETS`)
+RESUME_KEYS = ("method", "eps", "steps", "seed", "prompt", "space", "min_psnr", "frame_share", "frame_spread")
 
 
-def resume_settings(options: dict[str, Any]) -> dict[str, Any]:
-    """The `RESUME_KEYS` settings a run with these `protect` options uses (its preset included)."""
+def resume_settings(options: dict[str, Any], long_video: bool | None = False) -> dict[str, Any]:
+    """The `RESUME_KEYS` settings a run with these `protect` options uses (its preset included).
+
+    ``long_video``: whether the models take the presets' long-video route (`config.is_long_video`);
+    None where that is not known yet (before any model loads): the settings that the route
+    changes are then left out unless the options give them, so either route's photo counts as done.
+    """
     fields = {f.name for f in dataclasses.fields(ProtectConfig)}
     settings = {k: v for k, v in options.items() if k in fields}
-    config = ProtectConfig.from_preset(options.get("preset") or DEFAULT_PRESET, **settings).to_dict()
-    return {key: config[key] for key in RESUME_KEYS}
+    preset = options.get("preset") or DEFAULT_PRESET
+    config = ProtectConfig.from_preset(preset, long_video=bool(long_video), **settings).to_dict()
+    route = set(LONG_VIDEO_PRESETS.get(preset, {})) if long_video is None else set()
+    return {key: config[key] for key in RESUME_KEYS if key not in route or settings.get(key) is not None}
 
 
 def is_done(source: Path, output: Path, settings: dict[str, Any] | None = None) -> bool:
@@ -181,7 +189,7 @@ def protect_batch(
     check_output_dir(out_dir)
     sources = expand_inputs(inputs)
     stems = output_stems(sources)
-    settings = resume_settings(options)
+    settings = resume_settings(options, is_long_video(model if isinstance(model, list) else [model]))
     items: list[BatchItem] = []
     for index, source in enumerate(sources):
         if on_start is not None:

@@ -15,7 +15,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from anti_i2v.config import DEFAULT_PRESET, MEMORY_MODES, PRESETS, describe_preset, format_eps, parse_eps
+from anti_i2v.config import (
+    DEFAULT_PRESET,
+    MEMORY_MODES,
+    PRESETS,
+    describe_preset,
+    format_eps,
+    is_long_video,
+    parse_eps,
+)
 from anti_i2v.errors import AntiI2VError, ConfigError, ModelError, OutOfMemory
 
 app = typer.Typer(
@@ -130,7 +138,7 @@ def protect(
     sampler_steps: Annotated[Optional[int], typer.Option(help="Steps of the guided sampler the default method differentiates through (default 4; 2 halves the cost of a step).")] = None,
     sampler_noise_pool: Annotated[Optional[int], typer.Option(help="Draw this many sampler noises once and run the clean photo's sampler from each once, instead of fresh noise and a clean run every step (a fifth to a third faster per step); 0 for fresh noise every step (default: the method's, 2 for anti-i2v).")] = None,
     sampler_guided_steps: Annotated[Optional[int], typer.Option(help="Guide only the first K steps of that sampler (negative: the last -K), 0 every step (default: the method's, 2 for anti-i2v, every step on SVD; each unguided step saves a denoiser pass).")] = None,
-    frame_share: Annotated[Optional[float], typer.Option(help="Optimise on about this share of the model's frames, e.g. 0.5 (faster; the attacker's videos keep every frame); default 1.")] = None,
+    frame_share: Annotated[Optional[float], typer.Option(help="Optimise on about this share of the model's frames, e.g. 0.5 (faster; the attacker's videos keep every frame); default 1, or 0.25 with the fast and balanced presets on long videos (CogVideoX-5B).")] = None,
     frame_spread: Annotated[Optional[bool], typer.Option("--frame-spread/--first-frames", help="With --frame-share: optimise on frames spread over the whole video, each at its own position, or on the first ones (default: spread where the model keeps the positions, CogVideoX; the first frames elsewhere).")] = None,
     model_weights: Annotated[Optional[str], typer.Option(help="With several --model: each one's weight in the sum, e.g. 2,1 (default: all 1).")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray", help="Run the batch on Ray: local (start an instance here), auto (join this machine's cluster) or a cluster address; one worker per GPU, or per CPU slot.")] = None,
@@ -209,12 +217,17 @@ def protect(
         video_models.append(_load_for_cli(name, model_path, device, dtype, memory, compile_denoiser, attention))
         if index < len(names) - 1:
             park_for_next_load(video_models[-1])  # ensemble members take turns on the GPU
+    # the preset as these models take it (on long videos: more steps on fewer frames)
+    cfg = ProtectConfig.from_preset(preset, families=[m.family for m in video_models],
+                                    long_video=is_long_video(video_models),
+                                    **{k: v for k, v in options.items() if k != "preset"})
     shapes = ", ".join(
         f"{m.name} {m.resolution[0]}x{m.resolution[1]}x{m.num_frames}" for m in video_models
     )
+    frames = f" on {cfg.frame_share:.0%} of the frames" if cfg.frame_share < 1 else ""
     console.print(
         f"protecting {len(sources)} input(s) against [bold]{model}[/] ({shapes}, {video_models[0].device}); "
-        f"eps {format_eps(cfg.eps)}, {cfg.steps} steps, space {cfg.space}"
+        f"eps {format_eps(cfg.eps)}, {cfg.steps} steps{frames}, space {cfg.space}"
     )
     progress = Progress(
         TextColumn("{task.description}"),

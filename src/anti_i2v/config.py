@@ -12,9 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anti_i2v.errors import ConfigError
+
+if TYPE_CHECKING:
+    from anti_i2v.models.base import VideoModel
 
 DEFAULT_AUX_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_PROMPT = "a person moving naturally, looking at the camera, high quality video"
@@ -32,6 +35,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "balanced"
 
+# The presets' route on long videos, for the methods that take it (`Method.long_video_route`):
+# optimising on a quarter of the denoiser's frames, spread over the video, with more steps. On the
+# 49-frame CogVideoX testbed (13 latent frames, as CogVideoX-5B-I2V) `balanced`'s route gave 98% of
+# every-frame `balanced`'s effect in about a quarter of its time (docs/results/speed.md, "The
+# presets on long videos"). A model's video is long when that quarter, spread, still keeps
+# LONG_VIDEO_MIN_FRAMES frames: on 3 latent frames, keeping 2 cost 7 to 9% of the effect. The frames
+# are spread by `frame_spread`'s default, as only models that can spread them have long videos.
+LONG_VIDEO_SHARE = 0.25
+LONG_VIDEO_MIN_FRAMES = 3
+LONG_VIDEO_PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"steps": 5, "frame_share": LONG_VIDEO_SHARE},
+    "balanced": {"steps": 10, "frame_share": LONG_VIDEO_SHARE},
+}
+
 # How much of a model sits on the accelerator at once (`anti_i2v.memory` sets a model up for each).
 MEMORY_MODES: dict[str, str] = {
     "max": "as full, and the sampler's activations kept instead of recomputed (about a fifth less work per step; 80 GB cards)",
@@ -42,6 +59,14 @@ MEMORY_MODES: dict[str, str] = {
 DEFAULT_MEMORY_MODE = "full"
 STEP_SCHEDULES = ("constant", "cosine")
 SAMPLER_UNCONDITIONAL = ("tracked", "detached")
+
+
+def is_long_video(models: Sequence[VideoModel]) -> bool:
+    """Whether the presets take their long-video route on ``models``: each keeps at least
+    `LONG_VIDEO_MIN_FRAMES` of its frames when optimising on a `LONG_VIDEO_SHARE` of them spread."""
+    return bool(models) and all(
+        m.spread_frames_kept(LONG_VIDEO_SHARE) >= LONG_VIDEO_MIN_FRAMES for m in models
+    )
 
 
 def parse_eps(value: str | float) -> float:
@@ -70,6 +95,10 @@ def describe_preset(name: str) -> str:
     """``"strong: eps 8/255 (0.0314), 200 steps, or fewer: ..."`` for help texts and the web page."""
     preset = PRESETS[name]
     stop = f", or fewer: stops once {preset['early_stop']} steps gain nothing" if preset.get("early_stop") else ""
+    route = LONG_VIDEO_PRESETS.get(name)
+    if route:
+        stop += (f"; on long videos (CogVideoX-5B) {route['steps']} steps on "
+                 f"{route['frame_share']:.0%} of the frames, spread")
     return f"{name}: eps {format_eps(preset['eps'])}, {preset['steps']} steps{stop}"
 
 
@@ -267,7 +296,11 @@ class ProtectConfig:
 
     @classmethod
     def from_preset(
-        cls, preset: str = DEFAULT_PRESET, families: Sequence[str] = (), **overrides: Any
+        cls,
+        preset: str = DEFAULT_PRESET,
+        families: Sequence[str] = (),
+        long_video: bool = False,
+        **overrides: Any,
     ) -> ProtectConfig:
         """A config from a named preset and method, with explicit values taking precedence.
 
@@ -275,6 +308,8 @@ class ProtectConfig:
         preset and the explicit values; after them come the settings the method measured
         better on the model family, when every model targeted (``families``) is of one
         family that the method tunes (see `anti_i2v.methods.Method.family_overrides`).
+        With ``long_video`` (every model targeted has a long video: `is_long_video`), the
+        preset takes its route in `LONG_VIDEO_PRESETS` for the methods measured on it.
         """
         from anti_i2v.methods import get_method
 
@@ -283,6 +318,8 @@ class ProtectConfig:
         explicit = {k: v for k, v in overrides.items() if v is not None}
         method = get_method(explicit.get("method", "anti-i2v"))
         values = dict(PRESETS[preset])
+        if long_video and method.long_video_route:
+            values.update(LONG_VIDEO_PRESETS.get(preset, {}))
         values.update(method.overrides)
         values.update(method.overrides_for(families))
         values.update(explicit)

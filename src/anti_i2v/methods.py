@@ -69,6 +69,8 @@ class Method:
     overrides: dict[str, Any] = field(default_factory=dict)
     # settings that measured stronger on one model family (`VideoModel.family`), over `overrides`
     family_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # whether the presets take their long-video route (`config.LONG_VIDEO_PRESETS`) with this method
+    long_video_route: bool = False
 
     def overrides_for(self, families: Sequence[str]) -> dict[str, Any]:
         """The family's own settings when every targeted model is of that one family, else none
@@ -117,7 +119,7 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("anti-i2v", "the default: push the model's own guided few-step sampler away from the clean "
                "photo's video, in RGB (chosen by measurement on trained models, docs/method.md)", _anti_i2v,
-               _DEFAULT, _DEFAULT_BY_FAMILY),
+               _DEFAULT, _DEFAULT_BY_FAMILY, long_video_route=True),
         Method("anti-i2v-paper", "Anti-I2V as published: IRC + IRA + aux - L_DM in the dual Lab/DCT space",
                _anti_i2v, dict(_PAPER)),
         Method("anti-i2v-paper-rgb", "paper ablation: L_DM only, RGB space", _anti_i2v,

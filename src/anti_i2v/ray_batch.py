@@ -132,7 +132,8 @@ def protect_batch_on_ray(
 
     if "," in model:
         raise ConfigError("--ray serves one model; protect against an ensemble without --ray")
-    settings = resume_settings({"preset": preset, **options})  # a bad setting fails before any worker starts
+    # a bad setting fails before any worker starts; no model is loaded here to say whether its video is long
+    settings = resume_settings({"preset": preset, **options}, long_video=None)
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     began = time.perf_counter()

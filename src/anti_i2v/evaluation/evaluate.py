@@ -36,7 +36,7 @@ from typing import Any
 from anti_i2v.api import protect
 from anti_i2v.atomic import json_safe, write_atomic, write_json_atomic
 from anti_i2v.batch import expand_inputs, is_done, output_stems, resume_settings
-from anti_i2v.config import DEFAULT_PROMPT, ProtectConfig
+from anti_i2v.config import DEFAULT_PROMPT, ProtectConfig, is_long_video
 from anti_i2v.errors import AntiI2VError, ConfigError, InputError
 from anti_i2v.evaluation.generate import GenerationSettings, generate_video
 from anti_i2v.evaluation.metrics.fidelity import fidelity
@@ -149,10 +149,14 @@ def _check_same_run(path: Path, settings: dict[str, Any]) -> None:
 _PER_PHOTO_KEYS = ("prompt", "checkpoint_every")
 
 
-def method_settings(method: Method, families: Sequence[str], eps: float, steps: int, seed: int) -> dict[str, Any]:
-    """Every setting ``method`` protects with in this evaluation (its preset, its own settings and
-    its family's), less those that vary by photo: what must match for a row to be reused."""
-    config = ProtectConfig.from_preset(families=families, method=method.name, eps=eps, steps=steps, seed=seed)
+def method_settings(
+    method: Method, families: Sequence[str], eps: float, steps: int, seed: int, long_video: bool = False
+) -> dict[str, Any]:
+    """Every setting ``method`` protects with in this evaluation (its preset, its own settings, its
+    family's and on long videos its route), less those that vary by photo: what must match for a
+    row to be reused."""
+    config = ProtectConfig.from_preset(families=families, long_video=long_video, method=method.name, eps=eps,
+                                       steps=steps, seed=seed)
     return {k: v for k, v in json.loads(json.dumps(config.to_dict())).items() if k not in _PER_PHOTO_KEYS}
 
 
@@ -322,7 +326,9 @@ def evaluate(
         "skipped_metrics": sorted(scorer.unavailable), "diffpure_model": diffpure_model,
     })
     families = [m.family for m in protectors]
-    configs = {m.name: method_settings(m, families, eps, steps, seed) for m in with_noise_reference(methods, True)}
+    long_video = is_long_video(protectors)
+    configs = {m.name: method_settings(m, families, eps, steps, seed, long_video)
+               for m in with_noise_reference(methods, True)}
     _check_same_methods(root / "methods.json", configs)
     results = root / "results.jsonl"
     rows = _load_rows(results)
@@ -357,7 +363,7 @@ def evaluate(
             output = output_path_for(sample.path, folder, "png", stems[sample.path])
             try:
                 made_with = resume_settings({"method": method.name, "eps": eps, "steps": steps, "seed": seed,
-                                             "prompt": sample.prompt})
+                                             "prompt": sample.prompt}, long_video)
                 if not is_done(sample.path, output, made_with):
                     protect(sample.path, protector, out=folder, method=method.name, eps=eps, steps=steps, seed=seed,
                             prompt=sample.prompt, stem=stems[sample.path], overwrite=True,

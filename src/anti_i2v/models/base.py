@@ -319,6 +319,11 @@ class VideoModel(ABC):
             raise ConfigError(f"'{self.name}' cannot change its frame count; use frame_share=1")
         return self.num_frames
 
+    def spread_frames_kept(self, share: float) -> int:
+        """How many of the denoiser's frames (latent frames where the VAE compresses time) a run on
+        ``share`` of them spread over the video keeps; 0 where frames cannot be spread (the default)."""
+        return 0
+
     def set_num_frames(self, num_frames: int, spread: bool | None = False) -> None:
         """Run with ``num_frames`` frames from now on (one `frame_count_for` gave): the first ones,
         or with ``spread`` ones spaced over the whole video where the adapter can keep their

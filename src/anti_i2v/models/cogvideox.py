@@ -322,6 +322,10 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
         latent = max(2, min(self.latent_frames, round(share * self.latent_frames)))
         return (latent - 1) * self.pipe.vae_scale_factor_temporal + 1
 
+    def spread_frames_kept(self, share: float) -> int:
+        """The latent frames a run on ``share`` of them keeps: each keeps its position when spread."""
+        return (self.frame_count_for(share) - 1) // self.pipe.vae_scale_factor_temporal + 1
+
     def set_num_frames(self, num_frames: int, spread: bool | None = False) -> None:
         """Run with ``num_frames`` (1 + 4k) frames: latent frame count, rotary embeddings and the
         patch embedding's positional table follow.
