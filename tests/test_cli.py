@@ -73,6 +73,20 @@ def test_a_rerun_compares_the_long_video_route_only_where_it_is_known():
     assert resume_settings({"preset": "strong"}, long_video=None)["steps"] == 200  # no route: compared
 
 
+def test_a_long_video_model_gets_the_presets_route_and_the_run_says_so(tmp_path):
+    """Against the 49-frame testbed (CogVideoX-5B's 13 latent frames) `fast` optimises 5 steps on a
+    quarter of the frames: the run's line and the sidecar say so."""
+    from pathlib import Path
+
+    testbed = Path(__file__).resolve().parents[1] / "benchmarks" / "testbed" / "cogvideox-i2v-49f"
+    result = run("protect", "--sample", "--model", "cogvideox", "--model-path", testbed, "--device", "cpu",
+                 "--dtype", "fp32", "--preset", "fast", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "5 steps on 25% of the frames" in " ".join(result.text.split())
+    config = json.loads((tmp_path / "sample_protected.json").read_text())["config"]
+    assert (config["steps"], config["frame_share"]) == (5, 0.25)
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
