@@ -20,7 +20,7 @@ from PIL import Image
 
 from anti_i2v import __version__
 from anti_i2v.atomic import write_json_atomic
-from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET, ProtectConfig, is_long_video
+from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET, ProtectConfig
 from anti_i2v.engine import PGDResult, StepReport, View, fingerprint, run_pgd
 from anti_i2v.eot import ExpectationOverTransforms, parse_eot
 from anti_i2v.errors import ConfigError, OutOfMemory, OutputError
@@ -311,9 +311,7 @@ def protect(
     fmt = fmt.lower().lstrip(".")
     photo = load_photo(image)
     models = _load_models(model, model_path, device, dtype, memory, compile, attention)
-    cfg = resolve_aux_weight(ProtectConfig.from_preset(
-        preset, families=[m.family for m in models], long_video=is_long_video(models), **config
-    ))
+    cfg = resolve_aux_weight(ProtectConfig.for_models(preset, models, **config))
     name = "+".join(m.name for m in models)
     out_path = checkpoint_path = None
     if out is not None:

@@ -15,15 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from anti_i2v.config import (
-    DEFAULT_PRESET,
-    MEMORY_MODES,
-    PRESETS,
-    describe_preset,
-    format_eps,
-    is_long_video,
-    parse_eps,
-)
+from anti_i2v.config import DEFAULT_PRESET, MEMORY_MODES, PRESETS, describe_preset, format_eps, parse_eps
 from anti_i2v.errors import AntiI2VError, ConfigError, ModelError, OutOfMemory
 
 app = typer.Typer(
@@ -218,9 +210,7 @@ def protect(
         if index < len(names) - 1:
             park_for_next_load(video_models[-1])  # ensemble members take turns on the GPU
     # the preset as these models take it (on long videos: more steps on fewer frames)
-    cfg = ProtectConfig.from_preset(preset, families=[m.family for m in video_models],
-                                    long_video=is_long_video(video_models),
-                                    **{k: v for k, v in options.items() if k != "preset"})
+    cfg = ProtectConfig.for_models(preset, video_models, **{k: v for k, v in options.items() if k != "preset"})
     shapes = ", ".join(
         f"{m.name} {m.resolution[0]}x{m.resolution[1]}x{m.num_frames}" for m in video_models
     )

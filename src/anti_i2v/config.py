@@ -329,6 +329,13 @@ class ProtectConfig:
             raise ConfigError(f"unknown setting(s) {sorted(unknown)}; see ProtectConfig for the list")
         return cls(**values)
 
+    @classmethod
+    def for_models(cls, preset: str, models: Sequence[VideoModel], **overrides: Any) -> ProtectConfig:
+        """`from_preset` as the loaded ``models`` take it: their family's settings and, on long
+        videos, the preset's long-video route."""
+        return cls.from_preset(preset, families=[m.family for m in models], long_video=is_long_video(models),
+                               **overrides)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-data record of every setting (for the JSON sidecar and checkpoints)."""
         record = dataclasses.asdict(self)
