@@ -73,13 +73,20 @@ def build(
     return load_model(name, folder or None, device, None, memory, compile, attention)
 
 
-def step_times(elapsed: list[float]) -> dict[str, float | None]:
-    """The first step's seconds (it compiles, with ``--compile``) and the median of the others'
-    (the steady pace, from which a preset's time is projected), from the seconds after each step."""
-    durations = [b - a for a, b in zip([0.0, *elapsed], elapsed)]
-    later = durations[1:]
-    return {"first_step_seconds": round(durations[0], 3) if durations else None,
-            "step_seconds": round(statistics.median(later), 3) if later else None}
+def step_times(elapsed: list[tuple[int, float]]) -> dict[str, float | None]:
+    """The first step's seconds (it compiles, with ``--compile``) and the median of the others
+    (the steady pace, from which a preset's time is projected), from each step's report: the
+    step its run of steps began at and the seconds into that run. A second run of steps is the
+    full-frame steps (`ProtectConfig.full_frame_steps`), whose median is ``full_frame_step_seconds``."""
+    runs: dict[int, list[float]] = {}
+    for began_at, seconds in elapsed:
+        runs.setdefault(began_at, []).append(seconds)
+    durations = [[b - a for a, b in zip([0.0, *run], run)] for run in runs.values()]
+    first = durations[0] if durations else []
+    later = first[1:]
+    return {"first_step_seconds": round(first[0], 3) if first else None,
+            "step_seconds": round(statistics.median(later), 3) if later else None,
+            "full_frame_step_seconds": round(statistics.median(durations[1]), 3) if len(durations) > 1 else None}
 
 
 def run_photo(
@@ -91,11 +98,11 @@ def run_photo(
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    elapsed: list[float] = []  # seconds into the optimisation after each step
+    elapsed: list[tuple[int, float]] = []  # (first step of its run, seconds into that run) after each step
     with tempfile.TemporaryDirectory() as out:
         began = time.perf_counter()
         result = anti_i2v.protect(anti_i2v.sample_photo(), model, out=out, device=device, preset=preset, steps=steps,
-                                  method=name, callback=lambda report: elapsed.append(report.elapsed), **overrides)
+                                  method=name, callback=lambda report: elapsed.append((report.resumed_from, report.elapsed)), **overrides)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
@@ -105,7 +112,8 @@ def run_photo(
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return {
         "model": result.model, "spec": spec, "preset": preset, "steps": result.config.steps,
-        "frame_share": result.config.frame_share, "steps_done": len(result.history),
+        "frame_share": result.config.frame_share, "full_frame_steps": result.config.full_frame_steps,
+        "steps_done": len(result.history),
         "early_stop": result.config.early_stop,
         "method": method, "memory": model.memory_mode, "compiled": model.compiled,
         "attention": model.attention_kernel, "seconds": round(seconds, 2), "peak_gib": round(peak_gib, 2),

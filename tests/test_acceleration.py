@@ -146,6 +146,37 @@ def test_protect_with_a_frame_share_records_it_and_restores_the_model(tiny_model
         ProtectConfig(frame_share=0)
 
 
+def test_full_frame_steps_finish_on_every_frame_and_an_interrupted_photo_resumes_there(tiny_model, portrait,
+                                                                                        tmp_path):
+    """With ``full_frame_steps`` the last steps run on every frame, from where the steps on the share
+    left off; a photo interrupted there resumes from its checkpoint without redoing the others."""
+    import numpy as np
+
+    import anti_i2v
+
+    photo = portrait[0, :, :128, :192]
+    full = tiny_model.num_frames
+    settings = dict(steps=3, frame_share=0.5, full_frame_steps=1, prompt=PROMPT, checkpoint_every=1)
+    frames = []
+    whole = anti_i2v.protect(photo, tiny_model, out=tmp_path / "whole", stem="p",
+                             callback=lambda r: frames.append(tiny_model.num_frames), **settings)
+    assert frames[0] == frames[1] < full and frames[2] == full == tiny_model.num_frames
+
+    def crash(report):
+        if report.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        anti_i2v.protect(photo, tiny_model, out=tmp_path / "resumed", stem="p", callback=crash, **settings)
+    seen = []
+    resumed = anti_i2v.protect(photo, tiny_model, out=tmp_path / "resumed", stem="p",
+                               callback=lambda r: seen.append((r.step, tiny_model.num_frames)), **settings)
+    assert seen == [(3, full)] and len(resumed.history) == 3
+    assert np.array_equal(np.asarray(resumed.image), np.asarray(whole.image))
+    with pytest.raises(ConfigError, match="full_frame_steps"):
+        ProtectConfig(steps=3, full_frame_steps=4)
+
+
 def test_fewer_frames_keep_cogvideox_learned_positions():
     """diffusers rebuilds the positional table as sin-cos for another frame count; the adapter cuts
     the learned one instead, so the model optimised on is the released one, and restores it."""
@@ -359,8 +390,8 @@ def test_svd_refuses_spread_frames_but_takes_the_default_and_protect_records_the
 def test_the_presets_take_the_long_video_route_on_cogvideox_5b_frame_counts(tiny_model, portrait):
     """A model is long when a quarter of its latent frames, spread, still numbers three: the 49-frame
     testbed (13 latent frames, as CogVideoX-5B) is; the 9-frame tiny model is not, and SVD, which
-    cannot spread its frames, never is. There `balanced` optimises 10 steps on a quarter of the
-    frames, records it, and leaves the model with every frame."""
+    cannot spread its frames, never is. There `balanced` optimises 5 steps on a quarter of the
+    frames and 1 on every frame, records it, and leaves the model with every frame."""
     from pathlib import Path
 
     import anti_i2v
@@ -378,6 +409,7 @@ def test_the_presets_take_the_long_video_route_on_cogvideox_5b_frame_counts(tiny
     result = anti_i2v.protect(portrait[0], long, prompt=PROMPT, callback=lambda report: steps.append(long.num_frames))
     route = LONG_VIDEO_PRESETS["balanced"]
     assert (result.config.steps, result.config.frame_share) == (route["steps"], route["frame_share"])
-    assert steps == [9] * route["steps"] and long.num_frames == frames  # 3 latent frames: 1 + 4 * 2 pixel frames
+    # 3 latent frames (1 + 4 * 2 pixel frames), then all 13
+    assert steps == [9] * (route["steps"] - 1) + [frames] and long.num_frames == frames == 49
     plain = anti_i2v.protect(portrait[0], tiny_model, prompt=PROMPT, steps=1)
     assert plain.config.frame_share == 1

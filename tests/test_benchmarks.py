@@ -93,3 +93,14 @@ def test_peak_memory_per_mode_is_estimated_on_the_meta_device():
     # the VAE encoder's saved activations wait in CPU memory in sequential
     assert sequential["step_working_gib"] < offload["step_working_gib"] == full["step_working_gib"]
     assert sequential["peak_gib"] < offload["peak_gib"] < full["peak_gib"]
+
+
+def test_step_times_split_the_steps_on_a_share_of_the_frames_from_those_on_every_frame():
+    """Each run of steps reports its own seconds and where it began: the full-frame steps are timed apart."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from bench_photo import step_times
+
+    assert step_times([(0, 2.0), (0, 3.0), (0, 4.0), (0, 5.0)]) == {
+        "first_step_seconds": 2.0, "step_seconds": 1.0, "full_frame_step_seconds": None}
+    assert step_times([(0, 2.0), (0, 3.0), (0, 4.0), (3, 6.0), (3, 12.0)]) == {
+        "first_step_seconds": 2.0, "step_seconds": 1.0, "full_frame_step_seconds": 6.0}

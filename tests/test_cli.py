@@ -66,7 +66,8 @@ def test_a_rerun_compares_the_long_video_route_only_where_it_is_known():
     from anti_i2v.batch import resume_settings
 
     plain, long = resume_settings({}), resume_settings({}, long_video=True)
-    assert (plain["steps"], plain["frame_share"]) == (5, 1) and (long["steps"], long["frame_share"]) == (10, 0.25)
+    assert (plain["steps"], plain["frame_share"], plain["full_frame_steps"]) == (5, 1, 0)
+    assert (long["steps"], long["frame_share"], long["full_frame_steps"]) == (6, 0.25, 1)
     unknown = resume_settings({}, long_video=None)
     assert "steps" not in unknown and "frame_share" not in unknown and unknown["eps"] == plain["eps"]
     assert resume_settings({"steps": 20}, long_video=None)["steps"] == 20
@@ -74,17 +75,17 @@ def test_a_rerun_compares_the_long_video_route_only_where_it_is_known():
 
 
 def test_a_long_video_model_gets_the_presets_route_and_the_run_says_so(tmp_path):
-    """Against the 49-frame testbed (CogVideoX-5B's 13 latent frames) `fast` optimises 5 steps on a
-    quarter of the frames: the run's line and the sidecar say so."""
+    """Against the 49-frame testbed (CogVideoX-5B's 13 latent frames) `balanced` optimises 5 steps on a
+    quarter of the frames and 1 on every frame: the run's line and the sidecar say so."""
     from pathlib import Path
 
     testbed = Path(__file__).resolve().parents[1] / "benchmarks" / "testbed" / "cogvideox-i2v-49f"
     result = run("protect", "--sample", "--model", "cogvideox", "--model-path", testbed, "--device", "cpu",
-                 "--dtype", "fp32", "--preset", "fast", "--out", tmp_path)
+                 "--dtype", "fp32", "--preset", "balanced", "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert "5 steps on 25% of the frames" in " ".join(result.text.split())
+    assert "6 steps: 5 on 25% of the frames, then 1 on every frame" in " ".join(result.text.split())
     config = json.loads((tmp_path / "sample_protected.json").read_text())["config"]
-    assert (config["steps"], config["frame_share"]) == (5, 0.25)
+    assert (config["steps"], config["frame_share"], config["full_frame_steps"]) == (6, 0.25, 1)
 
 
 @pytest.mark.parametrize(

@@ -131,6 +131,32 @@ def test_momentum_and_random_start_resume_to_the_same_result(tmp_path, tiny_mode
     torch.testing.assert_close(resumed.x_adv, reference)
 
 
+def test_a_run_split_in_two_with_its_state_carried_gives_the_whole_run(tiny_model, portrait_small):
+    """A later run of steps (the full-frame steps after those on a share of the frames) goes on with
+    the image, the draws and the momentum of the one before: split, the steps are the same steps."""
+    config, objective, space = _setup(tiny_model, portrait_small, steps=4, momentum=0.9, random_start=True,
+                                      space="rgb", step_schedule="cosine")
+    whole = run_pgd(objective, space, portrait_small, config, t_range=(0, 999))
+    seen = []
+    first = run_pgd(objective, space, portrait_small, config, t_range=(0, 999), steps=range(3),
+                    callback=lambda r: seen.append((r.step, r.total)))
+    last = run_pgd(objective, space, portrait_small, config, t_range=(0, 999), steps=range(3, 4), carry=first,
+                   callback=lambda r: seen.append((r.step, r.total)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)] and len(last.history) == 4
+    torch.testing.assert_close(last.x_adv, whole.x_adv)
+    cold = run_pgd(objective, space, portrait_small, config, t_range=(0, 999), steps=range(3, 4))
+    assert not torch.allclose(cold.x_adv, whole.x_adv)  # without the carry it would start afresh
+
+
+def test_early_stopping_watches_only_the_first_run_of_steps(tiny_model, portrait_small):
+    """A flat loss stops the steps on the share of the frames; the full-frame steps after them always run."""
+    config, objective, space = _setup(tiny_model, portrait_small, steps=8, early_stop=1, early_stop_tolerance=0.99)
+    first = run_pgd(objective, space, portrait_small, config, t_range=(0, 999), steps=range(6))
+    assert first.stopped_early and len(first.history) < 6
+    last = run_pgd(objective, space, portrait_small, config, t_range=(0, 999), steps=range(6, 8), carry=first)
+    assert last.stopped_early and len(last.history) == len(first.history) + 2
+
+
 def test_sign_momentum_follows_the_accumulated_direction():
     from anti_i2v.engine import SignMomentum
 

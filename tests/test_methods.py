@@ -63,17 +63,25 @@ def test_presets_take_their_long_video_route_with_the_default_only_and_explicit_
     for preset, route in LONG_VIDEO_PRESETS.items():
         config = ProtectConfig.from_preset(preset, long_video=True)
         assert (config.steps, config.frame_share) == (route["steps"], LONG_VIDEO_SHARE)
+        assert config.full_frame_steps == route.get("full_frame_steps", 0)
         plain = ProtectConfig.from_preset(preset)
-        assert plain.frame_share == 1 and plain.steps < config.steps
+        assert plain.frame_share == 1 and plain.full_frame_steps == 0 and plain.steps < config.steps
     balanced = ProtectConfig.from_preset("balanced", long_video=True)
-    assert balanced.step_size == pytest.approx(4 / 255)  # the step follows the route's 10 steps
+    # 5 steps on the quarter, then 1 on every frame, all at the step of a 5-step run
+    assert balanced.frame_phases() == [(LONG_VIDEO_SHARE, range(5)), (1.0, range(5, 6))]
+    assert balanced.step_size == pytest.approx(8 / 255)
+    assert ProtectConfig.from_preset("balanced", long_video=True, frame_share=1).frame_phases() == [(1.0, range(6))]
+    assert ProtectConfig.from_preset("balanced", long_video=True, full_frame_steps=0).step_size == pytest.approx(
+        40 / 6 / 255)  # then the run is its 6 steps on the quarter
     strong = ProtectConfig.from_preset("strong", long_video=True)
     assert (strong.steps, strong.frame_share) == (200, 1)
     for method in ("advdm", "anti-i2v-paper"):
         assert ProtectConfig.from_preset("balanced", long_video=True, method=method).frame_share == 1
     assert ProtectConfig.from_preset("balanced", long_video=True, frame_share=1).frame_share == 1
     assert ProtectConfig.from_preset("balanced", long_video=True, steps=20).steps == 20
-    assert "on long videos (CogVideoX-5B) 10 steps on 25% of the frames" in describe_preset("balanced")
+    assert ("on long videos (CogVideoX-5B) 6 steps: 5 on 25% of the frames, spread, then 1 on every frame"
+            in describe_preset("balanced"))
+    assert "on long videos (CogVideoX-5B) 5 steps on 25% of the frames, spread" in describe_preset("fast")
     assert "long videos" not in describe_preset("strong")
 
 

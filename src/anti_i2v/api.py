@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -21,7 +22,7 @@ from PIL import Image
 from anti_i2v import __version__
 from anti_i2v.atomic import write_json_atomic
 from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET, ProtectConfig
-from anti_i2v.engine import PGDResult, StepReport, View, fingerprint, run_pgd
+from anti_i2v.engine import PGDResult, StepReport, View, checkpoint_step, fingerprint, run_pgd
 from anti_i2v.eot import ExpectationOverTransforms, parse_eot
 from anti_i2v.errors import ConfigError, OutOfMemory, OutputError
 from anti_i2v.memory import out_of_memory_message
@@ -194,18 +195,18 @@ def _optimise(
         raise ConfigError(f"{len(weights)} model weights for {len(models)} models; give one weight per model")
     residency = Residency(models) if len(models) > 1 else None
     eot = ExpectationOverTransforms(parse_eot(config.eot))
-    with contextlib.ExitStack() as frames:
-        for model in models:  # fewer frames while optimising (frame_share), every frame again after
-            frames.enter_context(model.fewer_frames(config.frame_share, config.frame_spread))
+    run_id = fingerprint(x, config, "+".join(m.identity for m in models))
+
+    def build_members(phase: ProtectConfig) -> list[EnsembleMember]:
         members = []
         for index, model in enumerate(models):
             if residency is not None:
                 residency.activate(model)
             aux = _auxiliary_model(config.aux_model, model.device, model.dtype) if config.weight_aux else None
-            objective = method.build(model, config, target, aux)
+            objective = method.build(model, phase, target, aux)
             objective.prepare(model, model.prepare_image(photo.rgb).to(model.device))
             if release_text_encoder and model.device.type == "cuda":
-                model.release_text_encoder()
+                model.release_text_encoder()  # the prompt stays cached for later runs of steps
             if not config.through_resize and type(model).prepare_image is not VideoModel.prepare_image:
                 logger.warning("%s crops the photo: without through_resize the perturbation is not aligned with it",
                                model.name)
@@ -214,19 +215,37 @@ def _optimise(
             members.append(
                 EnsembleMember(model.name, objective, view, _t_range(model, config), weights[index], model)
             )
-        single = len(members) == 1
-        result = run_pgd(
-            members[0].objective if single else EnsembleObjective(members, residency),
-            space,
-            x,
-            config,
-            t_range=members[0].t_range,
-            run_id=fingerprint(x, config, "+".join(m.identity for m in models)),
-            keep_gray=photo.is_gray,
-            view=members[0].view if single else None,
-            callback=callback,
-            checkpoint_path=checkpoint_path,
-        )
+        return members
+
+    done = checkpoint_step(checkpoint_path, run_id)
+    result: PGDResult | None = None
+    phases = config.frame_phases()
+    for share, steps in phases:
+        if steps.stop <= done and steps is not phases[-1][1]:
+            continue  # the checkpoint is past these steps: they need no objective
+        # a noise pool larger than the steps drawing from it buys nothing (e.g. one full-frame step)
+        phase = dataclasses.replace(config, sampler_noise_pool=min(config.sampler_noise_pool, len(steps)))
+        with contextlib.ExitStack() as frames:
+            for model in models:  # fewer frames while optimising (frame_share), every frame again after
+                frames.enter_context(model.fewer_frames(share, config.frame_spread))
+            members = build_members(phase)
+            single = len(members) == 1
+            result = run_pgd(
+                members[0].objective if single else EnsembleObjective(members, residency),
+                space,
+                x,
+                config,
+                t_range=members[0].t_range,
+                run_id=run_id,
+                keep_gray=photo.is_gray,
+                view=members[0].view if single else None,
+                callback=callback,
+                checkpoint_path=checkpoint_path,
+                steps=steps,
+                carry=result,
+            )
+            del members  # this share's objectives (their noise pools) go before the next share's are prepared
+    assert result is not None  # the last run of steps always runs
     protected = carry_perturbation(photo.rgb, x.float().cpu(), result.x_adv.float().cpu(), config.eps)
     return limit_saved_psnr(photo, protected, config.eps, config.min_psnr), result
 

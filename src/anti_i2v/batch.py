@@ -82,7 +82,8 @@ def output_stems(sources: list[Path]) -> dict[Path, str]:
 
 # settings a rerun must share with a finished photo to skip it (none depends on the model family;
 # the steps and frames depend on whether the model's video is long: `config.LONG_VIDEO_PRESETS`)
-RESUME_KEYS = ("method", "eps", "steps", "seed", "prompt", "space", "min_psnr", "frame_share", "frame_spread")
+RESUME_KEYS = ("method", "eps", "steps", "seed", "prompt", "space", "min_psnr", "frame_share", "frame_spread",
+               "full_frame_steps")
 
 
 def resume_settings(options: dict[str, Any], long_video: bool | None = False) -> dict[str, Any]:

@@ -15,7 +15,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from anti_i2v.config import DEFAULT_PRESET, MEMORY_MODES, PRESETS, describe_preset, format_eps, parse_eps
+from anti_i2v.config import (
+    DEFAULT_PRESET,
+    MEMORY_MODES,
+    PRESETS,
+    describe_preset,
+    describe_steps,
+    format_eps,
+    parse_eps,
+)
 from anti_i2v.errors import AntiI2VError, ConfigError, ModelError, OutOfMemory
 
 app = typer.Typer(
@@ -132,6 +140,7 @@ def protect(
     sampler_guided_steps: Annotated[Optional[int], typer.Option(help="Guide only the first K steps of that sampler (negative: the last -K), 0 every step (default: the method's, 2 for anti-i2v, every step on SVD; each unguided step saves a denoiser pass).")] = None,
     frame_share: Annotated[Optional[float], typer.Option(help="Optimise on about this share of the model's frames, e.g. 0.5 (faster; the attacker's videos keep every frame); default 1, or 0.25 with the fast and balanced presets on long videos (CogVideoX-5B).")] = None,
     frame_spread: Annotated[Optional[bool], typer.Option("--frame-spread/--first-frames", help="With --frame-share: optimise on frames spread over the whole video, each at its own position, or on the first ones (default: spread where the model keeps the positions, CogVideoX; the first frames elsewhere).")] = None,
+    full_frame_steps: Annotated[Optional[int], typer.Option(help="With --frame-share below 1: run the last N of the steps on every frame, from where the others left off (default 0, or 1 with the balanced preset on long videos).")] = None,
     model_weights: Annotated[Optional[str], typer.Option(help="With several --model: each one's weight in the sum, e.g. 2,1 (default: all 1).")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray", help="Run the batch on Ray: local (start an instance here), auto (join this machine's cluster) or a cluster address; one worker per GPU, or per CPU slot.")] = None,
     ray_workers: Annotated[Optional[int], typer.Option(help="With --ray: at most this many workers (default: one per GPU or CPU slot).")] = None,
@@ -168,6 +177,7 @@ def protect(
             early_stop=early_stop,
             frame_share=frame_share,
             frame_spread=frame_spread,
+            full_frame_steps=full_frame_steps,
             sampler_steps=sampler_steps,
             sampler_noise_pool=sampler_noise_pool,
             sampler_guided_steps=sampler_guided_steps,
@@ -214,10 +224,9 @@ def protect(
     shapes = ", ".join(
         f"{m.name} {m.resolution[0]}x{m.resolution[1]}x{m.num_frames}" for m in video_models
     )
-    frames = f" on {cfg.frame_share:.0%} of the frames" if cfg.frame_share < 1 else ""
     console.print(
         f"protecting {len(sources)} input(s) against [bold]{model}[/] ({shapes}, {video_models[0].device}); "
-        f"eps {format_eps(cfg.eps)}, {cfg.steps} steps{frames}, space {cfg.space}"
+        f"eps {format_eps(cfg.eps)}, {describe_steps(cfg)}, space {cfg.space}"
     )
     progress = Progress(
         TextColumn("{task.description}"),

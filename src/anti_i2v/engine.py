@@ -46,12 +46,15 @@ class StepReport:
 
 @dataclass
 class PGDResult:
-    """The optimised image at model resolution, the loss history and where the run stopped."""
+    """The optimised image at model resolution, the loss history and where the run stopped,
+    with the random draws' and the momentum's state, from which a following run of steps goes on."""
 
     x_adv: torch.Tensor
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     stopped_early: bool = False
+    generator_state: torch.Tensor | None = None
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def steps_done(self) -> int:
@@ -90,6 +93,12 @@ def load_checkpoint(path: Path | None, run_id: str) -> dict | None:
         logger.warning("ignoring checkpoint %s: it belongs to another photo or configuration", path)
         return None
     return state
+
+
+def checkpoint_step(path: Path | None, run_id: str) -> int:
+    """How many steps this run's checkpoint has done (0 without one)."""
+    state = load_checkpoint(path, run_id)
+    return 0 if state is None else int(state["step"])
 
 
 def step_sizes(space: PerturbationSpace, config: ProtectConfig) -> dict[str, float]:
@@ -154,6 +163,8 @@ def run_pgd(
     view: View | None = None,
     callback: Callable[[StepReport], None] | None = None,
     checkpoint_path: Path | None = None,
+    steps: range | None = None,
+    carry: PGDResult | None = None,
 ) -> PGDResult:
     """Minimise ``objective`` over images in the eps-ball around ``x`` with sign-PGD.
 
@@ -169,28 +180,42 @@ def run_pgd(
             what the model sees (e.g. carried to the full-size photo, transformed for EOT,
             resized back); identity if None.
         callback: called after every step with a `StepReport`.
-        checkpoint_path: where to save state every ``config.checkpoint_every`` steps.
+        checkpoint_path: where to save state every ``config.checkpoint_every`` steps; a saved
+            state of this run within ``steps`` (or past them) is resumed.
+        steps: which of the ``config.steps`` steps this call runs (default: all), e.g. the last
+            one on every frame after the others ran on fewer (`ProtectConfig.frame_phases`). Step
+            sizes and reports count over all the steps; early stopping watches only a run that
+            starts at step 0.
+        carry: the result of the run of steps before ``steps``, which this one continues.
     """
+    steps = range(config.steps) if steps is None else steps
     generator = torch.Generator().manual_seed(config.seed)
     x = x.detach()
-    x_adv = random_start(x, config.eps, generator) if config.random_start else x.clone()
-    history: list[dict[str, float]] = []
-    start = 0
     momentum = SignMomentum(config.momentum)
+    if carry is not None:
+        x_adv = carry.x_adv.to(x.device, x.dtype)
+        history = list(carry.history)
+        if carry.generator_state is not None:
+            generator.set_state(carry.generator_state)
+        momentum.buffers = {k: v.to(x.device) for k, v in carry.momentum.items()}
+        resumed_from, stopped_early = carry.resumed_from, carry.stopped_early
+    else:
+        x_adv = random_start(x, config.eps, generator) if config.random_start else x.clone()
+        history, resumed_from, stopped_early = [], 0, False
+    start = steps.start
     state = load_checkpoint(checkpoint_path, run_id)
-    if state is not None:
+    if state is not None and int(state["step"]) >= start and (carry is None or int(state["step"]) > start):
         x_adv = state["x_adv"].to(x.device, x.dtype)
-        start = int(state["step"])
+        start = resumed_from = int(state["step"])
         generator.set_state(state["generator"])
         history = [dict(h) for h in state["history"]]
         momentum.buffers = {k: v.to(x.device) for k, v in state.get("momentum", {}).items()}
         logger.info("resuming from step %d of %d", start, config.steps)
     sizes = step_sizes(space, config)
-    early_stop = EarlyStop(config.early_stop, config.early_stop_tolerance)
+    early_stop = EarlyStop(config.early_stop if steps.start == 0 else 0, config.early_stop_tolerance)
     early_stop.replay(h["total"] for h in history)
-    stopped_early = False
     began = time.perf_counter()
-    for i in range(start, config.steps):
+    for i in range(start, steps.stop):
         draw = draw_step(generator, objective.latent_shape(), t_range)
         stage = space.stage(i)
         param = space.parametrise(x_adv, x, config.eps, i)
@@ -217,7 +242,8 @@ def run_pgd(
                 },
             )
         if early_stop.update(output.parts["total"]):
-            stopped_early = i + 1 < config.steps
+            stopped_early = i + 1 < steps.stop
             logger.info("loss flat for %d steps: stopping at step %d of %d", config.early_stop, i + 1, config.steps)
             break
-    return PGDResult(x_adv=x_adv.detach(), history=history, resumed_from=start, stopped_early=stopped_early)
+    return PGDResult(x_adv=x_adv.detach(), history=history, resumed_from=resumed_from, stopped_early=stopped_early,
+                     generator_state=generator.get_state(), momentum=dict(momentum.buffers))
