@@ -226,7 +226,7 @@ def protect(
     )
     console.print(
         f"protecting {len(sources)} input(s) against [bold]{model}[/] ({shapes}, {video_models[0].device}); "
-        f"eps {format_eps(cfg.eps)}, {describe_steps(cfg)}, space {cfg.space}"
+        f"eps {format_eps(cfg.eps)}, {describe_steps(cfg.to_dict())}, space {cfg.space}"
     )
     progress = Progress(
         TextColumn("{task.description}"),

@@ -8,7 +8,7 @@ default below is ours and is marked "(ours)".
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -38,12 +38,12 @@ DEFAULT_PRESET = "balanced"
 # The presets' route on long videos, for the methods that take it (`Method.long_video_route`):
 # optimising on a quarter of the denoiser's frames, spread over the video, and for `balanced` one
 # last step on every frame. On the 49-frame CogVideoX testbed (13 latent frames, as
-# CogVideoX-5B-I2V) `balanced`'s route gave 97% of 60 steps on every frame, more than every-frame
-# `balanced` (95%), in about a third of its time; `fast`'s gave 91%, more than every-frame `fast`
-# (90%), in about a fifth (docs/results/speed.md, "The presets on long videos"). A model's video
-# is long when that quarter, spread, still keeps LONG_VIDEO_MIN_FRAMES frames: on 3 latent frames,
-# keeping 2 cost 7 to 9% of the effect. The frames are spread by `frame_spread`'s default, as only
-# models that can spread them have long videos.
+# CogVideoX-5B-I2V), over two seeds, `balanced`'s route gave 95% of 60 steps on every frame,
+# within about 1% of every-frame `balanced`, in about a third of its time; `fast`'s gave 91% (seed
+# 0), more than every-frame `fast`, in about a fifth (docs/results/speed.md, "The presets on long
+# videos"). A model's video is long when that quarter, spread, still keeps LONG_VIDEO_MIN_FRAMES
+# frames: on 3 latent frames, keeping 2 cost 7 to 9% of the effect. The frames are spread by
+# `frame_spread`'s default, as only models that can spread them have long videos.
 LONG_VIDEO_SHARE = 0.25
 LONG_VIDEO_MIN_FRAMES = 3
 LONG_VIDEO_PRESETS: dict[str, dict[str, Any]] = {
@@ -93,11 +93,12 @@ def format_eps(eps: float) -> str:
     return f"{eps * 255:g}/255 ({eps:.4f})"
 
 
-def describe_steps(config: ProtectConfig | dict[str, Any], spread: str = "") -> str:
-    """``"6 steps: 5 on 25% of the frames, then 1 on every frame"``: the steps and the frames they
-    optimise on (``spread`` follows the share, e.g. ", spread")."""
-    get = config.get if isinstance(config, dict) else lambda key, default: getattr(config, key)
-    steps, share, full = get("steps", 1), get("frame_share", 1.0), get("full_frame_steps", 0)
+def describe_steps(settings: Mapping[str, Any], spread: str = "") -> str:
+    """``"6 steps: 5 on 25% of the frames, then 1 on every frame"``: the steps of ``settings`` (a
+    preset's or `ProtectConfig.to_dict`) and the frames they optimise on (``spread`` follows the
+    share, e.g. ", spread")."""
+    steps, share = settings["steps"], settings.get("frame_share", 1.0)
+    full = settings.get("full_frame_steps", 0)
     if share >= 1:
         return f"{steps} steps"
     if not full:
