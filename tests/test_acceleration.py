@@ -147,9 +147,10 @@ def test_protect_with_a_frame_share_records_it_and_restores_the_model(tiny_model
 
 
 def test_full_frame_steps_finish_on_every_frame_and_an_interrupted_photo_resumes_there(tiny_model, portrait,
-                                                                                        tmp_path):
+                                                                                        tmp_path, monkeypatch):
     """With ``full_frame_steps`` the last steps run on every frame, from where the steps on the share
-    left off; a photo interrupted there resumes from its checkpoint without redoing the others."""
+    left off; a photo interrupted there resumes from its checkpoint without redoing the others,
+    nor preparing their objective."""
     import numpy as np
 
     import anti_i2v
@@ -168,10 +169,13 @@ def test_full_frame_steps_finish_on_every_frame_and_an_interrupted_photo_resumes
 
     with pytest.raises(KeyboardInterrupt):
         anti_i2v.protect(photo, tiny_model, out=tmp_path / "resumed", stem="p", callback=crash, **settings)
-    seen = []
+    seen, prepared = [], []
+    prepare = AntiI2VObjective.prepare
+    monkeypatch.setattr(AntiI2VObjective, "prepare",
+                        lambda self, model, x: (prepared.append(model.num_frames), prepare(self, model, x))[1])
     resumed = anti_i2v.protect(photo, tiny_model, out=tmp_path / "resumed", stem="p",
                                callback=lambda r: seen.append((r.step, tiny_model.num_frames)), **settings)
-    assert seen == [(3, full)] and len(resumed.history) == 3
+    assert seen == [(3, full)] and prepared == [full] and len(resumed.history) == 3
     assert np.array_equal(np.asarray(resumed.image), np.asarray(whole.image))
     with pytest.raises(ConfigError, match="full_frame_steps"):
         ProtectConfig(steps=3, full_frame_steps=4)

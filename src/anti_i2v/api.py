@@ -220,8 +220,8 @@ def _optimise(
     done = checkpoint_step(checkpoint_path, run_id)
     result: PGDResult | None = None
     phases = config.frame_phases()
-    for share, steps in phases:
-        if steps.stop <= done and steps is not phases[-1][1]:
+    for index, (share, steps) in enumerate(phases):
+        if steps.stop <= done and index < len(phases) - 1:
             continue  # the checkpoint is past these steps: they need no objective
         # a noise pool larger than the steps drawing from it buys nothing (e.g. one full-frame step)
         phase = dataclasses.replace(config, sampler_noise_pool=min(config.sampler_noise_pool, len(steps)))
