@@ -204,9 +204,10 @@ def run_pgd(
         history, resumed_from, stopped_early = [], 0, False
     start = steps.start
     state = load_checkpoint(checkpoint_path, run_id)
-    if state is not None and int(state["step"]) >= start and (carry is None or int(state["step"]) > start):
+    saved = -1 if state is None else int(state["step"])
+    if state is not None and (saved > start or (saved == start and carry is None)):  # a carry stands at start
         x_adv = state["x_adv"].to(x.device, x.dtype)
-        start = resumed_from = int(state["step"])
+        start = resumed_from = saved
         generator.set_state(state["generator"])
         history = [dict(h) for h in state["history"]]
         momentum.buffers = {k: v.to(x.device) for k, v in state.get("momentum", {}).items()}
