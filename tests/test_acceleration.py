@@ -62,6 +62,24 @@ def test_the_compiled_denoiser_gives_the_plain_loss_and_gradient_also_when_strea
     assert torch.allclose(grad_s, grad, rtol=1e-3, atol=1e-6)
 
 
+def test_every_block_of_a_unet_runs_compiled(photo, monkeypatch):
+    """DynamiCrafter's U-Net blocks share one ``forward`` in many shapes: past torch's default
+    cache of 8 graphs the rest fell back to uncompiled code without a word."""
+    from torch._dynamo.utils import counters
+
+    from anti_i2v.api import protect
+    from anti_i2v.models.registry import load_model
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, whatever ran before
+    torch._dynamo.reset()
+    counters.clear()
+    model = compile_denoiser(load_model("tiny-dynamicrafter", device="cpu"), backend="eager")  # graph capture only
+    protect(photo, model, steps=1, prompt=PROMPT)
+    frames = counters["frames"]
+    assert frames["total"] > 8  # more graphs than the default cache holds
+    assert frames["ok"] == frames["total"]
+
+
 def test_the_math_attention_kernel_gives_the_plain_loss_and_gradient(photo, plain):
     loss, grad = plain
     model = use_attention_kernel(_tiny(), "math")

@@ -3,10 +3,11 @@
 Both are properties of a loaded model (the engine and the objectives see none of them):
 
 - `compile_denoiser` compiles each denoiser block's ``forward`` with `torch.compile`
-  ("regional" compilation: identical blocks share one compiled graph, so compiling costs
-  one block's time, not the model's). Hooks stay outside the compiled code, so feature
-  taps, early exits and the block streaming of the ``sequential`` memory mode work as
-  before. The first steps pay the compilation.
+  ("regional" compilation: identical blocks share one compiled graph, so compiling a
+  transformer costs one block's time, not the model's). A U-Net's blocks differ in shape,
+  so there each block shape gets a graph of its own. Hooks stay outside the compiled code,
+  so feature taps, early exits and the block streaming of the ``sequential`` memory mode
+  work as before. The first steps pay the compilation.
 - `use_attention_kernel` runs the model's denoiser blocks and VAE-encoder layers under
   `torch.nn.attention.sdpa_kernel` with one backend ("flash", "efficient", "cudnn" or
   "math"); "auto" leaves the choice to PyTorch, which takes the fastest kernel the inputs
@@ -19,6 +20,7 @@ and gradient within tolerance); `docs/results/speed.md` has what each buys.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 
@@ -34,14 +36,35 @@ _BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cu
 ATTENTION_KERNELS = ("auto", *_BACKENDS)
 
 
+# Compiled graphs one block may need: with and without gradients, each for the frame counts of a run
+# (a share of the frames, then every frame) and for an input that does or does not carry a gradient.
+GRAPHS_PER_BLOCK = 8
+
+
 def compile_denoiser(model: VideoModel, backend: str = "inductor", mode: str | None = None) -> VideoModel:
-    """Compile the ``forward`` of each of ``model``'s denoiser blocks (see the module docstring)."""
+    """Compile the ``forward`` of each of ``model``'s denoiser blocks (see the module docstring).
+
+    Graphs are static (one per input shape): shape-generic graphs would save compilations on a
+    U-Net, but inductor failed to build some of DynamiCrafter's. The blocks of one class share
+    one cache of compiled graphs, which is enlarged to hold every block's: at torch's default
+    of 8, DynamiCrafter's blocks past the eighth shape silently ran uncompiled.
+    """
     blocks = denoiser_blocks(model)
+    _make_room_for_graphs(blocks)
     for block in blocks:
-        block.forward = torch.compile(block.forward, backend=backend, mode=mode)
+        block.forward = torch.compile(block.forward, backend=backend, mode=mode, dynamic=False)
     model.compiled = True
     logger.info("%s: %d denoiser blocks compiled (%s)", model.name, len(blocks), backend)
     return model
+
+
+def _make_room_for_graphs(blocks: list[torch.nn.Module]) -> None:
+    """Raise torch's limits on compiled graphs per function (never lower them) to what the
+    blocks sharing one ``forward`` may need."""
+    sharing = max(Counter(type(block).forward for block in blocks).values(), default=1)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, GRAPHS_PER_BLOCK * sharing)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, GRAPHS_PER_BLOCK * sharing)
 
 
 def check_attention_kernel(name: str) -> str:
