@@ -38,10 +38,10 @@ DEFAULT_PRESET = "balanced"
 # The presets' route on long videos, for the methods that take it (`Method.long_video_route`):
 # optimising on a quarter of the denoiser's frames, spread over the video, and for `balanced` one
 # last step on every frame. On the 49-frame CogVideoX testbed (13 latent frames, as
-# CogVideoX-5B-I2V), over two seeds, `balanced`'s route gave 95% of 60 steps on every frame,
-# within about 1% of every-frame `balanced`, in about a third of its time; `fast`'s gave 91% (seed
-# 0), more than every-frame `fast`, in about a fifth (docs/results/speed.md, "The presets on long
-# videos"). A model's video is long when that quarter, spread, still keeps LONG_VIDEO_MIN_FRAMES
+# CogVideoX-5B-I2V), over three seeds, `balanced`'s route gave 93% of 60 steps on every frame,
+# about 3% less than every-frame `balanced`, in about a third of its time (48 s per CogVideoX-5B
+# photo instead of 130 by the estimate); `fast`'s gave 91% (seed 0), more than every-frame `fast`,
+# in about a fifth (docs/results/speed.md, "The presets on long videos"). A model's video is long when that quarter, spread, still keeps LONG_VIDEO_MIN_FRAMES
 # frames: on 3 latent frames, keeping 2 cost 7 to 9% of the effect. The frames are spread by
 # `frame_spread`'s default, as only models that can spread them have long videos.
 LONG_VIDEO_SHARE = 0.25
