@@ -41,9 +41,10 @@ DEFAULT_PRESET = "balanced"
 # CogVideoX-5B-I2V), over three seeds, `balanced`'s route gave 93% of 60 steps on every frame,
 # about 3% less than every-frame `balanced`, in about a third of its time (48 s per CogVideoX-5B
 # photo instead of 130 by the estimate); `fast`'s gave 91% (seed 0), more than every-frame `fast`,
-# in about a fifth (docs/results/speed.md, "The presets on long videos"). A model's video is long when that quarter, spread, still keeps LONG_VIDEO_MIN_FRAMES
-# frames: on 3 latent frames, keeping 2 cost 7 to 9% of the effect. The frames are spread by
-# `frame_spread`'s default, as only models that can spread them have long videos.
+# in about a fifth (docs/results/speed.md, "The presets on long videos"). A model's video is long
+# when that quarter, spread, still keeps LONG_VIDEO_MIN_FRAMES frames: on 3 latent frames, keeping
+# 2 cost 7 to 9% of the effect. The frames are spread by `frame_spread`'s default, as only models
+# that can spread them have long videos.
 LONG_VIDEO_SHARE = 0.25
 LONG_VIDEO_MIN_FRAMES = 3
 LONG_VIDEO_PRESETS: dict[str, dict[str, Any]] = {
