@@ -61,10 +61,10 @@ def compile_denoiser(model: VideoModel, backend: str = "inductor", mode: str | N
 def _make_room_for_graphs(blocks: list[torch.nn.Module]) -> None:
     """Raise torch's limits on compiled graphs per function (never lower them) to what the
     blocks sharing one ``forward`` may need."""
-    sharing = max(Counter(type(block).forward for block in blocks).values(), default=1)
+    needed = GRAPHS_PER_BLOCK * max(Counter(type(block).forward for block in blocks).values(), default=1)
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, GRAPHS_PER_BLOCK * sharing)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, GRAPHS_PER_BLOCK * sharing)
+    config.recompile_limit = max(config.recompile_limit, needed)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, needed)
 
 
 def check_attention_kernel(name: str) -> str:
