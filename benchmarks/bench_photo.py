@@ -77,7 +77,9 @@ def step_times(elapsed: list[tuple[int, float]]) -> dict[str, float | None]:
     """The first step's seconds (it compiles, with ``--compile``) and the median of the others
     (the steady pace, from which a preset's time is projected), from each step's report: the
     step its run of steps began at and the seconds into that run. A second run of steps is the
-    full-frame steps (`ProtectConfig.full_frame_steps`), whose median is ``full_frame_step_seconds``."""
+    full-frame steps (`ProtectConfig.full_frame_steps`), whose median is ``full_frame_step_seconds``.
+    A step that first picks one of the pool's sampler noises also runs that noise's clean run, so
+    a single full-frame step's seconds include its clean run."""
     runs: dict[int, list[float]] = {}
     for began_at, seconds in elapsed:
         runs.setdefault(began_at, []).append(seconds)

@@ -222,7 +222,7 @@ def test_a_noise_pool_gives_the_plain_loss_and_gradient_of_the_noise_it_picks(ph
     pooled.prepare(model, photo)
     plain = AntiI2VObjective(model, ProtectConfig(**settings))
     plain.prepare(model, photo)
-    assert len(pooled.noise_pool) == 3
+    assert len(pooled.pool_noises) == 3
 
     def loss_and_gradient(objective, seed: int, noise: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         draw = draw_step(torch.Generator().manual_seed(seed), objective.latent_shape(), (0, 999))
@@ -235,7 +235,7 @@ def test_a_noise_pool_gives_the_plain_loss_and_gradient_of_the_noise_it_picks(ph
     picked = set()
     for seed in range(4):
         loss, grad = loss_and_gradient(pooled, seed)
-        candidates = [loss_and_gradient(plain, seed, noise) for noise, *_ in pooled.noise_pool]
+        candidates = [loss_and_gradient(plain, seed, noise) for noise in pooled.pool_noises]
         matches = [i for i, (loss_p, grad_p) in enumerate(candidates)
                    if loss_p == pytest.approx(loss, rel=1e-5) and torch.allclose(grad_p, grad, rtol=1e-3, atol=1e-6)]
         assert len(matches) == 1
@@ -243,6 +243,36 @@ def test_a_noise_pool_gives_the_plain_loss_and_gradient_of_the_noise_it_picks(ph
     assert len(picked) > 1  # the steps draw from the pool, not one noise every time
     with pytest.raises(ConfigError, match="sampler_noise_pool"):
         ProtectConfig(sampler_noise_pool=-1)
+
+
+def test_a_noise_pool_runs_each_clean_run_once_and_only_when_picked(photo):
+    """The pool's clean runs wait for a step to pick their noise: preparing runs none, a step that
+    picks a new noise runs the clean run beside its own, a step that picks one seen before does not,
+    so a run of fewer steps than noises pays only for the noises it draws."""
+    model = _tiny()
+    settings = dict(prompt=PROMPT, weight_irc=0, weight_ira=0, weight_dm=0, weight_sampler=1, sampler_steps=2)
+    passes: list[int] = []
+    hook = model.transformer.register_forward_hook(lambda *_: passes.append(1))
+
+    def counted(action) -> int:
+        passes.clear()
+        action()
+        return len(passes)
+
+    def step(objective, seed: int) -> None:
+        draw = draw_step(torch.Generator().manual_seed(seed), objective.latent_shape(), (0, 999))
+        objective((photo + 2 / 255).clamp(0, 1).requires_grad_(True), draw)
+
+    plain = AntiI2VObjective(model, ProtectConfig(**settings))
+    pooled = AntiI2VObjective(model, ProtectConfig(sampler_noise_pool=3, **settings))
+    assert counted(lambda: pooled.prepare(model, photo)) == counted(lambda: plain.prepare(model, photo))
+    per_run = counted(lambda: step(plain, 0)) // 2  # the clean run and the protected one
+    per_step = [counted(lambda: step(pooled, seed)) for seed in range(7)]
+    hook.remove()
+    assert set(per_step) <= {per_run, 2 * per_run}
+    assert per_step[0] == 2 * per_run  # the first pick always runs its clean run
+    assert 1 <= per_step.count(2 * per_run) <= 3  # at most once per noise of the pool
+    assert per_run in per_step  # 7 picks from 3 noises repeat one, whose clean run is kept
 
 
 def test_the_default_step_runs_only_the_sampler_passes(photo):
@@ -253,9 +283,14 @@ def test_the_default_step_runs_only_the_sampler_passes(photo):
     objective = AntiI2VObjective(model, ProtectConfig.from_preset("balanced", "anti-i2v", prompt=PROMPT))
     objective.prepare(model, photo)
     passes = []
+
+    def step() -> None:
+        draw = draw_step(torch.Generator().manual_seed(0), objective.latent_shape(), (0, 999))
+        objective((photo + 2 / 255).clamp(0, 1).requires_grad_(True), draw)
+
+    step()  # the pool's clean run from the noise this draw picks: once, on its first pick
     hook = model.transformer.register_forward_hook(lambda *_: passes.append(1))
-    draw = draw_step(torch.Generator().manual_seed(0), objective.latent_shape(), (0, 999))
-    objective((photo + 2 / 255).clamp(0, 1).requires_grad_(True), draw)
+    step()
     hook.remove()
     config = objective.config
     assert (config.sampler_steps, config.sampler_guided_steps) == (4, 2)
@@ -350,7 +385,7 @@ def test_guiding_some_sampler_steps_runs_one_pass_in_the_others(photo):
                            sampler_noise_pool=1, sampler_guided_steps=1)
     objective = AntiI2VObjective(model, config)
     objective.prepare(model, photo)
-    ((pooled_noise, pooled_run),) = objective.noise_pool
+    pooled_noise, pooled_run = objective.pooled(0)
     with torch.no_grad():
         clean_run = anti.sampler_run(model, objective.clean_encoded, pooled_noise, 3, objective.t_last, guided_steps=1)
     torch.testing.assert_close(pooled_run, clean_run)

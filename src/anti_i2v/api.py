@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -197,13 +196,13 @@ def _optimise(
     eot = ExpectationOverTransforms(parse_eot(config.eot))
     run_id = fingerprint(x, config, "+".join(m.identity for m in models))
 
-    def build_members(phase: ProtectConfig) -> list[EnsembleMember]:
+    def build_members() -> list[EnsembleMember]:
         members = []
         for index, model in enumerate(models):
             if residency is not None:
                 residency.activate(model)
             aux = _auxiliary_model(config.aux_model, model.device, model.dtype) if config.weight_aux else None
-            objective = method.build(model, phase, target, aux)
+            objective = method.build(model, config, target, aux)
             objective.prepare(model, model.prepare_image(photo.rgb).to(model.device))
             if release_text_encoder and model.device.type == "cuda":
                 model.release_text_encoder()  # the prompt stays cached for later runs of steps
@@ -223,12 +222,10 @@ def _optimise(
     for index, (share, steps) in enumerate(phases):
         if steps.stop <= done and index < len(phases) - 1:
             continue  # the checkpoint is past these steps: they need no objective
-        # a noise pool larger than the steps drawing from it buys nothing (e.g. one full-frame step)
-        phase = dataclasses.replace(config, sampler_noise_pool=min(config.sampler_noise_pool, len(steps)))
         with contextlib.ExitStack() as frames:
             for model in models:  # fewer frames while optimising (frame_share), every frame again after
                 frames.enter_context(model.fewer_frames(share, config.frame_spread))
-            members = build_members(phase)
+            members = build_members()
             single = len(members) == 1
             result = run_pgd(
                 members[0].objective if single else EnsembleObjective(members, residency),

@@ -149,8 +149,9 @@ class ProtectConfig:
             (``sampler_steps`` denoiser passes, differentiated through), with the model's own
             classifier-free guidance where it has one (``sampler_guidance``).
         sampler_noise_pool: a speed lever of the sampler divergence (ours): 0 draws fresh noise
-            every step and runs the clean photo's sampler from it; K > 0 draws K noises once, runs
-            the clean photo's sampler from each once, and each step picks one of them, saving the
+            every step and runs the clean photo's sampler from it; K > 0 draws K noises once, each
+            step picks one of them, and the clean photo's sampler runs from a noise once, on its
+            first pick (a run of fewer steps than noises pays only for those it draws), saving the
             clean run (about a third of a step on the CPU, a fifth on a GPU). The `anti-i2v`
             method uses 2 on every family (it held the strength on both trained testbeds).
         sampler_grad_steps: a speed lever of the sampler divergence (ours): 0 differentiates

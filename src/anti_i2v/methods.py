@@ -104,8 +104,8 @@ def step_for_run_length(settings: dict[str, Any]) -> float:
 # ones: `step_for_run_length`); the saved photo is then kept at
 # 31.35 dB PSNR or more, no more visible than AdvDM's at the same eps and 50 to 200 steps on
 # either testbed (at most 31.30 dB). The reference video only sizes the noise: "repeat" is free.
-# Two pooled sampler noises (the clean photo's runs computed once) held the strength at a fifth
-# to a third less per step, and cost a short run half the setup of four. Guidance in the first
+# Two pooled sampler noises (the clean photo's run from each computed once, on its first pick) held
+# the strength at a fifth to a third less per step, and cost a short run half the clean runs of four. Guidance in the first
 # two of the four sampler steps only (six denoiser passes instead of eight) held it on CogVideoX.
 _DEFAULT = {
     "space": "rgb", "step_size": step_for_run_length, "reference": "repeat", "weight_irc": 0.0, "weight_ira": 0.0,

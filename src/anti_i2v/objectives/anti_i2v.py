@@ -78,7 +78,8 @@ class AntiI2VObjective(Objective):
             for n in (config.ira_vae_layers if config.ira_vae_layers is not None else layers.vae_encoder)
         ]
         self.video_latents: torch.Tensor | None = None
-        self.noise_pool: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pool_noises: list[torch.Tensor] = []
+        self._pool_runs: dict[int, torch.Tensor] = {}
         self.t_last = model.num_train_timesteps - 1
 
     def prepare(self, model: VideoModel, x: torch.Tensor) -> None:
@@ -96,20 +97,28 @@ class AntiI2VObjective(Objective):
         if cfg.weight_div or cfg.weight_latent or cfg.weight_sampler:
             with torch.no_grad():  # one posterior draw of the clean photo, fixed for the whole run
                 self.clean_encoded = model.encode_image(x, (), torch.Generator().manual_seed(cfg.seed))
-        self.noise_pool = self._clean_runs(model) if cfg.weight_sampler and cfg.sampler_noise_pool else []
+        self.pool_noises = self._pool_draws() if cfg.weight_sampler and cfg.sampler_noise_pool else []
+        self._pool_runs = {}
 
-    def _clean_runs(self, model: VideoModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``sampler_noise_pool`` seeded noises, each with the clean photo's sampler run from it."""
+    def _pool_draws(self) -> list[torch.Tensor]:
+        """``sampler_noise_pool`` seeded noises; the clean photo's run from each waits for its first pick."""
+        generator = torch.Generator().manual_seed(self.config.seed + 1)
+        return [torch.randn(self.latent_shape(), generator=generator) for _ in range(self.config.sampler_noise_pool)]
+
+    def pooled(self, pick: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool entry ``pick``: its noise and the clean photo's sampler run from it, run the first
+        time a step picks it (a short run of steps pays only for the noises it draws)."""
+        noise = self.pool_noises[pick]
+        if pick not in self._pool_runs:
+            self._pool_runs[pick] = self._clean_run(noise)
+        return noise, self._pool_runs[pick]
+
+    def _clean_run(self, noise: torch.Tensor) -> torch.Tensor:
+        """The clean photo's sampler run from ``noise``, without gradients."""
         cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed + 1)
-        pool = []
-        for _ in range(cfg.sampler_noise_pool):
-            noise = torch.randn(self.latent_shape(), generator=generator)
-            with torch.no_grad():
-                clean = sampler_run(model, self.clean_encoded, noise, cfg.sampler_steps, self.t_last,
-                                    cfg.sampler_guidance, guided_steps=cfg.sampler_guided_steps)
-            pool.append((noise, clean))
-        return pool
+        with torch.no_grad():
+            return sampler_run(self.model, self.clean_encoded, noise, cfg.sampler_steps, self.t_last,
+                               cfg.sampler_guidance, guided_steps=cfg.sampler_guided_steps)
 
     def latent_shape(self) -> torch.Size:
         assert self.video_latents is not None, "call prepare() first"
@@ -171,14 +180,11 @@ class AntiI2VObjective(Objective):
             loss = loss - cfg.weight_latent * push
             parts["latent"] = scalar(push)
         if cfg.weight_sampler:
-            if self.noise_pool:
-                pick = int(torch.randint(len(self.noise_pool), (1,), generator=draw.generator))
-                noise, clean = self.noise_pool[pick]
+            if self.pool_noises:
+                noise, clean = self.pooled(int(torch.randint(len(self.pool_noises), (1,), generator=draw.generator)))
             else:
                 noise = draw.noise
-                with torch.no_grad():
-                    clean = sampler_run(model, self.clean_encoded, noise, cfg.sampler_steps, self.t_last,
-                                        cfg.sampler_guidance, guided_steps=cfg.sampler_guided_steps)
+                clean = self._clean_run(noise)
             adv = sampler_run(model, encoded, noise, cfg.sampler_steps, self.t_last, cfg.sampler_guidance,
                               cfg.sampler_grad_steps, cfg.sampler_unconditional, cfg.sampler_guided_steps)
             run = relative_sq_distance(adv, clean)
