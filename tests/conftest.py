@@ -37,3 +37,16 @@ def portrait_small(portrait, tiny_model) -> torch.Tensor:
     from anti_i2v.photo import resize_for_model
 
     return resize_for_model(portrait[0], *tiny_model.resolution)
+
+
+@pytest.fixture
+def tiny_clip(tmp_path) -> str:
+    """A folder holding a tiny CLIP vision model with seeded random weights, for the auxiliary term."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, projection_dim=16, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, intermediate_size=37, patch_size=8)
+    path = tmp_path / "clip"
+    CLIPVisionModelWithProjection(config).save_pretrained(path)
+    return str(path)

@@ -391,6 +391,19 @@ def test_guiding_some_sampler_steps_runs_one_pass_in_the_others(photo):
     torch.testing.assert_close(pooled_run, clean_run)
 
 
+def test_cogvideox_cuts_its_positional_table_where_the_table_now_is():
+    """An ensemble parks a model's weights off its device between turns; the table cut for fewer
+    frames must land where the patch embedding now is, not where the model was built."""
+    model = _tiny()
+    patch = model.transformer.patch_embed
+    if getattr(patch, "pos_embedding", None) is None:
+        pytest.skip("this configuration has no positional table")
+    patch.pos_embedding = patch.pos_embedding.to("meta")  # as if parked elsewhere
+    with model.fewer_frames(0.5, spread=True):
+        assert patch.pos_embedding.device.type == "meta"
+    assert patch.pos_embedding.device.type == "meta"
+
+
 def test_spread_frames_keep_their_own_positions_in_cogvideox():
     """With ``spread``, the frames optimised on are spaced over the whole video and each keeps the
     rotary and table positions it has there (a lower frame rate); every position comes back after."""

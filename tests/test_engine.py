@@ -4,6 +4,7 @@ noise of the same budget, it holds the budget, and it resumes from checkpoints."
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -155,6 +156,25 @@ def test_early_stopping_watches_only_the_first_run_of_steps(tiny_model, portrait
     assert first.stopped_early and len(first.history) < 6
     last = run_pgd(objective, space, portrait_small, config, t_range=(0, 999), steps=range(6, 8), carry=first)
     assert last.stopped_early and len(last.history) == len(first.history) + 2
+
+
+def test_a_run_resumed_where_early_stopping_ended_it_takes_no_step_more(tmp_path, tiny_model, portrait_small):
+    """The checkpoint saved at the step a run stopped early on resumes to that run's result, with no
+    step more; the full-frame steps after it, resumed from their own checkpoint, still record the stop."""
+    config, objective, space = _setup(tiny_model, portrait_small, steps=8, early_stop=1, early_stop_tolerance=0.99,
+                                      checkpoint_every=1)
+    run = functools.partial(run_pgd, objective, space, portrait_small, config, t_range=(0, 999), run_id="r",
+                            checkpoint_path=tmp_path / "run.pt")
+    first = run(steps=range(6))
+    assert first.stopped_early and len(first.history) < 6
+    seen: list[int] = []
+    again = run(steps=range(6), callback=lambda r: seen.append(r.step))  # as after a crash in the steps after
+    assert seen == [] and again.stopped_early and len(again.history) == len(first.history)
+    torch.testing.assert_close(again.x_adv, first.x_adv)
+    last = run(steps=range(6, 8), carry=first)
+    resumed = run(steps=range(6, 8))  # as after a crash between the last checkpoint and the saved photo
+    assert resumed.stopped_early and len(resumed.history) == len(last.history)
+    torch.testing.assert_close(resumed.x_adv, last.x_adv)
 
 
 def test_sign_momentum_follows_the_accumulated_direction():

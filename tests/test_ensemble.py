@@ -15,6 +15,7 @@ from anti_i2v.errors import ConfigError
 from anti_i2v.models.cogvideox import CogVideoXI2V
 from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
 from anti_i2v.objectives import AntiI2VObjective, draw_step
+from anti_i2v.objectives.perceptual import ClipEmbeddingSimilarity
 
 PROMPT = "a person talking to the camera"
 METHOD = "anti-i2v-paper"  # the deep-feature shift measured below is what the paper's terms move
@@ -70,3 +71,27 @@ def test_model_weights_steer_the_ensemble(models, portrait):
         anti_i2v.protect(photo, [cog, dyn], steps=1, prompt=PROMPT, model_weights=(1, 1, 1))
     with pytest.raises(ConfigError, match="not all 0"):
         anti_i2v.protect(photo, [cog, dyn], steps=1, prompt=PROMPT, model_weights=(0, 0))
+
+
+def test_each_model_of_an_ensemble_compares_with_its_own_clean_clip_embedding(models, portrait, tiny_clip,
+                                                                              monkeypatch):
+    """The auxiliary CLIP model is loaded once, but each member's CLIP term compares with the clean
+    photo as its own model prepares it (the two tiny models see it at different sizes)."""
+    photo = torch.nn.functional.interpolate(portrait, size=(64, 64), mode="area")[0]
+    prepared: dict[int, torch.Size] = {}
+    compared: list[tuple[torch.Size, torch.Size]] = []
+    prepare, call = ClipEmbeddingSimilarity.prepare, ClipEmbeddingSimilarity.__call__
+
+    def recording_prepare(self, x):
+        prepared[id(self)] = x.shape[-2:]
+        prepare(self, x)
+
+    def recording_call(self, x_adv):
+        compared.append((prepared[id(self)], x_adv.shape[-2:]))
+        return call(self, x_adv)
+
+    monkeypatch.setattr(ClipEmbeddingSimilarity, "prepare", recording_prepare)
+    monkeypatch.setattr(ClipEmbeddingSimilarity, "__call__", recording_call)
+    anti_i2v.protect(photo, list(models), steps=1, prompt=PROMPT, method=METHOD, weight_aux=1.0, aux_model=tiny_clip)
+    assert len({size for size, _ in compared}) == 2  # one comparison per member, at its own size
+    assert all(reference == seen for reference, seen in compared), compared

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from anti_i2v.config import ProtectConfig
 from anti_i2v.errors import InputError, ModelError
@@ -81,18 +80,19 @@ def test_generated_reference_is_cached(tmp_path, monkeypatch, tiny_model, portra
     assert len(calls) == 1
     torch.testing.assert_close(first, second)
     assert not torch.allclose(first, reference_latents(tiny_model, portrait_small, "repeat", "", 0))
+    # a run on fewer frames generates its own, first or spread: the full video's is not theirs
+    for spread in (True, False):
+        with tiny_model.fewer_frames(0.5, spread=spread):
+            fewer = reference_latents(tiny_model, portrait_small, "generate", "a person talking to the camera", 0, steps=2)
+        assert fewer.shape[1] < first.shape[1]
+    assert len(calls) == 3
+    again = reference_latents(tiny_model, portrait_small, "generate", "a person talking to the camera", 0, steps=2)
+    assert len(calls) == 3
+    torch.testing.assert_close(again, first)
 
 
-def _tiny_clip(path):
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, projection_dim=16, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, intermediate_size=37, patch_size=8)
-    CLIPVisionModelWithProjection(config).save_pretrained(path)
-
-
-def test_aux_clip_term_loads_from_a_folder_and_pushes_apart(tmp_path, portrait_small):
-    _tiny_clip(tmp_path / "clip")
-    aux = ClipEmbeddingSimilarity.from_pretrained(str(tmp_path / "clip"), torch.device("cpu"), torch.float32)
+def test_aux_clip_term_loads_from_a_folder_and_pushes_apart(tmp_path, tiny_clip, portrait_small):
+    aux = ClipEmbeddingSimilarity.from_pretrained(tiny_clip, torch.device("cpu"), torch.float32)
     aux.prepare(portrait_small)
     assert aux(portrait_small) == pytest.approx(1.0, abs=1e-5)
     x = portrait_small.clone().requires_grad_(True)
@@ -104,9 +104,8 @@ def test_aux_clip_term_loads_from_a_folder_and_pushes_apart(tmp_path, portrait_s
         ClipEmbeddingSimilarity.from_pretrained(str(tmp_path / "none"), torch.device("cpu"), torch.float32)
 
 
-def test_anti_i2v_objective_reports_every_term(tmp_path, tiny_model, portrait_small):
-    _tiny_clip(tmp_path / "clip")
-    config = ProtectConfig(weight_aux=1.0, aux_model=str(tmp_path / "clip"), prompt="a person talking to the camera")
+def test_anti_i2v_objective_reports_every_term(tiny_clip, tiny_model, portrait_small):
+    config = ProtectConfig(weight_aux=1.0, aux_model=tiny_clip, prompt="a person talking to the camera")
     aux = ClipEmbeddingSimilarity.from_pretrained(config.aux_model, torch.device("cpu"), torch.float32)
     objective = AntiI2VObjective(tiny_model, config, aux=aux)
     objective.prepare(tiny_model, portrait_small)
@@ -118,9 +117,8 @@ def test_anti_i2v_objective_reports_every_term(tmp_path, tiny_model, portrait_sm
     assert objective.deep == ["denoiser.5", "denoiser.6", "denoiser.7"] and objective.shallow == "denoiser.3"
 
 
-def test_aux_term_is_on_only_when_its_weights_are_local(tmp_path):
-    _tiny_clip(tmp_path / "clip")
-    assert resolve_aux_weight(ProtectConfig(aux_model=str(tmp_path / "clip"))).weight_aux == 1.0
+def test_aux_term_is_on_only_when_its_weights_are_local(tiny_clip):
+    assert resolve_aux_weight(ProtectConfig(aux_model=tiny_clip)).weight_aux == 1.0
     assert resolve_aux_weight(ProtectConfig()).weight_aux == 0.0  # default CLIP is not bundled
     assert resolve_aux_weight(ProtectConfig(weight_aux=0.5)).weight_aux == 0.5
 

@@ -18,6 +18,10 @@ class FakeAcceleratedModel:
         self.name = name
         self.device = torch.device("meta")  # any non-CPU device counts as an accelerator
         self.layer = torch.nn.Linear(width, width)
+        self.frames = "9"
+
+    def frame_layout(self) -> str:
+        return self.frames
 
     def weight_modules(self) -> list[torch.nn.Module]:
         return [self.layer]
@@ -62,6 +66,21 @@ def test_models_that_fit_together_stay_resident_after_the_first_round():
     _rounds(residency, [a, b], 5)
     assert residency.moves == moves_after_two  # no transfer once both are known to fit
     assert {m.name for m in device.resident} == {"a", "b"}
+
+
+def test_a_model_whose_frames_change_runs_alone_to_be_measured_again():
+    """The working memory of a turn on a share of the frames says nothing of a turn on every frame:
+    after its frames change, a model's next turn runs alone, as its first did."""
+    a, b = FakeAcceleratedModel("a", 64), FakeAcceleratedModel("b", 64)
+    device = FakeAccelerator(capacity=3 * weight_bytes(a))
+    residency = Residency([a, b], free_bytes=device.free_bytes, move=device.move)
+    _rounds(residency, [a, b], 2)
+    assert {m.name for m in device.resident} == {"a", "b"}
+    a.frames = "33"
+    with residency.turn(a):
+        assert [m.name for m in device.resident] == ["a"]
+    _rounds(residency, [a, b], 1)
+    assert {m.name for m in device.resident} == {"a", "b"}  # measured, they fit together again
 
 
 def test_models_that_do_not_fit_together_take_turns():

@@ -84,7 +84,8 @@ def sidecar_path(output: Path) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _auxiliary_model(source: str, device: torch.device, dtype: torch.dtype) -> ClipEmbeddingSimilarity:
-    """Load the auxiliary CLIP model once per batch, not once per photo."""
+    """Load the auxiliary CLIP model once per batch, not once per photo (each objective takes
+    `ClipEmbeddingSimilarity.with_own_reference`: ensemble members prepare different images)."""
     return ClipEmbeddingSimilarity.from_pretrained(source, device, dtype)
 
 
@@ -201,7 +202,8 @@ def _optimise(
         for index, model in enumerate(models):
             if residency is not None:
                 residency.activate(model)
-            aux = _auxiliary_model(config.aux_model, model.device, model.dtype) if config.weight_aux else None
+            aux = (_auxiliary_model(config.aux_model, model.device, model.dtype).with_own_reference()
+                   if config.weight_aux else None)
             objective = method.build(model, config, target, aux)
             objective.prepare(model, model.prepare_image(photo.rgb).to(model.device))
             if release_text_encoder and model.device.type == "cuda":

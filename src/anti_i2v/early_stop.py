@@ -46,7 +46,10 @@ class EarlyStop:
         total = self._first - self._best[-1]
         return recent <= self.tolerance * max(total, 0.0)
 
-    def replay(self, losses: Iterable[float]) -> None:
-        """Feed the losses of steps already done (a resumed run) without deciding anything."""
+    def replay(self, losses: Iterable[float]) -> bool:
+        """Feed the losses of steps already done (a resumed run); True when the run had decided to
+        stop after the last of them (its checkpoint was saved at the step it stopped on)."""
+        stop = False
         for loss in losses:
-            self.update(loss)
+            stop = self.update(loss)
+        return stop

@@ -211,10 +211,13 @@ def run_pgd(
         generator.set_state(state["generator"])
         history = [dict(h) for h in state["history"]]
         momentum.buffers = {k: v.to(x.device) for k, v in state.get("momentum", {}).items()}
+        stopped_early = bool(state.get("stopped_early", False))  # an earlier run of steps stopped early
         logger.info("resuming from step %d of %d", start, config.steps)
     sizes = step_sizes(space, config)
     early_stop = EarlyStop(config.early_stop if steps.start == 0 else 0, config.early_stop_tolerance)
-    early_stop.replay(h["total"] for h in history)
+    if early_stop.replay(h["total"] for h in history) and start < steps.stop:
+        stopped_early = True  # saved at the step this run stopped on: no step more
+        start = steps.stop
     began = time.perf_counter()
     for i in range(start, steps.stop):
         draw = draw_step(generator, objective.latent_shape(), t_range)
@@ -240,6 +243,7 @@ def run_pgd(
                     "generator": generator.get_state(),
                     "history": history,
                     "momentum": {k: v.cpu() for k, v in momentum.buffers.items()},
+                    "stopped_early": stopped_early,
                 },
             )
         if early_stop.update(output.parts["total"]):

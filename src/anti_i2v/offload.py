@@ -132,7 +132,9 @@ class Residency:
         self._free = free_bytes
         self._move = move
         self._weights = {id(m): moved_weight_bytes(m) for m in self.models}
-        self._working: dict[int, int] = {}  # peak extra memory of each model's last turn
+        # peak extra memory of each model's last turn, per frame layout: a run on a share of the
+        # frames says nothing of the memory a run on every frame takes
+        self._working: dict[tuple[int, str], int] = {}
         self._recent: list[VideoModel] = []  # resident models, least recently used first
         for model in self.models:
             where = weights_device(model)
@@ -149,7 +151,7 @@ class Residency:
         if not uses_accelerator(model):
             return
         resident = any(m is model for m in self._recent)
-        working = self._working.get(id(model))
+        working = self._working.get((id(model), model.frame_layout()))
         need = (0 if resident else self._weights[id(model)]) + (working or 0)
         others = [m for m in self._recent if m is not model and _same_device(m.device, model.device)]
         # an unmeasured model runs alone, so that its working memory can be measured
@@ -178,7 +180,9 @@ class Residency:
             torch.cuda.reset_peak_memory_stats(model.device)
             base = torch.cuda.memory_allocated(model.device)
         yield
-        self._working[id(model)] = torch.cuda.max_memory_allocated(model.device) - base if cuda else 0
+        self._working[(id(model), model.frame_layout())] = (
+            torch.cuda.max_memory_allocated(model.device) - base if cuda else 0
+        )
 
 
 # torch's peak counter is reset at every turn to measure that member alone; the

@@ -324,6 +324,11 @@ class VideoModel(ABC):
         ``share`` of them spread over the video keeps; 0 where frames cannot be spread (the default)."""
         return 0
 
+    def frame_layout(self) -> str:
+        """Which frames the model now runs with, as `set_num_frames` left them: part of the key of
+        what is cached from its output (a generated reference video). By default their count."""
+        return str(self.num_frames)
+
     def set_num_frames(self, num_frames: int, spread: bool | None = False) -> None:
         """Run with ``num_frames`` frames from now on (one `frame_count_for` gave): the first ones,
         or with ``spread`` ones spaced over the whole video where the adapter can keep their

@@ -229,6 +229,7 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
         self.num_frames = cfg.sample_frames
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.latent_frames = (self.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        self._latent_positions = tuple(range(self.latent_frames))  # where they sit in the full video
         self._prompt: str | None = None
         self._prompt_embeds: torch.Tensor | None = None
         self._negative_embeds: torch.Tensor | None = None
@@ -326,6 +327,10 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
         """The latent frames a run on ``share`` of them keeps: each keeps its position when spread."""
         return (self.frame_count_for(share) - 1) // self.pipe.vae_scale_factor_temporal + 1
 
+    def frame_layout(self) -> str:
+        """The frame count and the positions of its latent frames in the full video (spread or first)."""
+        return f"{self.num_frames}@{','.join(map(str, self._latent_positions))}"
+
     def set_num_frames(self, num_frames: int, spread: bool | None = False) -> None:
         """Run with ``num_frames`` (1 + 4k) frames: latent frame count, rotary embeddings and the
         patch embedding's positional table follow.
@@ -346,8 +351,10 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
             positions = [round(i * step) for i in range(self.latent_frames)]
         else:
             positions = list(range(self.latent_frames))
-        if table is not None:
-            patch.pos_embedding = _frames_at(table, 1, positions, full_latent, prefix=patch.max_text_seq_length)
+        self._latent_positions = tuple(positions)
+        if table is not None:  # cut where the table now is: an ensemble may have parked the model
+            cut = _frames_at(table, 1, positions, full_latent, prefix=patch.max_text_seq_length)
+            patch.pos_embedding = cut.to(patch.pos_embedding.device)
         patch.sample_frames = (self.latent_frames - 1) * patch.temporal_compression_ratio + 1
         if rope is not None:
             self._rope = tuple(_frames_at(r, 0, positions, full_latent) for r in rope)

@@ -85,7 +85,7 @@ def reference_latents(
         return model.encode_video(model.repeat_frames(x))
     if reference == "generate":
         key = hashlib.sha256()
-        for part in (model.identity, prompt, str(seed), str(steps), str(tuple(x.shape))):
+        for part in (model.identity, model.frame_layout(), prompt, str(seed), str(steps), str(tuple(x.shape))):
             key.update(part.encode())
         key.update(x.detach().float().cpu().numpy().tobytes())
         path = cache_dir() / "reference" / f"{key.hexdigest()[:32]}.pt"

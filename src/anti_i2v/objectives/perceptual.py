@@ -57,6 +57,11 @@ class ClipEmbeddingSimilarity:
             ) from err
         return cls(encoder.to(device))
 
+    def with_own_reference(self) -> ClipEmbeddingSimilarity:
+        """A similarity on this one's loaded encoder with a clean reference of its own: each
+        objective prepares the photo as its own model sees it, the encoder is loaded once."""
+        return type(self)(self.encoder)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image embeddings of ``x`` (B, 3, H, W) in [0, 1]."""
         dtype = next(self.encoder.parameters()).dtype
