@@ -84,6 +84,20 @@ def test_existing_output_and_the_input_itself_are_never_overwritten(tmp_path, ph
     assert photo_path.read_bytes() == before
 
 
+def test_a_photo_whose_record_cannot_be_written_is_not_kept(tmp_path, photo_path, tiny_model, monkeypatch):
+    """A disk that fills up between the photo and its sidecar ends in one clear error, and the photo
+    without its record is removed: a rerun must not take it for someone else's file."""
+    import anti_i2v.api as api
+
+    def full_disk(path, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(api, "write_json_atomic", full_disk)
+    with pytest.raises(OutputError, match="No space left on device"):
+        anti_i2v.protect(photo_path, tiny_model, out=tmp_path, steps=1)
+    assert not list(tmp_path.glob("face_protected.*"))
+
+
 def test_bad_settings_fail_before_any_work(photo_path, tiny_model):
     with pytest.raises(ConfigError, match="eps"):
         anti_i2v.protect(photo_path, tiny_model, eps="80/255")

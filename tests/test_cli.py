@@ -60,6 +60,48 @@ def test_folder_batch_keeps_going_past_bad_photos_and_a_rerun_skips_finished_one
     assert json.loads((out / "alice_protected.json").read_text())["config"]["eps_255"] == pytest.approx(4)
 
 
+def test_a_batch_never_replaces_a_file_it_did_not_make_from_that_photo(tmp_path, photos):
+    """A user's file, or another folder's photo of the same name, at a photo's output name fails that
+    photo with a clear line and stays as it was; --overwrite replaces it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "alice_protected.png"
+    mine.write_bytes(b"my own file")
+    first = run("protect", photos / "alice.jpg", "--model", "tiny-cogvideox", "--steps", "1", "--out", out)
+    assert first.exit_code == 1 and "exists and was not made from" in first.text and "--overwrite" in first.text
+    assert mine.read_bytes() == b"my own file"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "bob.png").write_bytes((photos / "alice.jpg").read_bytes())  # another photo, the same name as bob's
+    assert run("protect", photos / "bob.png", "--model", "tiny-cogvideox", "--steps", "1", "--out", out).exit_code == 0
+    made = (out / "bob_protected.png").read_bytes()
+    clash = run("protect", other / "bob.png", "--model", "tiny-cogvideox", "--steps", "1", "--out", out)
+    assert clash.exit_code == 1 and "exists and was not made from" in clash.text
+    assert (out / "bob_protected.png").read_bytes() == made
+    forced = run("protect", photos / "alice.jpg", "--model", "tiny-cogvideox", "--steps", "1", "--out", out,
+                 "--overwrite")
+    assert forced.exit_code == 0 and mine.read_bytes() != b"my own file"
+
+
+def test_a_rerun_against_other_models_protects_again(tmp_path, photos):
+    """A photo protected against one model is not done for another: the rerun protects it again."""
+    out = tmp_path / "out"
+    args = ("protect", photos / "alice.jpg", "--steps", "1", "--out", out)
+    assert run(*args, "--model", "tiny-cogvideox").exit_code == 0
+    assert "0 protected, 1 skipped" in run(*args, "--model", "tiny-cogvideox").text
+    again = run(*args, "--model", "tiny-dynamicrafter")
+    assert "1 protected, 0 skipped" in again.text, again.output
+    assert json.loads((out / "alice_protected.json").read_text())["model"]["name"] == "tiny-dynamicrafter"
+
+
+def test_the_package_runs_as_a_module():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "anti_i2v", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "protect" in done.stdout
+
+
 def test_a_rerun_compares_the_long_video_route_only_where_it_is_known():
     """A batch that knows its model compares the route's steps and frames; a Ray driver, which
     loads no model, compares them only where they were given, so either route's photo is done."""
@@ -96,6 +138,9 @@ def test_a_long_video_model_gets_the_presets_route_and_the_run_says_so(tmp_path)
         (("--model", "tiny-cogvideox", "--target", "/nonexistent/psi.png"), 2, "psi.png"),
         (("--model", "cogvideox", "--model-path", "/nonexistent/weights"), 3, "does not exist"),
         (("--model", "tiny-cogvideox", "--eps", "eight"), 2, "cannot read eps"),
+        (("--model", "tiny-cogvideox", "--eps", "0.002"), 2, "below 1/255"),  # a saved photo could not change
+        (("--model", "tiny-cogvideox", "--step-size", "-1"), 2, "step_size is a step length > 0"),
+        (("--model", "tiny-cogvideox", "--checkpoint-every", "-1"), 2, "checkpoint_every is a number of steps"),
         (("--model", "tiny-cogvideox", "--preset", "max"), 2, "unknown preset"),
         (("--model", "tiny-cogvideox", "--space", "hsv"), 2, "rgb, lab, dct, dual"),
         (("--model", "tiny-cogvideox", "--weights", "irc=1,lpips=2"), 2, "--weights takes"),
@@ -107,6 +152,17 @@ def test_bad_options_end_with_one_clear_line(args, code, message):
     assert result.exit_code == code, result.output
     assert message in result.text
     assert "Traceback" not in result.output
+
+
+def test_eps_reads_levels_with_decimals_and_refuses_what_it_cannot_read():
+    from anti_i2v.config import parse_eps
+    from anti_i2v.errors import ConfigError
+
+    assert parse_eps("3.5/255") == pytest.approx(3.5 / 255) and parse_eps(" 8/255 ") == pytest.approx(8 / 255)
+    assert parse_eps("0.031") == pytest.approx(0.031)
+    for bad in ("1/2/3", "8/0", "nan", "8/255/"):
+        with pytest.raises(ConfigError):
+            parse_eps(bad)
 
 
 def test_unwritable_output_is_reported_and_nothing_is_written(tmp_path, photos):

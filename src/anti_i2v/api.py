@@ -377,7 +377,12 @@ def protect(
         "seconds": round(seconds, 3),
     }
     sidecar = sidecar_path(out_path)
-    write_json_atomic(sidecar, record)
+    try:
+        write_json_atomic(sidecar, record)
+    except OSError as err:  # e.g. the disk filled up after the photo: a photo without its record is not kept
+        out_path.unlink(missing_ok=True)
+        raise OutputError(f"cannot write '{sidecar}' ({err.strerror or err}); the protected photo was not kept, "
+                          "free some space or pick another --out") from err
     if checkpoint_path is not None and checkpoint_path.exists():
         checkpoint_path.unlink()
     return ProtectResult(_read_image(out_path), budget, out_path, sidecar, name, cfg, seconds, result.history)

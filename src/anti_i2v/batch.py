@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,10 +80,12 @@ def output_stems(sources: list[Path]) -> dict[Path, str]:
     return stems
 
 
-# settings a rerun must share with a finished photo to skip it (none depends on the model family;
-# the steps and frames depend on whether the model's video is long: `config.LONG_VIDEO_PRESETS`)
+# settings a rerun must share with a finished photo to skip it, besides its models (none depends on
+# the model family; the steps and frames depend on whether the model's video is long:
+# `config.LONG_VIDEO_PRESETS`)
 RESUME_KEYS = ("method", "eps", "steps", "seed", "prompt", "space", "min_psnr", "frame_share", "frame_spread",
-               "full_frame_steps")
+               "full_frame_steps", "eot", "through_resize", "target", "sampler_steps", "sampler_guided_steps",
+               "sampler_noise_pool")
 
 
 def resume_settings(options: dict[str, Any], long_video: bool | None = False) -> dict[str, Any]:
@@ -101,20 +103,57 @@ def resume_settings(options: dict[str, Any], long_video: bool | None = False) ->
     return {key: config[key] for key in RESUME_KEYS if key not in route or settings.get(key) is not None}
 
 
-def is_done(source: Path, output: Path, settings: dict[str, Any] | None = None) -> bool:
-    """Whether ``output`` and its sidecar exist and were made from this very ``source`` file
-    (and, given the run's `resume_settings`, with those settings)."""
+def _record_of(output: Path) -> dict[str, Any] | None:
+    """The sidecar record of ``output`` when both exist and the record reads; None otherwise."""
     sidecar = sidecar_path(output)
-    if not (output.is_file() and sidecar.is_file() and source.is_file()):
-        return False
+    if not (output.is_file() and sidecar.is_file()):
+        return None
     try:
         record = json.loads(sidecar.read_text())
     except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _made_from(source: Path, output: Path) -> dict[str, Any] | None:
+    """The sidecar record of ``output`` when it was made from this very ``source`` file (its bytes
+    as they are now); None otherwise."""
+    record = _record_of(output)
+    if record is None or not source.is_file() or record.get("input_sha256") != file_sha256(source):
+        return None
+    return record
+
+
+def model_identities(models: VideoModel | Sequence[VideoModel]) -> list[tuple[str, str]]:
+    """Name and weights of each model, as a sidecar records them: which models a photo was protected against."""
+    return [(m.name, m.source) for m in ([models] if isinstance(models, VideoModel) else models)]
+
+
+def is_done(source: Path, output: Path, settings: dict[str, Any] | None = None,
+            models: list[tuple[str, str]] | None = None) -> bool:
+    """Whether ``output`` and its sidecar exist and were made from this very ``source`` file
+    (and, given the run's `resume_settings` and `model_identities`, with those settings against those models)."""
+    record = _made_from(source, output)
+    if record is None:
         return False
-    if not isinstance(record, dict) or record.get("input_sha256") != file_sha256(source):
-        return False
+    if models is not None:
+        recorded = record.get("model")
+        recorded = recorded if isinstance(recorded, list) else [recorded]
+        if [(r.get("name"), r.get("source")) for r in recorded if isinstance(r, dict)] != models:
+            return False
     made = record.get("config", {})
     return settings is None or all(made.get(key) == value for key, value in settings.items())
+
+
+def foreign_output_error(source: Path, output: Path) -> str | None:
+    """Why ``output`` must not be replaced unasked, when it exists and was not made from ``source``
+    (a user's file, or another photo's output of the same name); None when it may be."""
+    if not output.exists() or _made_from(source, output) is not None:
+        return None
+    record = _record_of(output)
+    if record is not None and record.get("input") and Path(record["input"]).resolve() == source.resolve():
+        return None  # made from this photo before it was edited: protect it again
+    return f"'{output}' exists and was not made from '{source}'; pass --overwrite to replace it or pick another --out"
 
 
 @dataclass
@@ -180,9 +219,11 @@ def protect_batch(
 ) -> list[BatchItem]:
     """Protect each photo in turn, saving each as soon as it is done.
 
-    A photo whose output and sidecar already exist, made from the same input bytes with the
-    same settings (`RESUME_KEYS`), is skipped (unless ``overwrite``), so a rerun resumes an
-    interrupted batch, and a rerun with other settings protects again. A bad
+    A photo whose output and sidecar already exist, made from the same input bytes against the
+    same models with the same settings (`RESUME_KEYS`), is skipped (unless ``overwrite``), so a
+    rerun resumes an interrupted batch, and a rerun with other settings protects again. An output
+    of that name made from anything else (a user's file, another photo of the same name) fails
+    the photo, unless ``overwrite``: it is not replaced unasked. A bad
     photo is reported and the batch goes on; running out of memory stops it with one line that
     names the memory mode that would fit (photos already saved stay).
     """
@@ -191,13 +232,16 @@ def protect_batch(
     sources = expand_inputs(inputs)
     stems = output_stems(sources)
     settings = resume_settings(options, is_long_video(model if isinstance(model, list) else [model]))
+    made_against = model_identities(model)
     items: list[BatchItem] = []
     for index, source in enumerate(sources):
         if on_start is not None:
             on_start(index, len(sources), source)
         output = output_path_for(source, out_dir, fmt, stems[source])
-        if not overwrite and is_done(source, output, settings):
+        if not overwrite and is_done(source, output, settings, made_against):
             item = BatchItem(source, "skipped", output=output)
+        elif not overwrite and (foreign := foreign_output_error(source, output)):
+            item = BatchItem(source, "failed", error=foreign)
         else:
             item = protect_photo(source, model, out_dir, fmt, stems[source], callback=callback, **options)
         items.append(item)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,14 +76,17 @@ def parse_eps(value: str | float) -> float:
     if isinstance(value, (int, float)):
         eps = float(value)
     else:
+        parts = value.strip().split("/")  # "8/255", "3.5/255" or "0.031"
         try:
-            eps = float(Fraction(value.strip()))
+            if len(parts) > 2:
+                raise ValueError(value)
+            eps = float(parts[0]) / float(parts[1] if len(parts) == 2 else 1)
         except (ValueError, ZeroDivisionError) as err:
             raise ConfigError(f"cannot read eps '{value}': write it like 8/255 or 0.031") from err
-    if not 0 < eps <= 64 / 255:
+    if not 1 / 255 <= eps <= 64 / 255:
         raise ConfigError(
-            f"eps {eps:.4f} is outside (0, 64/255]: budgets are in [0, 1] pixel units, "
-            "so 8/255 (about 0.031) is the usual choice"
+            f"eps {eps:.4f} is outside [1/255, 64/255]: budgets are in [0, 1] pixel units (below 1/255 a "
+            "saved 8-bit photo cannot change), so 8/255 (about 0.031) is the usual choice"
         )
     return eps
 
@@ -265,6 +267,12 @@ class ProtectConfig:
         self.eps = parse_eps(self.eps)
         if self.steps < 1:
             raise ConfigError(f"steps must be at least 1 (got {self.steps})")
+        for name in ("step_size", "lab_step_size", "dct_step_size"):
+            size = getattr(self, name)
+            if size is not None and not (isinstance(size, (int, float)) and size > 0):
+                raise ConfigError(f"{name} is a step length > 0, or None for the method's (got {size})")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every is a number of steps >= 0, 0 for never (got {self.checkpoint_every})")
         if not 0 <= self.t_min <= self.t_max:
             raise ConfigError(f"need 0 <= t_min <= t_max (got {self.t_min}, {self.t_max})")
         if not 0 < self.dct_band <= 1:

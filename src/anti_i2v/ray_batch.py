@@ -25,7 +25,8 @@ from typing import Any
 
 from anti_i2v.atomic import write_json_atomic
 from anti_i2v.batch import (
-    BatchItem, RunSummary, check_output_dir, expand_inputs, is_done, output_stems, protect_photo, resume_settings,
+    BatchItem, RunSummary, check_output_dir, expand_inputs, foreign_output_error, is_done, output_stems, protect_photo,
+    resume_settings,
 )
 from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET
 from anti_i2v.errors import AntiI2VError, ConfigError, InputError
@@ -146,6 +147,8 @@ def protect_batch_on_ray(
         output = output_path_for(source, out_dir, fmt, stems[source])
         if not overwrite and is_done(source, output, settings):
             outcomes[source] = _finish(BatchItem(source, "skipped", output=output), on_done)
+        elif not overwrite and (foreign := foreign_output_error(source, output)):
+            outcomes[source] = _finish(BatchItem(source, "failed", error=foreign), on_done)
         elif unreadable := _unreadable(source):  # no worker needs to start for a file that is not a photo
             failures[str(source)] = unreadable
             outcomes[source] = _finish(BatchItem(source, "failed", error=unreadable), on_done)
