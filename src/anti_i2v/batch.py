@@ -115,13 +115,9 @@ def _record_of(output: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _made_from(source: Path, output: Path) -> dict[str, Any] | None:
-    """The sidecar record of ``output`` when it was made from this very ``source`` file (its bytes
-    as they are now); None otherwise."""
-    record = _record_of(output)
-    if record is None or not source.is_file() or record.get("input_sha256") != file_sha256(source):
-        return None
-    return record
+def _made_from(source: Path, record: dict[str, Any]) -> bool:
+    """Whether a sidecar ``record`` was made from this very ``source`` file (its bytes as they are now)."""
+    return source.is_file() and record.get("input_sha256") == file_sha256(source)
 
 
 def model_identities(models: VideoModel | Sequence[VideoModel]) -> list[tuple[str, str]]:
@@ -133,8 +129,8 @@ def is_done(source: Path, output: Path, settings: dict[str, Any] | None = None,
             models: list[tuple[str, str]] | None = None) -> bool:
     """Whether ``output`` and its sidecar exist and were made from this very ``source`` file
     (and, given the run's `resume_settings` and `model_identities`, with those settings against those models)."""
-    record = _made_from(source, output)
-    if record is None:
+    record = _record_of(output)
+    if record is None or not _made_from(source, record):
         return False
     if models is not None:
         recorded = record.get("model")
@@ -148,11 +144,12 @@ def is_done(source: Path, output: Path, settings: dict[str, Any] | None = None,
 def foreign_output_error(source: Path, output: Path) -> str | None:
     """Why ``output`` must not be replaced unasked, when it exists and was not made from ``source``
     (a user's file, or another photo's output of the same name); None when it may be."""
-    if not output.exists() or _made_from(source, output) is not None:
+    if not output.exists():
         return None
     record = _record_of(output)
-    if record is not None and record.get("input") and Path(record["input"]).resolve() == source.resolve():
-        return None  # made from this photo before it was edited: protect it again
+    if record is not None and (_made_from(source, record) or  # or from this photo before it was edited
+                               (record.get("input") and Path(record["input"]).resolve() == source.resolve())):
+        return None
     return f"'{output}' exists and was not made from '{source}'; pass --overwrite to replace it or pick another --out"
 
 

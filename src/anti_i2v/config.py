@@ -76,11 +76,9 @@ def parse_eps(value: str | float) -> float:
     if isinstance(value, (int, float)):
         eps = float(value)
     else:
-        parts = value.strip().split("/")  # "8/255", "3.5/255" or "0.031"
+        top, _, bottom = value.strip().partition("/")  # "8/255", "3.5/255" or "0.031"
         try:
-            if len(parts) > 2:
-                raise ValueError(value)
-            eps = float(parts[0]) / float(parts[1] if len(parts) == 2 else 1)
+            eps = float(top) / float(bottom or 1)
         except (ValueError, ZeroDivisionError) as err:
             raise ConfigError(f"cannot read eps '{value}': write it like 8/255 or 0.031") from err
     if not 1 / 255 <= eps <= 64 / 255:
