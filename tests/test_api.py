@@ -84,6 +84,19 @@ def test_existing_output_and_the_input_itself_are_never_overwritten(tmp_path, ph
     assert photo_path.read_bytes() == before
 
 
+def test_a_second_format_in_the_same_folder_never_replaces_the_firsts_record(tmp_path, photo_path, tiny_model):
+    """``<stem>_protected.json`` names one output: saving the photo as PNG beside its JPEG would replace the
+    JPEG's record, so it is refused before any work (with --overwrite too) and nothing changes."""
+    first = anti_i2v.protect(photo_path, tiny_model, out=tmp_path, steps=1, fmt="jpg")
+    record = first.sidecar.read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="is the record of .*face_protected.jpg"):
+            anti_i2v.protect(photo_path, tiny_model, out=tmp_path, steps=1, fmt="png", overwrite=overwrite)
+    assert first.sidecar.read_bytes() == record and not (tmp_path / "face_protected.png").exists()
+    first.path.unlink()  # once the JPEG is gone its record stands for nothing: the PNG may take the name
+    assert anti_i2v.protect(photo_path, tiny_model, out=tmp_path, steps=1, fmt="png").path.exists()
+
+
 def test_a_photo_whose_record_cannot_be_written_is_not_kept(tmp_path, photo_path, tiny_model, monkeypatch):
     """A disk that fills up between the photo and its sidecar ends in one clear error, and the photo
     without its record is removed: a rerun must not take it for someone else's file."""

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from anti_i2v.batch import is_done
 from anti_i2v.cli import app
 
 runner = CliRunner()
@@ -92,6 +93,22 @@ def test_a_rerun_against_other_models_protects_again(tmp_path, photos):
     again = run(*args, "--model", "tiny-dynamicrafter")
     assert "1 protected, 0 skipped" in again.text, again.output
     assert json.loads((out / "alice_protected.json").read_text())["model"]["name"] == "tiny-dynamicrafter"
+
+
+def test_a_rerun_in_another_format_is_not_taken_for_done(tmp_path, photos):
+    """A photo protected as PNG is not done as JPEG; the JPEG would replace the PNG's record, so that photo
+    fails with one line and both the PNG and its record stay."""
+    out = tmp_path / "out"
+    args = ("protect", photos / "alice.jpg", "--model", "tiny-cogvideox", "--steps", "1", "--out", out)
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    record = (out / "alice_protected.json").read_bytes()
+    again = run(*args, "--format", "jpg")
+    assert "0 protected, 0 skipped, 1 failed" in again.text and "is the record of" in again.text, again.output
+    assert (out / "alice_protected.json").read_bytes() == record and not (out / "alice_protected.jpg").exists()
+    (out / "alice_protected.jpg").write_bytes((out / "alice_protected.png").read_bytes())  # as older runs left
+    assert is_done(photos / "alice.jpg", out / "alice_protected.png")
+    assert not is_done(photos / "alice.jpg", out / "alice_protected.jpg")  # the record is the PNG's
 
 
 def test_the_package_runs_as_a_module():

@@ -17,6 +17,7 @@ from anti_i2v.config import ProtectConfig
 from anti_i2v.engine import fingerprint, run_pgd
 from anti_i2v.errors import ConfigError
 from anti_i2v.objectives import AntiI2VObjective, draw_step
+from anti_i2v.objectives.base import Objective, ObjectiveOutput
 from anti_i2v.spaces import project, space_from_config
 
 PROMPT = "a person talking to the camera"
@@ -175,6 +176,43 @@ def test_a_run_resumed_where_early_stopping_ended_it_takes_no_step_more(tmp_path
     resumed = run(steps=range(6, 8))  # as after a crash between the last checkpoint and the saved photo
     assert resumed.stopped_early and len(resumed.history) == len(last.history)
     torch.testing.assert_close(resumed.x_adv, last.x_adv)
+
+
+class _Divergence(Objective):
+    """Minus the squared distance from the clean image: at its minimum, flat, at the clean image itself."""
+
+    def prepare(self, model, x):
+        self.clean = x.clone()
+
+    def latent_shape(self):
+        return torch.Size([1])
+
+    def __call__(self, x_adv, draw):
+        loss = -(x_adv - self.clean).pow(2).sum()
+        return ObjectiveOutput(loss, {"total": float(loss.detach())})
+
+
+def test_an_objective_flat_at_the_photo_starts_from_a_random_point_and_others_do_not(portrait_small):
+    """A divergence from the clean photo has no gradient at the photo: sign-PGD from there never moves, so
+    the run starts from a random point of the budget; an objective with a gradient there starts at the photo."""
+    config = ProtectConfig(steps=2, eps=8 / 255, step_size=2 / 255, space="rgb")
+    objective = _Divergence()
+    objective.prepare(None, portrait_small)
+    result = run_pgd(objective, space_from_config(config), portrait_small, config, t_range=(0, 999))
+    moved = (result.x_adv - portrait_small).abs()
+    assert moved.max() <= 8 / 255 + 1e-6 and moved.mean() > 4 / 255
+    assert result.history[0]["total"] < 0  # the first step's loss is the random point's, not the photo's zero
+
+    class Shifted(_Divergence):  # its minimum is elsewhere: it has a gradient at the photo
+        def prepare(self, model, x):
+            self.clean = x + 0.5
+
+    shifted = Shifted()
+    shifted.prepare(None, portrait_small)
+    runs = [run_pgd(shifted, space_from_config(cfg), portrait_small, cfg, t_range=(0, 999)).x_adv
+            for cfg in (config, dataclasses.replace(config, seed=1))]
+    torch.testing.assert_close(runs[0], runs[1])  # no random draw moved it: it started at the photo
+    assert (runs[0] <= portrait_small).all() and (runs[0] < portrait_small).float().mean() > 0.9
 
 
 def test_sign_momentum_follows_the_accumulated_direction():

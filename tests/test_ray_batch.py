@@ -64,6 +64,10 @@ def test_two_workers_protect_a_folder_record_a_bad_photo_and_a_rerun_skips_the_f
     _, again = protect_batch_on_ray([photos], MODEL, out, workers=2, **OPTIONS)
     assert (again.done, again.skipped, again.failed) == (0, 4, 1)
     assert (out / "a_protected.png").stat().st_mtime_ns == before
+    # done against one model is not done against another: the driver compares the models it would load
+    _, other = protect_batch_on_ray([photos / "a.png"], "tiny-dynamicrafter", out, workers=1, **OPTIONS)
+    assert (other.done, other.skipped) == (1, 0)
+    assert json.loads((out / "a_protected.json").read_text())["model"]["name"] == "tiny-dynamicrafter"
 
 
 def test_a_photo_whose_worker_dies_is_retried_once_then_marked_failed(photos, tmp_path):

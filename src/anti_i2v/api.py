@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -80,6 +81,32 @@ def file_sha256(path: Path | None) -> str | None:
 def sidecar_path(output: Path) -> Path:
     """``<stem>_protected.json`` beside ``<stem>_protected.<ext>``."""
     return output.with_suffix(".json")
+
+
+def read_record(sidecar: Path) -> dict[str, Any] | None:
+    """A sidecar's record; None when there is none or it does not read as one."""
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def recorded_output_name(record: dict[str, Any]) -> str | None:
+    """The file name of the output a sidecar record describes (None in a record without one)."""
+    output = record.get("output")
+    return Path(output).name if isinstance(output, str) and output else None
+
+
+def _check_record_is_free(out_path: Path) -> None:
+    """Refuse to write ``out_path`` when its sidecar name holds the record of another output that still
+    exists (the same photo saved in another format): that record would be lost."""
+    record = read_record(sidecar_path(out_path))
+    name = recorded_output_name(record) if record is not None else None
+    other = out_path.with_name(name) if name else None
+    if other is not None and name != out_path.name and other.exists():
+        raise OutputError(f"'{sidecar_path(out_path)}' is the record of '{other}', which saving '{out_path}' "
+                          "would replace; pick another --out (or move that photo and its record away)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -337,6 +364,7 @@ def protect(
         out_path = output_path_for(photo.path, out_dir, fmt, stem)
         if out_path.exists() and not overwrite:
             raise OutputError(f"'{out_path}' already exists; delete it or pass overwrite=True (--overwrite)")
+        _check_record_is_free(out_path)
         if cfg.checkpoint_every:
             checkpoint_path = out_dir / CHECKPOINT_DIR / f"{out_path.stem}.pt"
     try:

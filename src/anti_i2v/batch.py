@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import tempfile
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anti_i2v.api import ProtectResult, file_sha256, protect, sidecar_path
+from anti_i2v.api import ProtectResult, file_sha256, protect, read_record, recorded_output_name, sidecar_path
 from anti_i2v.config import DEFAULT_PRESET, LONG_VIDEO_PRESETS, ProtectConfig, is_long_video
 from anti_i2v.engine import StepReport
 from anti_i2v.errors import InputError, OutputError
@@ -104,15 +103,12 @@ def resume_settings(options: dict[str, Any], long_video: bool | None = False) ->
 
 
 def _record_of(output: Path) -> dict[str, Any] | None:
-    """The sidecar record of ``output`` when both exist and the record reads; None otherwise."""
-    sidecar = sidecar_path(output)
-    if not (output.is_file() and sidecar.is_file()):
+    """The sidecar record of ``output`` when both exist, the record reads and it is this output's
+    (not the same photo's in another format); None otherwise."""
+    record = read_record(sidecar_path(output)) if output.is_file() else None
+    if record is None or recorded_output_name(record) not in (None, output.name):
         return None
-    try:
-        record = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    return record
 
 
 def _made_from(source: Path, record: dict[str, Any]) -> bool:

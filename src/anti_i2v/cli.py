@@ -114,7 +114,7 @@ def protect(
     reference: Annotated[Optional[str], typer.Option(help="Reference video of the diffusion loss: repeat | generate | FILE (default: the method's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random draw: same photo, config and seed give the same file on this machine.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: GPU if present).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU and for tiny models).")] = None,
     memory: _Memory = "full",
     compile_denoiser: Annotated[bool, typer.Option("--compile", help="Compile the denoiser's blocks (torch.compile): same numbers; the first step compiles.")] = False,
     attention: Annotated[str, typer.Option(help="Attention kernel: auto (PyTorch's fastest for the inputs), flash, efficient, cudnn or math.")] = "auto",

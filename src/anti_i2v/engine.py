@@ -21,8 +21,8 @@ import torch
 from anti_i2v.atomic import write_atomic
 from anti_i2v.config import ProtectConfig
 from anti_i2v.early_stop import EarlyStop
-from anti_i2v.objectives.base import Objective, draw_step
-from anti_i2v.spaces import PerturbationSpace, project
+from anti_i2v.objectives.base import Objective, ObjectiveOutput, StepDraw, draw_step
+from anti_i2v.spaces import Parametrisation, PerturbationSpace, project
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,16 @@ def scheduled(size: float, step: int, total: int, schedule: str) -> float:
     return size * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _gradient(objective: Objective, space: PerturbationSpace, x_adv: torch.Tensor, x: torch.Tensor, eps: float,
+              step: int, draw: StepDraw, view: View | None) -> tuple[Parametrisation, ObjectiveOutput, torch.Tensor]:
+    """The objective at ``x_adv`` (seen through ``view``) and its gradient to the space's parameters."""
+    param = space.parametrise(x_adv, x, eps, step)
+    x_in = param.to_rgb()
+    output = objective(view(x_in, draw.generator) if view is not None else x_in, draw)
+    (grad,) = torch.autograd.grad(output.loss, param.params)
+    return param, output, grad
+
+
 def random_start(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
     """A uniform draw in the eps ball around ``x``, projected to [0, 1]."""
     noise = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
@@ -222,10 +232,13 @@ def run_pgd(
     for i in range(start, steps.stop):
         draw = draw_step(generator, objective.latent_shape(), t_range)
         stage = space.stage(i)
-        param = space.parametrise(x_adv, x, config.eps, i)
-        x_in = param.to_rgb()
-        output = objective(view(x_in, draw.generator) if view is not None else x_in, draw)
-        (grad,) = torch.autograd.grad(output.loss, param.params)
+        param, output, grad = _gradient(objective, space, x_adv, x, config.eps, i, draw, view)
+        if i == 0 and not grad.any() and torch.equal(x_adv, x):
+            # flat at the photo: a divergence from the clean photo's own sampler run is at its minimum there
+            # when the model's encoding draws no noise (Wan, HunyuanVideo); start from a random point instead
+            logger.info("the objective is flat at the photo: starting from a random point of the budget")
+            x_adv = random_start(x, config.eps, generator)
+            param, output, grad = _gradient(objective, space, x_adv, x, config.eps, i, draw, view)
         x_adv = param.step(momentum(stage, grad), scheduled(sizes[stage], i, config.steps, config.step_schedule))
         if keep_gray:
             x_adv = project(x_adv.mean(dim=1, keepdim=True).expand_as(x_adv), x, config.eps)

@@ -30,6 +30,7 @@ from anti_i2v.batch import (
 )
 from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET
 from anti_i2v.errors import AntiI2VError, ConfigError, InputError
+from anti_i2v.models.registry import model_identity
 from anti_i2v.photo import check_photo_file, output_path_for
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ def protect_batch_on_ray(
         raise ConfigError("--ray serves one model; protect against an ensemble without --ray")
     # a bad setting fails before any worker starts; no model is loaded here to say whether its video is long
     settings = resume_settings({"preset": preset, **options}, long_video=None)
+    made_against = [model_identity(model, model_path)]
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     began = time.perf_counter()
@@ -145,7 +147,7 @@ def protect_batch_on_ray(
     failures: dict[str, str] = {}
     for source in sources:
         output = output_path_for(source, out_dir, fmt, stems[source])
-        if not overwrite and is_done(source, output, settings):
+        if not overwrite and is_done(source, output, settings, made_against):
             outcomes[source] = _finish(BatchItem(source, "skipped", output=output), on_done)
         elif not overwrite and (foreign := foreign_output_error(source, output)):
             outcomes[source] = _finish(BatchItem(source, "failed", error=foreign), on_done)

@@ -245,10 +245,10 @@ class CogVideoXI2V(CachedPromptEmbeds, VideoModel):
     # --- construction -------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> CogVideoXI2V:
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> CogVideoXI2V:
         """The ``tiny-cogvideox`` variant: demonstrates the pipeline, protects against nothing."""
         kwargs.setdefault("name", "tiny-cogvideox")
-        return cls(tiny_pipeline(seed), device=device, dtype=torch.float32, **kwargs)
+        return cls(tiny_pipeline(seed), device=device, dtype=dtype, **kwargs)
 
     @classmethod
     def from_pretrained(

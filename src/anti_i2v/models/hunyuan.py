@@ -252,14 +252,14 @@ class HunyuanVideoI2V(VideoModel):
     # --- construction -------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> HunyuanVideoI2V:
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> HunyuanVideoI2V:
         """The ``tiny-hunyuan-i2v`` variant (64x64, 9 frames): demonstrates the pipeline, protects against nothing."""
         kwargs.setdefault("name", "tiny-hunyuan-i2v")
         kwargs.setdefault("resolution", (TINY_HEIGHT, TINY_WIDTH))
         kwargs.setdefault("num_frames", TINY_FRAMES)
         kwargs.setdefault("max_sequence_length", TINY_MAX_SEQUENCE_LENGTH)
         kwargs.setdefault("text_path", tiny_text_path(seed))
-        return cls(tiny_pipeline(seed), device=device, dtype=torch.float32, **kwargs)
+        return cls(tiny_pipeline(seed), device=device, dtype=dtype, **kwargs)
 
     @classmethod
     def from_pretrained(

@@ -206,13 +206,13 @@ class LTXVideoI2V(VideoModel):
     # --- construction -------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> LTXVideoI2V:
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> LTXVideoI2V:
         """The ``tiny-ltx-i2v`` variant (64x64, 9 frames): demonstrates the pipeline, protects against nothing."""
         kwargs.setdefault("name", "tiny-ltx-i2v")
         kwargs.setdefault("resolution", (TINY_HEIGHT, TINY_WIDTH))
         kwargs.setdefault("num_frames", TINY_FRAMES)
         kwargs.setdefault("max_sequence_length", TINY_MAX_SEQUENCE_LENGTH)
-        return cls(tiny_pipeline(seed), device=device, dtype=torch.float32, **kwargs)
+        return cls(tiny_pipeline(seed), device=device, dtype=dtype, **kwargs)
 
     @classmethod
     def from_pretrained(

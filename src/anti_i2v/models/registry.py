@@ -51,7 +51,7 @@ def _tiny_cogvideox(source: str | None, device: torch.device, dtype: torch.dtype
     from anti_i2v.models.cogvideox import CogVideoXI2V
 
     # fixed weights: the tiny model is one model, whatever seed the protection uses
-    return CogVideoXI2V.tiny(seed=0, device=device)
+    return CogVideoXI2V.tiny(seed=0, device=device, dtype=dtype)
 
 
 def _dynamicrafter(variant: str) -> Callable[..., VideoModel]:
@@ -69,7 +69,7 @@ def _dynamicrafter(variant: str) -> Callable[..., VideoModel]:
 def _tiny_dynamicrafter(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
     from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
 
-    return DynamiCrafterI2V.tiny(seed=0, device=device)
+    return DynamiCrafterI2V.tiny(seed=0, device=device, dtype=dtype)
 
 
 def _opensora(resolution: str) -> Callable[..., VideoModel]:
@@ -88,7 +88,7 @@ def _opensora(resolution: str) -> Callable[..., VideoModel]:
 def _tiny_opensora(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
     from anti_i2v.models.opensora.adapter import OpenSoraI2V
 
-    return OpenSoraI2V.tiny(seed=0, device=device)
+    return OpenSoraI2V.tiny(seed=0, device=device, dtype=dtype)
 
 
 def _svd(default: str) -> Callable[..., VideoModel]:
@@ -105,7 +105,7 @@ def _svd(default: str) -> Callable[..., VideoModel]:
 def _tiny_svd(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
     from anti_i2v.models.svd import StableVideoDiffusionI2V
 
-    return StableVideoDiffusionI2V.tiny(seed=0, device=device)
+    return StableVideoDiffusionI2V.tiny(seed=0, device=device, dtype=dtype)
 
 
 def _hunyuan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
@@ -117,7 +117,7 @@ def _hunyuan(source: str | None, device: torch.device, dtype: torch.dtype) -> Vi
 def _tiny_hunyuan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
     from anti_i2v.models.hunyuan import HunyuanVideoI2V
 
-    return HunyuanVideoI2V.tiny(seed=0, device=device)
+    return HunyuanVideoI2V.tiny(seed=0, device=device, dtype=dtype)
 
 
 def _ltx(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
@@ -129,7 +129,7 @@ def _ltx(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoM
 def _tiny_ltx(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
     from anti_i2v.models.ltx import LTXVideoI2V
 
-    return LTXVideoI2V.tiny(seed=0, device=device)
+    return LTXVideoI2V.tiny(seed=0, device=device, dtype=dtype)
 
 
 def _wan(name: str) -> Callable[..., VideoModel]:
@@ -147,7 +147,7 @@ def _tiny_wan(variant: str) -> Callable[..., VideoModel]:
     def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
         from anti_i2v.models.wan import WanI2V
 
-        return WanI2V.tiny(seed=0, device=device, variant=variant)
+        return WanI2V.tiny(seed=0, device=device, dtype=dtype, variant=variant)
 
     return build
 
@@ -271,6 +271,15 @@ def weights_present(spec: ModelSpec, path: str | Path | None = None) -> bool:
     return available_locally(path if path is not None else spec.hub_id, spec.weights_file)
 
 
+def model_identity(name: str, path: str | Path | None = None) -> tuple[str, str]:
+    """The name and weights that `load_model` (``name``, ``path``) gives its model, without loading it:
+    what a sidecar records of the model a photo was protected against."""
+    spec = get_spec(name)
+    if spec.is_tiny:
+        return spec.name, "built in code"
+    return spec.name, str(path) if path is not None else spec.hub_id
+
+
 def load_model(
     name: str,
     path: str | Path | None = None,
@@ -282,7 +291,8 @@ def load_model(
 ) -> VideoModel:
     """Build the adapter for ``name``: tiny in code, or released weights (hub id or ``path``), set up
     for the memory mode ``memory`` (`anti_i2v.memory`: full, offload or sequential), with its denoiser
-    blocks compiled when ``compile`` and the attention kernel ``attention`` (`anti_i2v.acceleration`)."""
+    blocks compiled when ``compile`` and the attention kernel ``attention`` (`anti_i2v.acceleration`), in
+    ``dtype`` (default: bf16 on a GPU, fp32 on the CPU; fp32 for a tiny model unless asked)."""
     from anti_i2v.acceleration import check_attention_kernel, compile_denoiser, use_attention_kernel
     from anti_i2v.memory import apply_memory_mode, check_memory_mode, deferred_placement
 
@@ -295,18 +305,19 @@ def load_model(
         raise ConfigError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    torch_dtype = parse_dtype(dtype, device)
+    # a tiny model keeps fp32 unless asked: it checks the pipeline, whose numbers bf16 would only blur
+    torch_dtype = torch.float32 if spec.is_tiny and dtype is None else parse_dtype(dtype, device)
     if path is not None:
         if spec.is_tiny:
             raise ConfigError(f"'{name}' is built in code and takes no --model-path")
         if not Path(path).exists():
             raise ModelError(f"--model-path '{path}' does not exist; point it at the downloaded weights")
-    source = str(path) if path is not None else spec.hub_id
-    logger.info("loading %s from %s on %s (%s, memory mode %s)", name, source or "code", device, torch_dtype, memory)
+    _, source = model_identity(name, path)
+    logger.info("loading %s from %s on %s (%s, memory mode %s)", name, source, device, torch_dtype, memory)
     # streamed blocks never reach the accelerator all at once, not even while loading
     with deferred_placement() if memory == "sequential" else contextlib.nullcontext():
-        model = spec.build(source, device, torch_dtype)
-    model.source = source or "built in code"
+        model = spec.build(None if spec.is_tiny else source, device, torch_dtype)
+    model.name, model.source = spec.name, source  # what a sidecar records, and `model_identity` gives unloaded
     apply_memory_mode(model, memory)
     use_attention_kernel(model, attention)
     return compile_denoiser(model) if compile else model

@@ -243,10 +243,10 @@ class StableVideoDiffusionI2V(VideoModel):
     # --- construction -------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> StableVideoDiffusionI2V:
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> StableVideoDiffusionI2V:
         """The ``tiny-svd`` variant: demonstrates the pipeline, protects against nothing."""
         kwargs.setdefault("name", "tiny-svd")
-        return cls(tiny_pipeline(seed), device=device, dtype=torch.float32, **kwargs)
+        return cls(tiny_pipeline(seed), device=device, dtype=dtype, **kwargs)
 
     @classmethod
     def from_pretrained(

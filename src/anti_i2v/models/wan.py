@@ -319,13 +319,13 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
     # --- construction -------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", variant: str = "2.1", **kwargs) -> WanI2V:
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", variant: str = "2.1", dtype: torch.dtype = torch.float32, **kwargs) -> WanI2V:
         """A tiny variant (64x64, 9 frames) of the given layout: demonstrates the pipeline, protects against nothing."""
         kwargs.setdefault("name", TINY_NAMES.get(variant, "tiny-wan-i2v"))
         kwargs.setdefault("resolution", (TINY_HEIGHT, TINY_WIDTH))
         kwargs.setdefault("num_frames", TINY_FRAMES)
         kwargs.setdefault("max_sequence_length", TINY_MAX_SEQUENCE_LENGTH)
-        return cls(tiny_pipeline(seed, variant), device=device, dtype=torch.float32, **kwargs)
+        return cls(tiny_pipeline(seed, variant), device=device, dtype=dtype, **kwargs)
 
     @classmethod
     def from_pretrained(

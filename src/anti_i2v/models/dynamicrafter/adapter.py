@@ -98,14 +98,14 @@ class DynamiCrafterI2V(VideoModel):
     # --- construction -------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> DynamiCrafterI2V:
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> DynamiCrafterI2V:
         """``tiny-dynamicrafter``: the full architecture, small, seeded random weights."""
         kwargs.setdefault("name", "tiny-dynamicrafter")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = DynamiCrafterModel("tiny")
             randomise_zero_initialised(net)
-        return cls(net, device=device, dtype=torch.float32, **kwargs)
+        return cls(net, device=device, dtype=dtype, **kwargs)
 
     @classmethod
     def from_pretrained(

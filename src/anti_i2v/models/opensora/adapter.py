@@ -91,7 +91,7 @@ class OpenSoraI2V(VideoModel):
     # --- construction -------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> OpenSoraI2V:
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> OpenSoraI2V:
         """``tiny-opensora``: the full architecture, small, seeded random weights, in-memory T5."""
         kwargs.setdefault("name", "tiny-opensora")
         config = get_config("tiny")
@@ -103,7 +103,7 @@ class OpenSoraI2V(VideoModel):
             text = T5TextEncoder.tiny(
                 d_model=config.text["d_model"], model_max_length=config.model_max_length, seed=seed
             )
-        return cls(stdit3, vae, text, config, device=device, dtype=torch.float32, **kwargs)
+        return cls(stdit3, vae, text, config, device=device, dtype=dtype, **kwargs)
 
     @classmethod
     def from_pretrained(
