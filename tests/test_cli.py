@@ -109,6 +109,23 @@ def test_a_rerun_in_another_format_is_not_taken_for_done(tmp_path, photos):
     (out / "alice_protected.jpg").write_bytes((out / "alice_protected.png").read_bytes())  # as older runs left
     assert is_done(photos / "alice.jpg", out / "alice_protected.png")
     assert not is_done(photos / "alice.jpg", out / "alice_protected.jpg")  # the record is the PNG's
+    record = json.loads((out / "alice_protected.json").read_text())
+    (out / "alice_protected.json").write_text(json.dumps({**record, "output": str(out / "alice_protected.jpg")}))
+    for extra in ((), ("--overwrite",)):  # the JPEG's record now: --overwrite would not save the PNG either
+        refused = run(*args, *extra)
+        assert "1 failed" in refused.text and "is the record of" in refused.text, refused.output
+
+
+def test_a_finished_photo_whose_record_shows_no_perturbation_is_protected_again(tmp_path, photos):
+    """The default once left Wan and HunyuanVideo photos unchanged: a rerun does not take such a photo for done."""
+    out = tmp_path / "out"
+    args = ("protect", photos / "alice.jpg", "--model", "tiny-cogvideox", "--steps", "1", "--out", out)
+    assert run(*args).exit_code == 0
+    sidecar = out / "alice_protected.json"
+    record = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**record, "budget": {**record["budget"], "linf": 0.0}}))
+    again = run(*args)
+    assert "1 protected, 0 skipped" in again.text, again.output
 
 
 def test_the_package_runs_as_a_module():

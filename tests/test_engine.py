@@ -202,6 +202,8 @@ def test_an_objective_flat_at_the_photo_starts_from_a_random_point_and_others_do
     moved = (result.x_adv - portrait_small).abs()
     assert moved.max() <= 8 / 255 + 1e-6 and moved.mean() > 4 / 255
     assert result.history[0]["total"] < 0  # the first step's loss is the random point's, not the photo's zero
+    later = run_pgd(objective, space_from_config(config), portrait_small, config, t_range=(0, 999), steps=range(1, 2))
+    assert (later.x_adv - portrait_small).abs().mean() > 4 / 255  # a run resumed at the photo leaves it too
 
     class Shifted(_Divergence):  # its minimum is elsewhere: it has a gradient at the photo
         def prepare(self, model, x):

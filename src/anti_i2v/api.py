@@ -98,15 +98,17 @@ def recorded_output_name(record: dict[str, Any]) -> str | None:
     return Path(output).name if isinstance(output, str) and output else None
 
 
-def _check_record_is_free(out_path: Path) -> None:
-    """Refuse to write ``out_path`` when its sidecar name holds the record of another output that still
-    exists (the same photo saved in another format): that record would be lost."""
+def record_conflict(out_path: Path) -> str | None:
+    """Why ``out_path`` must not be written, even with overwrite: its sidecar name holds the record of
+    another output that still exists (the same photo saved in another format), which would be lost.
+    None when the name is free."""
     record = read_record(sidecar_path(out_path))
     name = recorded_output_name(record) if record is not None else None
     other = out_path.with_name(name) if name else None
-    if other is not None and name != out_path.name and other.exists():
-        raise OutputError(f"'{sidecar_path(out_path)}' is the record of '{other}', which saving '{out_path}' "
-                          "would replace; pick another --out (or move that photo and its record away)")
+    if other is None or not other.exists() or (out_path.exists() and other.samefile(out_path)):
+        return None
+    return (f"'{sidecar_path(out_path)}' is the record of '{other}', which saving '{out_path}' would replace; "
+            "pick another --out (or move that photo and its record away)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -355,18 +357,18 @@ def protect(
     ProtectConfig.from_preset(preset, **config)  # a bad setting fails before any model loads
     fmt = fmt.lower().lstrip(".")
     photo = load_photo(image)
+    out_path = checkpoint_path = None
+    if out is not None:  # an output that may not be written fails before any model loads
+        out_path = output_path_for(photo.path, Path(out), fmt, stem)
+        if out_path.exists() and not overwrite:
+            raise OutputError(f"'{out_path}' already exists; delete it or pass overwrite=True (--overwrite)")
+        if conflict := record_conflict(out_path):
+            raise OutputError(conflict)
     models = _load_models(model, model_path, device, dtype, memory, compile, attention)
     cfg = resolve_aux_weight(ProtectConfig.for_models(preset, models, **config))
     name = "+".join(m.name for m in models)
-    out_path = checkpoint_path = None
-    if out is not None:
-        out_dir = Path(out)
-        out_path = output_path_for(photo.path, out_dir, fmt, stem)
-        if out_path.exists() and not overwrite:
-            raise OutputError(f"'{out_path}' already exists; delete it or pass overwrite=True (--overwrite)")
-        _check_record_is_free(out_path)
-        if cfg.checkpoint_every:
-            checkpoint_path = out_dir / CHECKPOINT_DIR / f"{out_path.stem}.pt"
+    if out_path is not None and cfg.checkpoint_every:
+        checkpoint_path = out_path.parent / CHECKPOINT_DIR / f"{out_path.stem}.pt"
     try:
         protected, result = _optimise(models, photo, cfg, callback, checkpoint_path, release_text_encoder)
     except torch.OutOfMemoryError:

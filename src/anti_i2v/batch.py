@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anti_i2v.api import ProtectResult, file_sha256, protect, read_record, recorded_output_name, sidecar_path
+from anti_i2v.api import (
+    ProtectResult, file_sha256, protect, read_record, record_conflict, recorded_output_name, sidecar_path,
+)
 from anti_i2v.config import DEFAULT_PRESET, LONG_VIDEO_PRESETS, ProtectConfig, is_long_video
 from anti_i2v.engine import StepReport
 from anti_i2v.errors import InputError, OutputError
@@ -123,7 +125,7 @@ def model_identities(models: VideoModel | Sequence[VideoModel]) -> list[tuple[st
 
 def is_done(source: Path, output: Path, settings: dict[str, Any] | None = None,
             models: list[tuple[str, str]] | None = None) -> bool:
-    """Whether ``output`` and its sidecar exist and were made from this very ``source`` file
+    """Whether ``output`` and its sidecar exist, were made from this very ``source`` file and changed it
     (and, given the run's `resume_settings` and `model_identities`, with those settings against those models)."""
     record = _record_of(output)
     if record is None or not _made_from(source, record):
@@ -133,13 +135,18 @@ def is_done(source: Path, output: Path, settings: dict[str, Any] | None = None,
         recorded = recorded if isinstance(recorded, list) else [recorded]
         if [(r.get("name"), r.get("source")) for r in recorded if isinstance(r, dict)] != models:
             return False
+    if not (record.get("budget") or {}).get("linf"):
+        return False  # not protected at all, as the default left Wan and HunyuanVideo photos before its random start
     made = record.get("config", {})
     return settings is None or all(made.get(key) == value for key, value in settings.items())
 
 
 def foreign_output_error(source: Path, output: Path) -> str | None:
     """Why ``output`` must not be replaced unasked, when it exists and was not made from ``source``
-    (a user's file, or another photo's output of the same name); None when it may be."""
+    (a user's file, or another photo's output of the same name, or a record of another output that
+    --overwrite would not replace either: `api.record_conflict`); None when it may be."""
+    if conflict := record_conflict(output):
+        return conflict
     if not output.exists():
         return None
     record = _record_of(output)

@@ -178,6 +178,11 @@ def run_pgd(
 ) -> PGDResult:
     """Minimise ``objective`` over images in the eps-ball around ``x`` with sign-PGD.
 
+    The run starts at ``x`` (or a uniform draw in the ball with ``config.random_start``); where the
+    gradient at ``x`` itself is exactly zero (a divergence from the clean photo's own output, on a
+    model that encodes without drawing noise), a sign step could never leave it, so that step is
+    taken from a uniform draw in the ball instead.
+
     Args:
         objective: prepared objective (its `latent_shape` sizes the noise).
         space: perturbation space whose active stage moves at each step.
@@ -233,11 +238,13 @@ def run_pgd(
         draw = draw_step(generator, objective.latent_shape(), t_range)
         stage = space.stage(i)
         param, output, grad = _gradient(objective, space, x_adv, x, config.eps, i, draw, view)
-        if i == 0 and not grad.any() and torch.equal(x_adv, x):
+        if not grad.any() and torch.equal(x_adv, x):
             # flat at the photo: a divergence from the clean photo's own sampler run is at its minimum there
             # when the model's encoding draws no noise (Wan, HunyuanVideo); start from a random point instead
             logger.info("the objective is flat at the photo: starting from a random point of the budget")
             x_adv = random_start(x, config.eps, generator)
+            if keep_gray:
+                x_adv = project(x_adv.mean(dim=1, keepdim=True).expand_as(x_adv), x, config.eps)
             param, output, grad = _gradient(objective, space, x_adv, x, config.eps, i, draw, view)
         x_adv = param.step(momentum(stage, grad), scheduled(sizes[stage], i, config.steps, config.step_schedule))
         if keep_gray:

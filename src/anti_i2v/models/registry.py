@@ -59,8 +59,7 @@ def _dynamicrafter(variant: str) -> Callable[..., VideoModel]:
         from anti_i2v.models.dynamicrafter.adapter import DynamiCrafterI2V
 
         return DynamiCrafterI2V.from_pretrained(
-            source, variant, device=device, dtype=dtype, name=f"dynamicrafter-{variant.replace('_', '-')}",
-            gradient_checkpointing=device.type == "cuda",
+            source, variant, device=device, dtype=dtype, gradient_checkpointing=device.type == "cuda"
         )
 
     return build
@@ -76,10 +75,8 @@ def _opensora(resolution: str) -> Callable[..., VideoModel]:
     def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
         from anti_i2v.models.opensora.adapter import OpenSoraI2V
 
-        name = "opensora" if resolution == "240p" else f"opensora-{resolution}"
         return OpenSoraI2V.from_pretrained(
-            source, device=device, dtype=dtype, name=name, resolution=resolution,
-            gradient_checkpointing=device.type == "cuda",
+            source, device=device, dtype=dtype, resolution=resolution, gradient_checkpointing=device.type == "cuda"
         )
 
     return build
@@ -132,15 +129,10 @@ def _tiny_ltx(source: str | None, device: torch.device, dtype: torch.dtype) -> V
     return LTXVideoI2V.tiny(seed=0, device=device, dtype=dtype)
 
 
-def _wan(name: str) -> Callable[..., VideoModel]:
-    def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
-        from anti_i2v.models.wan import WanI2V
+def _wan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+    from anti_i2v.models.wan import WanI2V
 
-        return WanI2V.from_pretrained(
-            source, device=device, dtype=dtype, name=name, gradient_checkpointing=device.type == "cuda"
-        )
-
-    return build
+    return WanI2V.from_pretrained(source, device=device, dtype=dtype, gradient_checkpointing=device.type == "cuda")
 
 
 def _tiny_wan(variant: str) -> Callable[..., VideoModel]:
@@ -196,19 +188,19 @@ MODELS: dict[str, ModelSpec] = {
                   "Stable Video Diffusion architecture with random weights, 64x64, 8 frames: protects against nothing",
                   _tiny_svd),
         ModelSpec("wan-i2v", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
-                  "Wan 2.1 image-to-video 14B, 480x832, 81 frames (720P: pass the 720P weights)", _wan("wan-i2v")),
+                  "Wan 2.1 image-to-video 14B, 480x832, 81 frames (720P: pass the 720P weights)", _wan),
         ModelSpec("tiny-wan-i2v", None,
                   "Wan 2.1 I2V architecture with random weights, 64x64, 9 frames: protects against nothing",
                   _tiny_wan("2.1")),
         ModelSpec("wan2.2-i2v", "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
                   "Wan 2.2 image-to-video A14B (two 14B experts split at a timestep), 480x832, 81 frames",
-                  _wan("wan2.2-i2v")),
+                  _wan),
         ModelSpec("tiny-wan2.2-i2v", None,
                   "Wan 2.2 I2V-A14B architecture (two experts) with random weights, 64x64, 9 frames: protects "
                   "against nothing", _tiny_wan("2.2-a14b")),
         ModelSpec("wan2.2-ti2v", "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
                   "Wan 2.2 TI2V-5B (first-frame conditioning, 48-channel VAE), 704x1280, 121 frames",
-                  _wan("wan2.2-ti2v")),
+                  _wan),
         ModelSpec("tiny-wan2.2-ti2v", None,
                   "Wan 2.2 TI2V-5B architecture with random weights, 64x64, 9 frames: protects against nothing",
                   _tiny_wan("2.2-ti2v")),
@@ -276,6 +268,8 @@ def model_identity(name: str, path: str | Path | None = None) -> tuple[str, str]
     what a sidecar records of the model a photo was protected against."""
     spec = get_spec(name)
     if spec.is_tiny:
+        if path is not None:
+            raise ConfigError(f"'{name}' is built in code and takes no --model-path")
         return spec.name, "built in code"
     return spec.name, str(path) if path is not None else spec.hub_id
 
@@ -307,17 +301,15 @@ def load_model(
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     # a tiny model keeps fp32 unless asked: it checks the pipeline, whose numbers bf16 would only blur
     torch_dtype = torch.float32 if spec.is_tiny and dtype is None else parse_dtype(dtype, device)
-    if path is not None:
-        if spec.is_tiny:
-            raise ConfigError(f"'{name}' is built in code and takes no --model-path")
-        if not Path(path).exists():
-            raise ModelError(f"--model-path '{path}' does not exist; point it at the downloaded weights")
-    _, source = model_identity(name, path)
-    logger.info("loading %s from %s on %s (%s, memory mode %s)", name, source, device, torch_dtype, memory)
+    identity = model_identity(name, path)
+    if path is not None and not Path(path).exists():
+        raise ModelError(f"--model-path '{path}' does not exist; point it at the downloaded weights")
+    source = None if spec.is_tiny else identity[1]
+    logger.info("loading %s from %s on %s (%s, memory mode %s)", name, identity[1], device, torch_dtype, memory)
     # streamed blocks never reach the accelerator all at once, not even while loading
     with deferred_placement() if memory == "sequential" else contextlib.nullcontext():
-        model = spec.build(None if spec.is_tiny else source, device, torch_dtype)
-    model.name, model.source = spec.name, source  # what a sidecar records, and `model_identity` gives unloaded
+        model = spec.build(source, device, torch_dtype)
+    model.name, model.source = identity  # what a sidecar records
     apply_memory_mode(model, memory)
     use_attention_kernel(model, attention)
     return compile_denoiser(model) if compile else model
