@@ -148,6 +148,22 @@ def test_a_rerun_compares_the_long_video_route_only_where_it_is_known():
     assert "steps" not in unknown and "frame_share" not in unknown and unknown["eps"] == plain["eps"]
     assert resume_settings({"steps": 20}, long_video=None)["steps"] == 20
     assert resume_settings({"preset": "strong"}, long_video=None)["steps"] == 200  # no route: compared
+    svd = resume_settings({}, families=["svd"])
+    assert (svd["weight_dm"], svd["sampler_guided_steps"]) == (1.0, 0)  # what an SVD photo's record says
+    assert "weight_dm" not in resume_settings({}, families=None) and "momentum" in resume_settings({}, families=None)
+    assert resume_settings({"weight_dm": 0.5}, families=None)["weight_dm"] == 0.5
+
+
+def test_a_rerun_skips_a_finished_photo_of_any_family_and_protects_again_when_any_setting_changed(tmp_path, photos):
+    """SVD's own settings (the diffusion loss, every sampler step guided) are what its record says, so its
+    finished photos are skipped; every setting that changes the photo, not a chosen few, is compared."""
+    out = tmp_path / "out"
+    args = ("protect", photos / "alice.jpg", "--model", "tiny-svd", "--steps", "1", "--out", out)
+    assert run(*args).exit_code == 0
+    assert "0 protected, 1 skipped" in run(*args).text
+    for changed in (("--momentum", "0.5"), ("--weights", "dm=0.5")):
+        again = run(*args, *changed)
+        assert "1 protected, 0 skipped" in again.text, (changed, again.output)
 
 
 def test_a_long_video_model_gets_the_presets_route_and_the_run_says_so(tmp_path):

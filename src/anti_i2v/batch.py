@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -17,6 +18,7 @@ from anti_i2v.api import (
 from anti_i2v.config import DEFAULT_PRESET, LONG_VIDEO_PRESETS, ProtectConfig, is_long_video
 from anti_i2v.engine import StepReport
 from anti_i2v.errors import InputError, OutputError
+from anti_i2v.methods import get_method
 from anti_i2v.models.base import VideoModel
 from anti_i2v.photo import output_path_for
 
@@ -81,27 +83,34 @@ def output_stems(sources: list[Path]) -> dict[Path, str]:
     return stems
 
 
-# settings a rerun must share with a finished photo to skip it, besides its models (none depends on
-# the model family; the steps and frames depend on whether the model's video is long:
-# `config.LONG_VIDEO_PRESETS`)
-RESUME_KEYS = ("method", "eps", "steps", "seed", "prompt", "space", "min_psnr", "frame_share", "frame_spread",
-               "full_frame_steps", "eot", "through_resize", "target", "sampler_steps", "sampler_guided_steps",
-               "sampler_noise_pool")
+# settings that do not change the protected photo, or that the run resolves from what this machine has
+# (the auxiliary CLIP term is on where its weights are local): compared only when the options give them
+NOT_COMPARED = ("checkpoint_every",)
+RESOLVED_AT_RUN = ("weight_aux",)
 
 
-def resume_settings(options: dict[str, Any], long_video: bool | None = False) -> dict[str, Any]:
-    """The `RESUME_KEYS` settings a run with these `protect` options uses (its preset included).
+def resume_settings(options: dict[str, Any], long_video: bool | None = False,
+                    families: Sequence[str] | None = ()) -> dict[str, Any]:
+    """Every setting a run with these `protect` options uses (its preset and method included), as its
+    sidecar records it: a finished photo is skipped only when its record has them all.
 
     ``long_video``: whether the models take the presets' long-video route (`config.is_long_video`);
-    None where that is not known yet (before any model loads): the settings that the route
-    changes are then left out unless the options give them, so either route's photo counts as done.
+    ``families``: the models' families, whose own settings the method takes (`Method.overrides_for`).
+    None where that is not known (before any model loads): the settings that the route or a family
+    change are then left out unless the options give them, so a photo done either way counts as done.
     """
     fields = {f.name for f in dataclasses.fields(ProtectConfig)}
     settings = {k: v for k, v in options.items() if k in fields}
     preset = options.get("preset") or DEFAULT_PRESET
-    config = ProtectConfig.from_preset(preset, long_video=bool(long_video), **settings).to_dict()
-    route = set(LONG_VIDEO_PRESETS.get(preset, {})) if long_video is None else set()
-    return {key: config[key] for key in RESUME_KEYS if key not in route or settings.get(key) is not None}
+    config = ProtectConfig.from_preset(preset, families=families or (), long_video=bool(long_video), **settings)
+    unknown = set(RESOLVED_AT_RUN)
+    if long_video is None:
+        unknown |= set(LONG_VIDEO_PRESETS.get(preset, {}))
+    if families is None:
+        unknown |= {key for overrides in get_method(config.method).family_overrides.values() for key in overrides}
+    recorded = json.loads(json.dumps(config.to_dict()))  # as a sidecar reads back: tuples are lists
+    return {key: recorded[key] for key in sorted(fields - set(NOT_COMPARED))
+            if key not in unknown or settings.get(key) is not None}
 
 
 def _record_of(output: Path) -> dict[str, Any] | None:
@@ -220,7 +229,7 @@ def protect_batch(
     """Protect each photo in turn, saving each as soon as it is done.
 
     A photo whose output and sidecar already exist, made from the same input bytes against the
-    same models with the same settings (`RESUME_KEYS`), is skipped (unless ``overwrite``), so a
+    same models with the same settings (`resume_settings`), is skipped (unless ``overwrite``), so a
     rerun resumes an interrupted batch, and a rerun with other settings protects again. An output
     of that name made from anything else (a user's file, another photo of the same name) fails
     the photo, unless ``overwrite``: it is not replaced unasked. A bad
@@ -231,7 +240,8 @@ def protect_batch(
     check_output_dir(out_dir)
     sources = expand_inputs(inputs)
     stems = output_stems(sources)
-    settings = resume_settings(options, is_long_video(model if isinstance(model, list) else [model]))
+    models = model if isinstance(model, list) else [model]
+    settings = resume_settings(options, is_long_video(models), [m.family for m in models])
     made_against = model_identities(model)
     items: list[BatchItem] = []
     for index, source in enumerate(sources):

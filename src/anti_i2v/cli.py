@@ -108,7 +108,7 @@ def protect(
     eps: Annotated[Optional[str], typer.Option(help="L-inf budget in [0,1] pixel units, e.g. 8/255 (default 8/255).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimisation steps (overrides the preset).")] = None,
     method: Annotated[str, typer.Option(help="anti-i2v (default), anti-i2v-paper (the published method) and its ablations (anti-i2v-paper-rgb, -lab, -dct, -irc, -ira), or a baseline (advdm, mist, photoguard, sds, clip-embed, random).")] = "anti-i2v",
-    space: Annotated[Optional[str], typer.Option(help="Perturbation space: dual | lab | dct | rgb (default: the method's, dual for anti-i2v).")] = None,
+    space: Annotated[Optional[str], typer.Option(help="Perturbation space: dual | lab | dct | rgb (default: the method's: rgb for anti-i2v, dual for anti-i2v-paper).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Text prompt the attacker is assumed to use.")] = None,
     target: Annotated[Optional[Path], typer.Option(help="IRA target image (default: a generated pattern).")] = None,
     reference: Annotated[Optional[str], typer.Option(help="Reference video of the diffusion loss: repeat | generate | FILE (default: the method's).")] = None,

@@ -135,7 +135,7 @@ def protect_batch_on_ray(
     if "," in model:
         raise ConfigError("--ray serves one model; protect against an ensemble without --ray")
     # a bad setting fails before any worker starts; no model is loaded here to say whether its video is long
-    settings = resume_settings({"preset": preset, **options}, long_video=None)
+    settings = resume_settings({"preset": preset, **options}, long_video=None, families=None)
     made_against = [model_identity(model, model_path)]
     out_dir = Path(out_dir)
     check_output_dir(out_dir)

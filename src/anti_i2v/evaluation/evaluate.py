@@ -363,7 +363,7 @@ def evaluate(
             output = output_path_for(sample.path, folder, "png", stems[sample.path])
             try:
                 made_with = resume_settings({"method": method.name, "eps": eps, "steps": steps, "seed": seed,
-                                             "prompt": sample.prompt}, long_video)
+                                             "prompt": sample.prompt}, long_video, families)
                 if not is_done(sample.path, output, made_with):
                     protect(sample.path, protector, out=folder, method=method.name, eps=eps, steps=steps, seed=seed,
                             prompt=sample.prompt, stem=stems[sample.path], overwrite=True,

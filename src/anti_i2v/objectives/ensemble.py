@@ -35,7 +35,11 @@ class EnsembleObjective(Objective):
     Each member's gradient is taken in its own turn and its graph freed before the
     next member runs, so the peak memory is one member's, not the sum; between turns
     a `Residency` may park members' weights on the CPU. The returned loss has the
-    summed value and the summed gradient with respect to the image.
+    summed value, and as its gradient the members' gradients, each scaled to a mean
+    magnitude of its weight, summed: the sign step then gives every member its weight's
+    say. Summed as they come, the gradients of a model whose loss is orders of magnitude
+    smaller (Wan or HunyuanVideo near the photo, where their divergence starts from 0)
+    decided no pixel beside a model whose encoding noise keeps its loss large.
     """
 
     def __init__(self, members: list[EnsembleMember], residency: Residency | None = None) -> None:
@@ -64,13 +68,13 @@ class EnsembleObjective(Objective):
             own = draw if index == 0 else draw_step(draw.generator, member.objective.latent_shape(), member.t_range)
             with self._turn(member):
                 out = member.objective(member.view(image, own.generator), own)
-                loss = member.weight * out.loss
-                (member_grad,) = torch.autograd.grad(loss, image, allow_unused=True)
+                (member_grad,) = torch.autograd.grad(out.loss, image, allow_unused=True)
             if member_grad is not None:
-                grad += member_grad.to(grad)
-            total += scalar(loss)
+                member_grad = member_grad.to(grad)
+                grad += member.weight * member_grad / member_grad.abs().mean().clamp_min(torch.finfo(grad.dtype).tiny)
+            total += member.weight * scalar(out.loss)
             parts.update({f"{member.name}.{k}": v for k, v in out.parts.items()})
         parts["total"] = total
-        # linear in x_adv with the summed gradient, valued at the summed loss
+        # linear in x_adv with the combined gradient, valued at the summed loss
         surrogate = (x_adv * grad).sum()
         return ObjectiveOutput(surrogate - surrogate.detach() + total, parts)
