@@ -88,7 +88,19 @@ def test_verify_writes_every_part_of_the_report(tmp_path, photos, tiny_model, sc
     markdown = (out / "report.md").read_text()
     assert "| protected+jpeg30 |" in markdown and f"| {NOISE} |" in markdown
     assert "| FLIP |" in markdown and f"{NOISE_PROTECTED_DB:g} dB below the noise video's" in markdown
-    assert PURIFIED_NOTE in markdown  # no face, no DINO: purified rows are measured against unpurified noise
+    assert PURIFIED_NOTE in markdown  # no face, no DINO: purified rows are measured against purified noise
+    assert set(saved["noise_reference"]["purified_scores"]) == {"jpeg30", "noise0.1"}
+
+
+def test_purified_copies_of_an_unprotected_photo_are_not_called_protected(tmp_path, photos, tiny_model, scorer):
+    """Compared with the unpurified noise video, the purifier's own change of the photo read as protection."""
+    copy = tmp_path / "copy.png"
+    copy.write_bytes((photos / "astronaut.png").read_bytes())
+    purifiers = ["jpeg30", "noise0.1", "blur", "resize0.5"]
+    report = verify(photos / "astronaut.png", copy, tiny_model, tmp_path / "report", SETTINGS, purifiers=purifiers,
+                    scorer=scorer)
+    verdicts = {name: report["runs"][f"protected+{name}"]["verdict"] for name in purifiers}
+    assert "protected" not in verdicts.values(), verdicts
 
 
 def _checkerboard(photo: np.ndarray, step: int, square: int = 16) -> np.ndarray:
