@@ -136,3 +136,10 @@ def test_other_photo_modes_are_protected_within_budget(tmp_path, photo_path, tin
     saved = Image.open(result.path)
     if mode in ("L", "I;16"):
         assert saved.mode == mode  # gray stays gray, 16-bit stays 16-bit
+
+
+def test_a_setting_the_method_never_reads_is_warned_about(photo_path, tiny_model, caplog):
+    with caplog.at_level("WARNING", logger="anti_i2v.api"):
+        anti_i2v.protect(photo_path, tiny_model, steps=1, t_min=100)
+    assert "does not read t_min" in caplog.text
+

@@ -150,3 +150,18 @@ def test_random_method_is_uniform_noise_of_the_full_budget(photo_path, tiny_mode
     diff = np.asarray(result.image, dtype=np.int16) - original
     assert np.abs(diff).max() == 8 and abs(diff.mean()) < 1 and diff.std() > 3
     assert get_method("random").build is None
+
+
+def test_settings_the_default_never_reads_are_named_and_those_it_reads_are_not():
+    """The default's sampler divergence reads no target, timestep range or IRC/IRA blocks: given, they change
+    nothing, so `protect` warns; the paper's method and the baselines read them."""
+    from anti_i2v.methods import unused_settings
+
+    given = ["target", "t_min", "irc_deep", "ira_blocks", "eps", "momentum"]
+    default = ProtectConfig.from_preset("balanced", target="t.png", t_min=100)
+    assert unused_settings(default, given) == ["target", "t_min", "irc_deep", "ira_blocks"]
+    assert unused_settings(ProtectConfig.from_preset("balanced", method="anti-i2v-paper"), given) == []
+    assert unused_settings(ProtectConfig.from_preset("balanced", method="advdm"), given) == []
+    with_dm = ProtectConfig.from_preset("balanced", weight_dm=1.0)  # a denoiser-pass term reads the timesteps
+    assert unused_settings(with_dm, ["t_min", "reference", "target"]) == ["target"]
+

@@ -26,7 +26,7 @@ from anti_i2v.engine import PGDResult, StepReport, View, checkpoint_step, finger
 from anti_i2v.eot import ExpectationOverTransforms, parse_eot
 from anti_i2v.errors import ConfigError, OutOfMemory, OutputError
 from anti_i2v.memory import out_of_memory_message
-from anti_i2v.methods import get_method
+from anti_i2v.methods import get_method, unused_settings
 from anti_i2v.models.base import VideoModel
 from anti_i2v.models.registry import load_model
 from anti_i2v.objectives.ensemble import EnsembleMember, EnsembleObjective
@@ -366,6 +366,9 @@ def protect(
             raise OutputError(conflict)
     models = _load_models(model, model_path, device, dtype, memory, compile, attention)
     cfg = resolve_aux_weight(ProtectConfig.for_models(preset, models, **config))
+    if unused := unused_settings(cfg, config):
+        logger.warning("%s does not read %s with its terms as set: %s change nothing (--method anti-i2v-paper "
+                       "reads them all)", cfg.method, ", ".join(unused), "they" if len(unused) > 1 else "it")
     name = "+".join(m.name for m in models)
     if out_path is not None and cfg.checkpoint_every:
         checkpoint_path = out_path.parent / CHECKPOINT_DIR / f"{out_path.stem}.pt"

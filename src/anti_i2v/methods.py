@@ -27,7 +27,7 @@ something.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +161,26 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def unused_settings(config: ProtectConfig, given: Iterable[str]) -> list[str]:
+    """The settings among ``given`` that ``config``'s Anti-I2V objective never reads, because the terms
+    that would are off (the default's sampler divergence reads no target, reference, timestep range,
+    IRC/IRA blocks or CLIP model); baselines read theirs, so none is listed for them."""
+    if get_method(config.method).build is not _anti_i2v:
+        return []
+    denoiser_pass = bool(config.weight_irc or config.weight_ira or config.weight_dm or config.weight_div)
+    read = {
+        "target": bool(config.weight_ira),
+        "ira_blocks": bool(config.weight_ira),
+        "irc_shallow": bool(config.weight_irc),
+        "irc_deep": bool(config.weight_irc),
+        "aux_model": config.weight_aux is None or bool(config.weight_aux),
+        "reference": denoiser_pass,
+        "t_min": denoiser_pass,
+        "t_max": denoiser_pass,
+    }
+    return [name for name in given if read.get(name, True) is False]
 
 
 def parse_methods(text: str) -> list[Method]:
