@@ -165,6 +165,20 @@ def foreign_output_error(source: Path, output: Path) -> str | None:
     return f"'{output}' exists and was not made from '{source}'; pass --overwrite to replace it or pick another --out"
 
 
+def settled_item(source: Path, output: Path, settings: dict[str, Any], models: list[tuple[str, str]],
+                 overwrite: bool = False) -> BatchItem | None:
+    """What a batch does with a photo without protecting it: "skipped" when its output is done
+    (`is_done`), "failed" when the file there must not be replaced (`foreign_output_error`); None to
+    protect it (always with ``overwrite``)."""
+    if overwrite:
+        return None
+    if is_done(source, output, settings, models):
+        return BatchItem(source, "skipped", output=output)
+    if foreign := foreign_output_error(source, output):
+        return BatchItem(source, "failed", error=foreign)
+    return None
+
+
 @dataclass
 class RunSummary:
     """What a batch run did: photos done, skipped (already protected) and failed, in ``seconds``."""
@@ -242,17 +256,14 @@ def protect_batch(
     stems = output_stems(sources)
     models = model if isinstance(model, list) else [model]
     settings = resume_settings(options, is_long_video(models), [m.family for m in models])
-    made_against = model_identities(model)
+    made_against = model_identities(models)
     items: list[BatchItem] = []
     for index, source in enumerate(sources):
         if on_start is not None:
             on_start(index, len(sources), source)
         output = output_path_for(source, out_dir, fmt, stems[source])
-        if not overwrite and is_done(source, output, settings, made_against):
-            item = BatchItem(source, "skipped", output=output)
-        elif not overwrite and (foreign := foreign_output_error(source, output)):
-            item = BatchItem(source, "failed", error=foreign)
-        else:
+        item = settled_item(source, output, settings, made_against, overwrite)
+        if item is None:
             item = protect_photo(source, model, out_dir, fmt, stems[source], callback=callback, **options)
         items.append(item)
         if on_done is not None:

@@ -134,6 +134,11 @@ def _gradient(objective: Objective, space: PerturbationSpace, x_adv: torch.Tenso
     return param, output, grad
 
 
+def _gray(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x_adv`` with every channel at their mean, in the budget: a gray photo stays gray."""
+    return project(x_adv.mean(dim=1, keepdim=True).expand_as(x_adv), x, eps)
+
+
 def random_start(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
     """A uniform draw in the eps ball around ``x``, projected to [0, 1]."""
     noise = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
@@ -243,12 +248,10 @@ def run_pgd(
             # when the model's encoding draws no noise (Wan, HunyuanVideo); start from a random point instead
             logger.info("the objective is flat at the photo: starting from a random point of the budget")
             x_adv = random_start(x, config.eps, generator)
-            if keep_gray:
-                x_adv = project(x_adv.mean(dim=1, keepdim=True).expand_as(x_adv), x, config.eps)
+            x_adv = _gray(x_adv, x, config.eps) if keep_gray else x_adv
             param, output, grad = _gradient(objective, space, x_adv, x, config.eps, i, draw, view)
         x_adv = param.step(momentum(stage, grad), scheduled(sizes[stage], i, config.steps, config.step_schedule))
-        if keep_gray:
-            x_adv = project(x_adv.mean(dim=1, keepdim=True).expand_as(x_adv), x, config.eps)
+        x_adv = _gray(x_adv, x, config.eps) if keep_gray else x_adv
         output.parts.setdefault("total", float(output.loss.detach()))  # what early stopping follows
         history.append(output.parts)
         if callback is not None:

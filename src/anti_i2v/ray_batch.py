@@ -25,8 +25,7 @@ from typing import Any
 
 from anti_i2v.atomic import write_json_atomic
 from anti_i2v.batch import (
-    BatchItem, RunSummary, check_output_dir, expand_inputs, foreign_output_error, is_done, output_stems, protect_photo,
-    resume_settings,
+    BatchItem, RunSummary, check_output_dir, expand_inputs, output_stems, protect_photo, resume_settings, settled_item,
 )
 from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET
 from anti_i2v.errors import AntiI2VError, ConfigError, InputError
@@ -147,10 +146,8 @@ def protect_batch_on_ray(
     failures: dict[str, str] = {}
     for source in sources:
         output = output_path_for(source, out_dir, fmt, stems[source])
-        if not overwrite and is_done(source, output, settings, made_against):
-            outcomes[source] = _finish(BatchItem(source, "skipped", output=output), on_done)
-        elif not overwrite and (foreign := foreign_output_error(source, output)):
-            outcomes[source] = _finish(BatchItem(source, "failed", error=foreign), on_done)
+        if settled := settled_item(source, output, settings, made_against, overwrite):
+            outcomes[source] = _finish(settled, on_done)
         elif unreadable := _unreadable(source):  # no worker needs to start for a file that is not a photo
             failures[str(source)] = unreadable
             outcomes[source] = _finish(BatchItem(source, "failed", error=unreadable), on_done)

@@ -197,11 +197,7 @@ def verify(
                 on_video(f"{NOISE}+{name}")
             purified_noise[name] = scorer.score(generate_video(model, purify[name](noisy, settings.seed), settings,
                                                                cache))
-
-    def reference(run: str) -> dict[str, float]:
-        purifier = run.removeprefix(f"{PROTECTED}+")
-        return purified_noise.get(purifier, noise_scores) if run != purifier else noise_scores
-
+    references = {f"{PROTECTED}+{name}": s for name, s in purified_noise.items()}  # others: the noise video
     report = {
         "model": model.name,
         "model_source": model.source,
@@ -221,7 +217,7 @@ def verify(
             name: {
                 "scores": s,
                 "verdict": "reference" if name == CLEAN else verdict(
-                    s, scores[CLEAN], scorer.identity_model, noise=reference(name)),
+                    s, scores[CLEAN], scorer.identity_model, noise=references.get(name, noise_scores)),
             }
             for name, s in scores.items()
         },
