@@ -164,6 +164,10 @@ def test_a_rerun_skips_a_finished_photo_of_any_family_and_protects_again_when_an
     for changed in (("--momentum", "0.5"), ("--weights", "dm=0.5")):
         again = run(*args, *changed)
         assert "1 protected, 0 skipped" in again.text, (changed, again.output)
+    # the precision too: bf16 and fp32 optimise to different photos
+    assert "1 protected, 0 skipped" in run(*args, "--dtype", "bf16").text
+    assert "0 protected, 1 skipped" in run(*args, "--dtype", "bf16").text
+    assert "1 protected, 0 skipped" in run(*args).text  # fp32, the tiny models' own
 
 
 def test_a_long_video_model_gets_the_presets_route_and_the_run_says_so(tmp_path):

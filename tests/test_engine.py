@@ -111,6 +111,17 @@ def test_gray_photos_stay_gray(tiny_model, portrait_small):
     assert (x_adv - gray).abs().max() <= config.eps + 1e-6
 
 
+@pytest.mark.parametrize("space", ["lab", "dual"])
+def test_a_gray_photo_is_perturbed_to_its_budget_in_the_lab_spaces(tiny_model, portrait_small, space):
+    """Chroma steps on a gray photo would be averaged away by keeping it gray (1/255 was all that
+    remained); the Lab stage moves its lightness instead."""
+    gray = portrait_small.mean(dim=1, keepdim=True).expand_as(portrait_small).contiguous()
+    config, objective, space_ = _setup(tiny_model, gray, steps=4, space=space)
+    x_adv = run_pgd(objective, space_, gray, config, t_range=(0, 999), keep_gray=True).x_adv
+    assert torch.equal(x_adv[:, 0], x_adv[:, 1]) and torch.equal(x_adv[:, 1], x_adv[:, 2])
+    assert (x_adv - gray).abs().mean() > config.eps / 3, float((x_adv - gray).abs().mean() * 255)
+
+
 def test_momentum_and_random_start_resume_to_the_same_result(tmp_path, tiny_model, portrait_small):
     """The momentum buffers are checkpointed with the rest, and the random start is drawn from the seed."""
     config, objective, space = _setup(tiny_model, portrait_small, steps=4, checkpoint_every=2, momentum=0.9,

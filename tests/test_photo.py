@@ -222,6 +222,26 @@ def test_16bit_colour_png_is_read_at_8bit_with_a_warning(tmp_path: Path, caplog:
     assert np.abs(photo.rgb.permute(1, 2, 0).numpy() - values / 65535).max() < 1 / 255 + 1e-6
 
 
+def test_a_16bit_colour_photo_stays_within_the_budget_of_its_own_16bit_values(tmp_path: Path, tiny_model) -> None:
+    """Read at 8 bits, its values are up to 1/255 off: the protection spends that much less of the budget."""
+    import anti_i2v
+
+    smooth = np.linspace(0, 1, 96)[None, :, None] * np.linspace(0.2, 1, 80)[:, None, None]
+    values = np.clip(smooth * [65535, 50000, 30000] + np.random.default_rng(5).integers(0, 3000, (80, 96, 3)),
+                     0, 65535).astype(np.uint16)
+    path = _png16(values, 2, tmp_path / "rgb16.png")
+    assert load_photo(path).reading_error == pytest.approx(1 / 255)
+    result = anti_i2v.protect(path, tiny_model, out=tmp_path / "out", steps=3, eps="4/255", method="anti-i2v-paper",
+                              space="rgb")
+    saved = np.asarray(Image.open(result.path).convert("RGB"), dtype=np.float64) / 255
+    assert np.abs(saved - values / 65535).max() <= 4 / 255 + 1e-9
+    assert np.abs(saved - load_photo(path).rgb.permute(1, 2, 0).numpy()).max() > 2 / 255  # it did protect
+    assert result.budget.within_budget and result.budget.source_error == pytest.approx(1 / 255)
+    assert result.budget.linf + result.budget.source_error <= 4 / 255 + 1e-6
+    with pytest.raises(ConfigError, match="larger eps"):
+        anti_i2v.protect(path, tiny_model, steps=1, eps="1/255")
+
+
 def test_16bit_gray_alpha_png_is_recognised_as_gray(tmp_path: Path) -> None:
     values = np.random.default_rng(4).integers(0, 65536, (70, 80, 2), dtype=np.uint16)
     photo = load_photo(_png16(values, 4, tmp_path / "ga16.png"))

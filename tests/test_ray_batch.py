@@ -64,6 +64,11 @@ def test_two_workers_protect_a_folder_record_a_bad_photo_and_a_rerun_skips_the_f
     _, again = protect_batch_on_ray([photos], MODEL, out, workers=2, **OPTIONS)
     assert (again.done, again.skipped, again.failed) == (0, 4, 1)
     assert (out / "a_protected.png").stat().st_mtime_ns == before
+    # a precision asked for is compared with the one recorded (fp32: the tiny models' own)
+    _, same = protect_batch_on_ray([photos / "b.png"], MODEL, out, workers=1, dtype="fp32", **OPTIONS)
+    assert (same.done, same.skipped) == (0, 1)
+    _, half = protect_batch_on_ray([photos / "b.png"], MODEL, out, workers=1, dtype="bf16", **OPTIONS)
+    assert (half.done, half.skipped) == (1, 0)
     # done against one model is not done against another: the driver compares the models it would load
     _, other = protect_batch_on_ray([photos / "a.png"], "tiny-dynamicrafter", out, workers=1, **OPTIONS)
     assert (other.done, other.skipped) == (1, 0)

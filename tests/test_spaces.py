@@ -268,7 +268,7 @@ def test_projection_holds_after_50_random_sign_steps(space: PerturbationSpace) -
 
 
 def test_lab_step_keeps_lightness_and_moves_chroma() -> None:
-    x = torch.full((1, 3, 8, 8), 0.5)
+    x = torch.tensor([0.5, 0.45, 0.55]).view(1, 3, 1, 1).expand(1, 3, 8, 8).contiguous()
     p = LabSpace().parametrise(x, x, EPS, 0)
     grad = torch.randn(p.params.shape, generator=_gen(13))
     x_adv = p.step(grad, 1.0)  # 1 a*/b* unit: well inside the 8/255 ball
@@ -276,6 +276,22 @@ def test_lab_step_keeps_lightness_and_moves_chroma() -> None:
     lab0, lab1 = rgb_to_lab(x), rgb_to_lab(x_adv)
     assert (lab1[:, 0] - lab0[:, 0]).abs().max() < 0.5
     assert torch.allclose((lab1[:, 1:] - lab0[:, 1:]).abs(), torch.ones(1, 2, 8, 8), atol=0.05)
+
+
+def test_a_lab_step_on_a_gray_image_moves_lightness_as_far_as_a_chroma_step_moves_a_colour_one() -> None:
+    """A gray photo has no chroma to move (the protection keeps it gray): its Lab stage moves L*."""
+    colour = _mid_image(32, 48)
+    gray = colour.mean(dim=1, keepdim=True).expand_as(colour).contiguous()
+    moved = {}
+    for name, x in (("colour", colour), ("gray", gray)):
+        p = LabSpace().parametrise(x, x, EPS, 0)
+        x_adv = p.step(torch.randn(p.params.shape, generator=_gen(21)), 0.5)
+        assert (x_adv - x).abs().max() < EPS - 1e-3  # no clipping happened
+        moved[name] = float((x_adv - x).abs().mean())
+    assert p.params.shape[1] == 1
+    torch.testing.assert_close(x_adv[:, 0], x_adv[:, 1], atol=1e-4, rtol=0)  # D65 round-off
+    torch.testing.assert_close(x_adv[:, 1], x_adv[:, 2], atol=1e-4, rtol=0)
+    assert 0.8 < moved["gray"] / moved["colour"] < 1.25, moved
 
 
 def test_lab_stage_resets_lightness_to_the_original() -> None:

@@ -10,7 +10,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,11 @@ def _environment(model: VideoModel) -> dict[str, Any]:
     }
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as a sidecar records it (``bfloat16``, ``float32``...)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _model_record(model: VideoModel) -> dict[str, Any]:
     return {
         "name": model.name,
@@ -135,7 +140,7 @@ def _model_record(model: VideoModel) -> dict[str, Any]:
         "resolution": list(model.resolution),
         "frames": model.num_frames,
         "device": str(model.device),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": dtype_name(model.dtype),
         "memory_mode": model.memory_mode,
         "compiled": model.compiled,
         "attention_kernel": model.attention_kernel,
@@ -194,6 +199,17 @@ def random_protection(photo: Photo, config: ProtectConfig) -> torch.Tensor:
 def _t_range(model: VideoModel, config: ProtectConfig) -> tuple[int, int]:
     last = model.num_train_timesteps - 1
     return min(config.t_min, last), min(config.t_max, last)
+
+
+def _within_reading_error(config: ProtectConfig, photo: Photo) -> ProtectConfig:
+    """The settings to optimise with: the budget less what reading the photo may already have moved it
+    (`Photo.reading_error`), so that the saved file stays within ``eps`` of the source's own values."""
+    if not photo.reading_error:
+        return config
+    if config.eps <= photo.reading_error:
+        raise ConfigError(f"eps {config.eps * 255:.2f}/255 leaves nothing for a photo read within "
+                          f"{photo.reading_error * 255:.2f}/255 of its values; use a larger eps")
+    return replace(config, eps=config.eps - photo.reading_error)
 
 
 def _optimise(
@@ -370,10 +386,11 @@ def protect(
         logger.warning("%s does not read %s with its terms as set: %s change nothing (--method anti-i2v-paper "
                        "reads them all)", cfg.method, ", ".join(unused), "they" if len(unused) > 1 else "it")
     name = "+".join(m.name for m in models)
+    inner = _within_reading_error(cfg, photo)
     if out_path is not None and cfg.checkpoint_every:
         checkpoint_path = out_path.parent / CHECKPOINT_DIR / f"{out_path.stem}.pt"
     try:
-        protected, result = _optimise(models, photo, cfg, callback, checkpoint_path, release_text_encoder)
+        protected, result = _optimise(models, photo, inner, callback, checkpoint_path, release_text_encoder)
     except torch.OutOfMemoryError:
         protected = None  # raised below, once the traceback no longer holds the step's tensors
     if protected is None:
@@ -385,7 +402,7 @@ def protect(
         image_out, budget = _budget_in_memory(photo, protected, cfg.eps)
         return ProtectResult(image_out, budget, None, None, name, cfg, time.perf_counter() - began, result.history)
 
-    save_protected(photo, protected, out_path, cfg.eps, overwrite=overwrite)
+    save_protected(photo, protected, out_path, inner.eps, overwrite=overwrite)
     budget = measure_budget(photo, out_path, cfg.eps)
     seconds = time.perf_counter() - began
     record = {

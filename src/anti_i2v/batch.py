@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from anti_i2v.api import (
-    ProtectResult, file_sha256, protect, read_record, record_conflict, recorded_output_name, sidecar_path,
+    ProtectResult, dtype_name, file_sha256, protect, read_record, record_conflict, recorded_output_name, sidecar_path,
 )
 from anti_i2v.config import DEFAULT_PRESET, LONG_VIDEO_PRESETS, ProtectConfig, is_long_video
 from anti_i2v.engine import StepReport
@@ -127,23 +127,33 @@ def _made_from(source: Path, record: dict[str, Any]) -> bool:
     return source.is_file() and record.get("input_sha256") == file_sha256(source)
 
 
-def model_identities(models: VideoModel | Sequence[VideoModel]) -> list[tuple[str, str]]:
-    """Name and weights of each model, as a sidecar records them: which models a photo was protected against."""
-    return [(m.name, m.source) for m in ([models] if isinstance(models, VideoModel) else models)]
+ModelIdentity = tuple[str, str, "str | None"]  # name, weights, dtype (None: not known, not compared)
+
+
+def model_identities(models: VideoModel | Sequence[VideoModel]) -> list[ModelIdentity]:
+    """Name, weights and dtype of each model, as a sidecar records them: which models a photo was
+    protected against, and in which precision (bf16 and fp32 optimise to different photos)."""
+    return [(m.name, m.source, dtype_name(m.dtype)) for m in ([models] if isinstance(models, VideoModel) else models)]
+
+
+def _same_models(recorded: Any, models: list[ModelIdentity]) -> bool:
+    """Whether a sidecar's ``model`` entry names these models (and their dtypes, where known)."""
+    entries = [r for r in (recorded if isinstance(recorded, list) else [recorded]) if isinstance(r, dict)]
+    return len(entries) == len(models) and all(
+        (r.get("name"), r.get("source")) == (name, source) and (dtype is None or r.get("dtype") == dtype)
+        for r, (name, source, dtype) in zip(entries, models)
+    )
 
 
 def is_done(source: Path, output: Path, settings: dict[str, Any] | None = None,
-            models: list[tuple[str, str]] | None = None) -> bool:
+            models: list[ModelIdentity] | None = None) -> bool:
     """Whether ``output`` and its sidecar exist, were made from this very ``source`` file and changed it
     (and, given the run's `resume_settings` and `model_identities`, with those settings against those models)."""
     record = _record_of(output)
     if record is None or not _made_from(source, record):
         return False
-    if models is not None:
-        recorded = record.get("model")
-        recorded = recorded if isinstance(recorded, list) else [recorded]
-        if [(r.get("name"), r.get("source")) for r in recorded if isinstance(r, dict)] != models:
-            return False
+    if models is not None and not _same_models(record.get("model"), models):
+        return False
     if not (record.get("budget") or {}).get("linf"):
         return False  # not protected at all, as the default left Wan and HunyuanVideo photos before its random start
     made = record.get("config", {})
@@ -165,7 +175,7 @@ def foreign_output_error(source: Path, output: Path) -> str | None:
     return f"'{output}' exists and was not made from '{source}'; pass --overwrite to replace it or pick another --out"
 
 
-def settled_item(source: Path, output: Path, settings: dict[str, Any], models: list[tuple[str, str]],
+def settled_item(source: Path, output: Path, settings: dict[str, Any], models: list[ModelIdentity],
                  overwrite: bool = False) -> BatchItem | None:
     """What a batch does with a photo without protecting it: "skipped" when its output is done
     (`is_done`), "failed" when the file there must not be replaced (`foreign_output_error`); None to

@@ -92,8 +92,9 @@ def _weights(text: str | None) -> dict[str, float]:
 
 def _budget_line(budget) -> str:
     mark = "[green]within[/]" if budget.within_budget else "[red]OVER[/]"
+    reading = f" + {budget.source_error * 255:.2f}/255 reading the source" if budget.source_error else ""
     return (
-        f"L-inf {budget.linf_255:.2f}/255 ({budget.linf:.4f}) {mark} eps {format_eps(budget.eps)}, "
+        f"L-inf {budget.linf_255:.2f}/255 ({budget.linf:.4f}){reading} {mark} eps {format_eps(budget.eps)}, "
         f"PSNR {budget.psnr:.2f} dB, SSIM {budget.ssim:.4f}"
     )
 
@@ -112,7 +113,7 @@ def protect(
     prompt: Annotated[Optional[str], typer.Option(help="Text prompt the attacker is assumed to use.")] = None,
     target: Annotated[Optional[Path], typer.Option(help="IRA target image (default: a generated pattern).")] = None,
     reference: Annotated[Optional[str], typer.Option(help="Reference video of the diffusion loss: repeat | generate | FILE (default: the method's).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of every random draw: same photo, config and seed give the same file on this machine.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of every random draw: same photo, config and seed give the same file with the same software, device and thread count (the sidecar records them).")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: GPU if present).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU and for tiny models).")] = None,
     memory: _Memory = "full",

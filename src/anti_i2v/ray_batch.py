@@ -23,13 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from anti_i2v.api import dtype_name
 from anti_i2v.atomic import write_json_atomic
 from anti_i2v.batch import (
     BatchItem, RunSummary, check_output_dir, expand_inputs, output_stems, protect_photo, resume_settings, settled_item,
 )
 from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET
 from anti_i2v.errors import AntiI2VError, ConfigError, InputError
-from anti_i2v.models.registry import model_identity
+from anti_i2v.models.registry import model_identity, parse_dtype
 from anti_i2v.photo import check_photo_file, output_path_for
 
 logger = logging.getLogger(__name__)
@@ -135,7 +138,9 @@ def protect_batch_on_ray(
         raise ConfigError("--ray serves one model; protect against an ensemble without --ray")
     # a bad setting fails before any worker starts; no model is loaded here to say whether its video is long
     settings = resume_settings({"preset": preset, **options}, long_video=None, families=None)
-    made_against = [model_identity(model, model_path)]
+    # the dtype a worker loads in depends on its device, unless it is asked for
+    asked = None if dtype is None else dtype_name(parse_dtype(dtype, torch.device("cpu")))
+    made_against = [(*model_identity(model, model_path), asked)]
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     began = time.perf_counter()
