@@ -47,10 +47,9 @@ from anti_i2v.evaluation.generate import GenerationSettings, generate_video  # n
 from anti_i2v.evaluation.metrics.fidelity import fidelity  # noqa: E402
 from anti_i2v.evaluation.purify import build_purifier  # noqa: E402
 from anti_i2v.methods import METHODS  # noqa: E402
-from anti_i2v.models.registry import load_model  # noqa: E402
 from anti_i2v.photo import load_photo  # noqa: E402
 from testbed.data import HELD_OUT, MOTIONS, held_out_photo  # noqa: E402
-from testbed.proof import GENERATION  # noqa: E402
+from testbed.proof import GENERATION, load_testbed  # noqa: E402
 
 TESTBED_DIR = BENCHMARKS / "testbed"
 
@@ -70,6 +69,8 @@ TESTBEDS = {
     "svd": Testbed("svd", "svd", TESTBED_DIR / "svd", ("zoom in",)),
     # the CogVideoX testbed fine-tuned on 49-frame clips: CogVideoX-5B-I2V's 13 latent frames
     "cogvideox-49f": Testbed("cogvideox-49f", "cogvideox", TESTBED_DIR / "cogvideox-i2v-49f", MOTIONS),
+    # the Wan 2.1 I2V layout: a deterministic encoder (posterior mode), flow matching
+    "wan": Testbed("wan", "wan", TESTBED_DIR / "wan-i2v", MOTIONS),
 }
 # The attacker's upload channel: JPEG and WebP, resizing, filters, noise, and
 # resize + JPEG 75 as social networks do (`social`: 1080-px long edge; `social192`: the
@@ -125,7 +126,7 @@ class Runner:
     def __init__(self, testbed: Testbed, work: Path, seed: int = 0) -> None:
         self.testbed = testbed
         self.work = work / testbed.name
-        self.model = load_model(testbed.family, str(testbed.folder), device="cpu", dtype="fp32")
+        self.model = load_testbed(testbed.family, testbed.folder)
         self.settings = GENERATION[testbed.family]
         self.seed = seed
         self.purifiers = {}
@@ -203,7 +204,13 @@ def with_previous_rows(records: list[dict], previous: Path, settings: dict[str, 
     run's), a previous file of other eps, seed, photos or generation settings is refused."""
     document = json.loads(previous.read_text())
     if settings is not None:
-        differ = [k for k in COMPARABLE if json.loads(json.dumps(settings.get(k))) != document["settings"].get(k)]
+        mine = json.loads(json.dumps(settings))
+        theirs = document["settings"]
+        # a family added since (its own generation settings) changes nothing about the others' rows
+        shared = mine.get("generation", {}).keys() & theirs.get("generation", {}).keys()
+        mine["generation"] = {k: mine["generation"][k] for k in shared}
+        theirs = {**theirs, "generation": {k: theirs["generation"][k] for k in shared}}
+        differ = [k for k in COMPARABLE if mine.get(k) != theirs.get(k)]
         if differ:
             raise SystemExit(f"--keep-from {previous}: its {', '.join(differ)} differ from this run's; "
                              "its rows would not compare")

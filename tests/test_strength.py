@@ -47,6 +47,17 @@ def test_default_is_at_least_as_strong_as_advdm_at_the_same_budget_and_steps(sum
     assert default["kept"]["jpeg75"] >= 0.8
 
 
+@pytest.mark.slow
+def test_the_default_protects_a_trained_model_whose_encoder_draws_no_noise(tmp_path):
+    """On the Wan testbed the photo is encoded with the posterior mode, so the default's objective is
+    flat at the photo: `balanced` must still move the video far more than noise of the same budget."""
+    document = strength.main([
+        "--testbeds", "wan", "--methods", "anti-i2v,random", "--photos", "astronaut", "--prompts", "pan left",
+        "--steps", "5", "--battery", "", "--work", str(tmp_path), "--out", "", "--md", "",
+    ])
+    assert document["summary"]["wan"]["anti-i2v@5"]["x_random"] >= 10
+
+
 def test_each_testbed_runs_only_the_requested_prompts_it_was_trained_on():
     svd, cogvideox = strength.TESTBEDS["svd"], strength.TESTBEDS["cogvideox"]
     assert strength.testbed_prompts(cogvideox, "pan left,zoom in") == ("pan left", "zoom in")
@@ -94,6 +105,11 @@ def test_rows_of_a_previous_result_fill_in_only_the_groups_not_rerun(tmp_path):
     assert [r["mad"] for r in records] == [2.0, 0.5, 0.7] and reused == ["svd: advdm@60"]
     with pytest.raises(SystemExit, match="seed differ"):
         strength.with_previous_rows([], previous, {**settings, "seed": 1})
+    # a testbed family added since brings its own generation settings; those of the others must match
+    grown = {**settings, "generation": {"svd": {"steps": 8}, "wan": {"steps": 30}}}
+    assert len(strength.with_previous_rows([], previous, grown)[0]) == 3
+    with pytest.raises(SystemExit, match="generation differ"):
+        strength.with_previous_rows([], previous, {**grown, "generation": {"svd": {"steps": 9}}})
 
 
 def test_the_49_frame_testbed_has_the_latent_frames_of_cogvideox_5b():

@@ -43,17 +43,16 @@ def test_random_clips_stay_inside_the_photo_and_are_reproducible():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["cogvideox", "svd"])
+@pytest.mark.parametrize("family", ["cogvideox", "svd", "wan"])
 def test_every_phase_runs_and_the_folder_loads_as_a_user_would(family, tmp_path):
-    from anti_i2v.models.registry import load_model
-    from testbed.proof import prove
+    from testbed.proof import load_testbed, prove
 
     out = tmp_path / family
     record = train([family, "--out", str(out), "--vae-steps", "4", "--vae-frame-batch", "2", "--vae-clip-batch", "1",
                     "--bank-clips", "4", "--denoiser-steps", "2", "--batch", "2", "--threads", "1", "--no-proof"])
     assert (out / "model_index.json").is_file() and record["scaling_factor"] > 0
     assert json.loads((out / "training.json").read_text())["denoiser_steps"] == 2
-    model = load_model(family, str(out), device="cpu")
+    model = load_testbed(family, out)
     assert model.resolution == (96, 128) and model.num_frames == 9
     proof = prove(family, out, seeds=1, photos=("astronaut",))
     assert proof["videos"] == len(proof["motions"]) and np.isfinite(proof["vae_psnr_clip"])

@@ -1,9 +1,12 @@
-"""The two testbed architectures, each in an official diffusers layout.
+"""The testbed architectures, each in an official diffusers layout.
 
 - `CogVideoXFamily`: the CogVideoX-5b-I2V layout (MM-DiT, 3-D causal VAE, T5 text),
   trained on four prompted camera moves.
 - `SVDFamily`: the Stable Video Diffusion layout (spatio-temporal U-Net, temporal-decoder
   VAE, CLIP image encoder); SVD takes no text, so it learns one camera move.
+- `WanFamily`: the Wan 2.1 I2V layout (DiT with image cross-attention, causal Wan VAE
+  whose condition is encoded with the posterior mode, UMT5 text, CLIP image tokens,
+  flow matching), trained on the four prompted camera moves.
 
 Each family builds fresh components from a small config, gives the VAE's training loss,
 encodes a bank of clips once, gives the denoiser's training loss on that bank in the
@@ -23,20 +26,27 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKLCogVideoX,
     AutoencoderKLTemporalDecoder,
+    AutoencoderKLWan,
     CogVideoXDDIMScheduler,
     CogVideoXImageToVideoPipeline,
     CogVideoXTransformer3DModel,
     EulerDiscreteScheduler,
     StableVideoDiffusionPipeline,
     UNetSpatioTemporalConditionModel,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanTransformer3DModel,
 )
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
+    CLIPVisionModel,
     CLIPVisionModelWithProjection,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from anti_i2v.models.cogvideox import _SCHEDULER as COGVIDEOX_SCHEDULER
@@ -56,6 +66,14 @@ def vae_reconstruction_loss(
 ) -> torch.Tensor:
     """L1 + L2 + a small KL term (images in [-1, 1])."""
     return F.l1_loss(decoded, target) + F.mse_loss(decoded, target) + kl_weight * kl.mean()
+
+
+def video_vae_loss(vae: torch.nn.Module, videos: torch.Tensor) -> torch.Tensor:
+    """`vae_reconstruction_loss` of a 3-D VAE (CogVideoX, Wan) on videos (B, F, 3, H, W) in [0, 1]."""
+    pixels = videos.permute(0, 2, 1, 3, 4) * 2 - 1
+    dist = vae.encode(pixels).latent_dist
+    decoded = vae.decode(dist.sample()).sample
+    return vae_reconstruction_loss(pixels, decoded, dist.kl())
 
 
 @dataclass
@@ -83,6 +101,14 @@ def cogvideox_tokenizer() -> T5Tokenizer:
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(dict.fromkeys(_COG_WORDS))]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def frozen_text_encoder(model: type, config: type, vocab_size: int, width: int) -> torch.nn.Module:
+    """A 2-layer (UM)T5 text encoder of random weights, frozen: the testbeds learn its embeddings."""
+    return model(config(
+        vocab_size=vocab_size, d_model=width, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, is_encoder_decoder=False, decoder_start_token_id=0,
+    )).eval().requires_grad_(False)
 
 
 class CogVideoXFamily:
@@ -115,10 +141,7 @@ class CogVideoXFamily:
             use_learned_positional_embeddings=True,
         )
         tokenizer = cogvideox_tokenizer()
-        text_encoder = T5EncoderModel(T5Config(
-            vocab_size=len(tokenizer), d_model=self.text_dim, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, is_encoder_decoder=False, decoder_start_token_id=0,
-        )).eval().requires_grad_(False)
+        text_encoder = frozen_text_encoder(T5EncoderModel, T5Config, len(tokenizer), self.text_dim)
         return {"vae": vae, "transformer": transformer, "tokenizer": tokenizer, "text_encoder": text_encoder,
                 "scheduler": CogVideoXDDIMScheduler(**COGVIDEOX_SCHEDULER)}
 
@@ -129,10 +152,7 @@ class CogVideoXFamily:
 
     def vae_loss(self, vae: torch.nn.Module, videos: torch.Tensor) -> torch.Tensor:
         """Reconstruction loss of videos (B, F, 3, H, W) in [0, 1] (F = 1 for single frames)."""
-        pixels = videos.permute(0, 2, 1, 3, 4) * 2 - 1
-        dist = vae.encode(pixels).latent_dist
-        decoded = vae.decode(dist.sample()).sample
-        return vae_reconstruction_loss(pixels, decoded, dist.kl())
+        return video_vae_loss(vae, videos)
 
     @torch.no_grad()
     def encode(self, vae: torch.nn.Module, videos: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -178,6 +198,9 @@ class CogVideoXFamily:
 
     def set_scaling(self, parts: dict[str, Any], factor: float) -> None:
         parts["vae"].register_to_config(scaling_factor=factor)
+
+    def scaling(self, parts: dict[str, Any]) -> float:
+        return float(parts["vae"].config.scaling_factor)
 
     def denoiser(self, parts: dict[str, Any]) -> torch.nn.Module:
         return parts["transformer"]
@@ -295,11 +318,140 @@ class SVDFamily:
     def set_scaling(self, parts: dict[str, Any], factor: float) -> None:
         parts["vae"].register_to_config(scaling_factor=factor)
 
+    def scaling(self, parts: dict[str, Any]) -> float:
+        return float(parts["vae"].config.scaling_factor)
+
     def denoiser(self, parts: dict[str, Any]) -> torch.nn.Module:
         return parts["unet"]
 
 
-FAMILIES = {"cogvideox": CogVideoXFamily, "svd": SVDFamily}
+# --------------------------------------------------------------------------------- Wan
+
+# Wan 2.1 I2V 480P's sampler: UniPC on flow sigmas shifted by 3, which training draws from too
+WAN_SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                     num_train_timesteps=1000, solver_order=2)
+
+
+class WanFamily:
+    """Wan 2.1 I2V layout: 12 DiT blocks with image cross-attention, a causal Wan VAE (8x, 4x time).
+
+    The pipeline conditions on the posterior mode of the video ``[photo, 0, ..., 0]`` (the VAE
+    sees the photo and gray frames after it), with 4 mask channels that mark the photo's
+    latent frame, and on CLIP's penultimate tokens of the photo: the bank stores exactly that.
+    """
+
+    name = "wan"
+    motions: tuple[str, ...] = MOTIONS
+    text_dim = 64
+    text_length = 16
+    clip_size = 224
+
+    def __init__(self, layers: int = 12, latent_channels: int = 16, frames: int = FRAMES) -> None:
+        self.layers = layers
+        self.latent_channels = latent_channels  # 16 as in Wan 2.1's VAE
+        self.frames = frames  # 1 + 4k
+
+    def build(self, seed: int) -> dict[str, Any]:
+        """Fresh components (seeded); the text and CLIP encoders are random and stay frozen."""
+        torch.manual_seed(seed)
+        z = self.latent_channels
+        vae = AutoencoderKLWan(base_dim=16, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], latents_mean=[0.0] * z, latents_std=[1.0] * z)
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=self.clip_size,
+            intermediate_size=64, patch_size=32,
+        )).eval().requires_grad_(False)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=2 * z + 4,
+            out_channels=z, text_dim=self.text_dim, freq_dim=256, ffn_dim=256, num_layers=self.layers,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
+            image_dim=image_encoder.config.hidden_size,
+        )
+        tokenizer = cogvideox_tokenizer()
+        text_encoder = frozen_text_encoder(UMT5EncoderModel, UMT5Config, len(tokenizer), self.text_dim)
+        return {"vae": vae, "transformer": transformer, "tokenizer": tokenizer, "text_encoder": text_encoder,
+                "image_encoder": image_encoder,
+                "image_processor": CLIPImageProcessor(size={"shortest_edge": self.clip_size},
+                                                      crop_size={"height": self.clip_size, "width": self.clip_size}),
+                "scheduler": UniPCMultistepScheduler(**WAN_SCHEDULER)}
+
+    def pipeline(self, parts: dict[str, Any]) -> WanImageToVideoPipeline:
+        """The diffusers pipeline of these components."""
+        return WanImageToVideoPipeline(**{k: parts[k] for k in (
+            "tokenizer", "text_encoder", "vae", "transformer", "scheduler", "image_encoder", "image_processor")})
+
+    def vae_loss(self, vae: torch.nn.Module, videos: torch.Tensor) -> torch.Tensor:
+        """Reconstruction loss of videos (B, F, 3, H, W) in [0, 1] (F = 1 for single frames)."""
+        return video_vae_loss(vae, videos)
+
+    @torch.no_grad()
+    def encode(self, vae: torch.nn.Module, videos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Unscaled posterior mean/std of the clips (B, F', C, h, w), and the mode of each clip's
+        condition video ``[first frame, 0, ...]`` (B, F', C, h, w) with a zero std."""
+        pixels = videos.permute(0, 2, 1, 3, 4) * 2 - 1
+        video = vae.encode(pixels).latent_dist
+        condition = torch.cat([pixels[:, :, :1], torch.zeros_like(pixels[:, :, 1:])], dim=2)
+        condition = vae.encode(condition).latent_dist.mode()
+        swap = lambda t: t.permute(0, 2, 1, 3, 4).contiguous()  # noqa: E731
+        return swap(video.mean), swap(video.std), swap(condition), torch.zeros_like(swap(condition))
+
+    def _adapter(self, parts: dict[str, Any]):
+        from anti_i2v.models.wan import WanI2V
+
+        return WanI2V(self.pipeline(parts), name="wan-testbed", resolution=SIZE, num_frames=self.frames,
+                      max_sequence_length=self.text_length)
+
+    @torch.no_grad()
+    def image_embeddings(self, parts: dict[str, Any], first_frames: torch.Tensor) -> torch.Tensor:
+        """CLIP penultimate tokens (B, T, D) of first frames (B, 3, H, W) in [0, 1], as the adapter computes them."""
+        return self._adapter(parts).image_embedding(first_frames)
+
+    @torch.no_grad()
+    def prompt_table(self, parts: dict[str, Any]) -> torch.Tensor:
+        """UMT5 embeddings (P + 1, L, D) of every motion prompt and, last, the empty prompt (guidance),
+        encoded as the adapter encodes them (zeros past the prompt's tokens)."""
+        adapter = self._adapter(parts)
+        return torch.cat([adapter._encode_text(p, torch.device("cpu")) for p in (*self.motions, "")])
+
+    def denoiser_loss(
+        self, parts: dict[str, Any], bank: LatentBank, index: torch.Tensor, table: torch.Tensor,
+        scale: float, drop: float, generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Flow-matching velocity MSE, the text dropped for guidance (the image condition stays, as in
+        the pipeline's unconditional pass)."""
+        transformer = parts["transformer"]
+        mean = bank.video_mean[index].float()
+        x0 = scale * (mean + bank.video_std[index].float() * torch.randn(mean.shape, generator=generator))
+        x0 = x0.permute(0, 2, 1, 3, 4)  # (B, C, F', h, w)
+        condition = scale * bank.image_mean[index].float().permute(0, 2, 1, 3, 4)
+        mask = torch.zeros(len(index), 4, *condition.shape[2:])
+        mask[:, :, 0] = 1  # the photo's latent frame
+        prompts = torch.tensor([bank.prompts[i] for i in index.tolist()])
+        prompts[torch.rand(len(index), generator=generator) < drop] = len(self.motions)  # the empty prompt
+        shift = WAN_SCHEDULER["flow_shift"]
+        s = torch.rand(len(index), generator=generator)
+        sigma = (shift * s / (1 + (shift - 1) * s)).view(-1, 1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=generator)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        out = transformer(hidden_states=torch.cat([noisy, mask, condition], dim=1),
+                          timestep=sigma.flatten() * WAN_SCHEDULER["num_train_timesteps"],
+                          encoder_hidden_states=table[prompts], encoder_hidden_states_image=bank.extra["clip"][index].float(),
+                          return_dict=False)[0]
+        return F.mse_loss(out, noise - x0)
+
+    def set_scaling(self, parts: dict[str, Any], factor: float) -> None:
+        """Wan normalises latents per channel by ``latents_mean`` / ``latents_std``: one std for all here."""
+        z = self.latent_channels
+        parts["vae"].register_to_config(latents_mean=[0.0] * z, latents_std=[1.0 / factor] * z)
+
+    def scaling(self, parts: dict[str, Any]) -> float:
+        return 1.0 / float(parts["vae"].config.latents_std[0])
+
+    def denoiser(self, parts: dict[str, Any]) -> torch.nn.Module:
+        return parts["transformer"]
+
+
+FAMILIES = {"cogvideox": CogVideoXFamily, "svd": SVDFamily, "wan": WanFamily}
 
 
 def seeded_rng(seed: int) -> np.random.Generator:

@@ -31,7 +31,26 @@ from testbed.data import HELD_OUT, MOTIONS, canonical_clip, photo  # noqa: E402
 from testbed.families import FAMILIES, SIZE  # noqa: E402
 
 # Sampler settings of the proof and of the strength benchmark (the released defaults' kind).
-GENERATION = {"cogvideox": {"steps": 30, "guidance_scale": 6.0}, "svd": {"steps": 25, "guidance_scale": 3.0}}
+GENERATION = {"cogvideox": {"steps": 30, "guidance_scale": 6.0}, "svd": {"steps": 25, "guidance_scale": 3.0},
+              "wan": {"steps": 30, "guidance_scale": 5.0}}
+
+
+def load_testbed(family: str, folder: str | Path):
+    """A testbed's adapter on the CPU in fp32, loaded from its folder as a user's weights load.
+
+    CogVideoX and SVD read their size from the denoiser's config (`load_model`); a Wan folder
+    states none, so its size is passed as a user passes a fine-tuned Wan's to
+    ``WanI2V.from_pretrained``: the clip size it was trained on and its 16 text tokens.
+    """
+    if family != "wan":
+        return load_model(family, str(folder), device="cpu", dtype="fp32")
+    from anti_i2v.models.wan import WanI2V
+
+    training = json.loads((Path(folder) / "training.json").read_text())
+    model = WanI2V.from_pretrained(str(folder), device="cpu", dtype=torch.float32, resolution=SIZE,
+                                   num_frames=training["frames"], max_sequence_length=FAMILIES["wan"].text_length)
+    model.name = "wan-i2v"
+    return model
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,7 +65,7 @@ def vae_psnr(family: str, model, clips: list[torch.Tensor]) -> dict[str, float]:
     vae = model.vae
     single, whole = [], []
     for clip in clips:
-        if family == "cogvideox":
+        if family in ("cogvideox", "wan"):
             pixels = clip.permute(1, 0, 2, 3).unsqueeze(0) * 2 - 1  # (1, 3, F, H, W)
             first = vae.decode(vae.encode(pixels[:, :, :1]).latent_dist.mode()).sample
             full = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
@@ -63,7 +82,7 @@ def vae_psnr(family: str, model, clips: list[torch.Tensor]) -> dict[str, float]:
 def prove(family: str, folder: str | Path, seeds: int = 2, photos: tuple[str, ...] = HELD_OUT) -> dict:
     """Measure the proof on held-out photos and write ``proof.json`` into ``folder``."""
     began = time.perf_counter()
-    model = load_model(family, str(folder), device="cpu", dtype="fp32")
+    model = load_testbed(family, folder)
     motions = FAMILIES[family]().motions
     settings = GENERATION[family]
     frames = model.num_frames  # the clip length it was trained on

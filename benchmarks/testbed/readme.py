@@ -20,7 +20,29 @@ LAYOUT = {
     "svd": ("Stable Video Diffusion (`StableVideoDiffusionPipeline`, `UNetSpatioTemporalConditionModel`, "
             "`AutoencoderKLTemporalDecoder`, CLIP image encoder, `EulerDiscreteScheduler` with EDM "
             "v-prediction)", "svd"),
+    "wan": ("Wan 2.1 I2V (the Wan2.1-I2V-14B-480P layout: `WanImageToVideoPipeline`, `WanTransformer3DModel` "
+            "with image cross-attention, `AutoencoderKLWan` whose condition is the posterior mode, UMT5 text "
+            "encoder, CLIP image encoder, `UniPCMultistepScheduler` on flow-matching sigmas shifted by 3)", "wan-i2v"),
 }
+
+
+def loading(family: str, registry: str, folder: Path, frames: int) -> str:
+    """How a user loads the testbed: the CLI, or for Wan (whose weights state no video size) Python."""
+    if family != "wan":
+        return f"""```bash
+anti-i2v protect PHOTO --model {registry} --model-path benchmarks/testbed/{folder.name} --device cpu
+```"""
+    return f"""Wan weights state no video size, so a Wan model made for another size than the release's
+is loaded in Python with its size:
+
+```python
+import torch, anti_i2v
+from anti_i2v.models.wan import WanI2V
+
+model = WanI2V.from_pretrained("benchmarks/testbed/{folder.name}", device="cpu", dtype=torch.float32,
+                               resolution=(96, 128), num_frames={frames}, max_sequence_length=16)
+anti_i2v.protect("PHOTO", model, out="protected")
+```"""
 
 
 def readme(folder: Path) -> str:
@@ -50,15 +72,13 @@ A diffusers pipeline folder ({layout}), trained here {'(fine-tuned from `' + tra
 (`benchmarks/strength.py`): random-weight models cannot show whether a protection works.
 Load it as any user loads weights:
 
-```bash
-anti-i2v protect PHOTO --model {registry} --model-path benchmarks/testbed/{folder.name} --device cpu
-```
+{loading(family, registry, folder, frames)}
 
 ## Data
 Camera moves over photos that ship with scikit-image (`benchmarks/testbed/data.py`): a 3:4
 window moved over a photo (short side 224 px) and sampled to {frames} frames of 96x128; the first
 frame is the condition image. Motions ({", ".join(f'"{m}"' for m in motions)}) are linear over
-the clip; {"the prompt is the motion's name" if family == "cogvideox" else "SVD takes no text, so this model learned one motion"}.
+the clip; {"SVD takes no text, so this model learned one motion" if family == "svd" else "the prompt is the motion's name"}.
 Augmentation: channel permutation, gamma.
 
 - Training photos: {", ".join(TRAINING)}.
@@ -66,9 +86,9 @@ Augmentation: channel permutation, gamma.
 
 ## Training
 {f"The VAE and the starting denoiser are those of `{training['init_from']}`, fine-tuned here on {frames}-frame clips: " if training.get("init_from") else f"{training['vae_steps']} VAE steps, "}{training["bank_clips"]} clips encoded once, {training["denoiser_steps"]}
-denoiser steps of {training["batch"]} clips (AdamW lr {training["lr"]}, conditioning dropped
-{training["condition_dropout"]:.0%} of the time, EMA {training["ema"]}); `scaling_factor`
-{training["scaling_factor"]:.4f} (1 / std of the latents). About {minutes:.0f} minutes on
+denoiser steps of {training["batch"]} clips (AdamW lr {training["lr"]}, {"the prompt" if family == "wan" else "conditioning"} dropped
+{training["condition_dropout"]:.0%} of the time, EMA {training["ema"]}); {"`latents_std`" if family == "wan" else "`scaling_factor`"}
+{(1 / training["scaling_factor"]) if family == "wan" else training["scaling_factor"]:.4f} ({"the std of the latents, in every channel" if family == "wan" else "1 / std of the latents"}). About {minutes:.0f} minutes on
 {training["threads"]} CPU thread(s) (seed {training["seed"]}); weights saved in fp16, {size_mb:.1f} MB.
 
     python benchmarks/testbed/train.py {family} --out benchmarks/testbed/{folder.name} {training.get("command_options", "")}

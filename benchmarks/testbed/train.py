@@ -49,7 +49,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def start_from(parts: dict, folder: Path) -> float:
+def start_from(family, parts: dict, folder: Path) -> float:
     """Load a trained testbed's weights into ``parts`` (for a longer-clip copy of it); returns its scaling factor.
 
     Every tensor whose shape matches is taken; only the learned positional table, which
@@ -71,7 +71,7 @@ def start_from(parts: dict, folder: Path) -> float:
             raise SystemExit(f"{folder / name} does not match this configuration: {skipped[:5]}")
         module.load_state_dict(kept, strict=False)
         if name == "vae":
-            scaling = float(trained.config.scaling_factor)
+            scaling = family.scaling({"vae": trained})
             module.eval().requires_grad_(False)
     if scaling is None:
         raise SystemExit(f"{folder} has no vae/ folder")
@@ -141,6 +141,7 @@ def latent_scale(bank: LatentBank) -> float:
 def train_denoiser(family, parts, bank: LatentBank, args, work: Path) -> torch.nn.Module:
     """Phase 3: the denoiser on the bank; returns the EMA copy."""
     path = work / "denoiser.pt"
+    table = family.prompt_table(parts)  # first: a family may build its adapter, which freezes the denoiser
     denoiser = family.denoiser(parts)
     denoiser.train().requires_grad_(True)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=args.lr, weight_decay=0.01)
@@ -153,8 +154,7 @@ def train_denoiser(family, parts, bank: LatentBank, args, work: Path) -> torch.n
         ema.load_state_dict(state["ema"])
         start = state["step"]
     generator = torch.Generator().manual_seed(args.seed + 2 + start)
-    table = family.prompt_table(parts)
-    scale = parts["vae"].config.scaling_factor
+    scale = family.scaling(parts)
     began, running = time.perf_counter(), []
     for step in range(start, args.denoiser_steps):
         for group in opt.param_groups:
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     family = FAMILIES[args.family](frames=args.frames)
     parts = family.build(args.seed)
-    scaling = start_from(parts, Path(args.init_from)) if args.init_from else None
+    scaling = start_from(family, parts, Path(args.init_from)) if args.init_from else None
     began = time.perf_counter()
     if not args.init_from:  # a copy keeps the trained VAE
         train_vae(family, parts, args, work)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         "init_from": Path(args.init_from).name if args.init_from else None,
         "vae_steps": args.vae_steps, "bank_clips": args.bank_clips, "denoiser_steps": args.denoiser_steps,
         "batch": args.batch, "lr": args.lr, "ema": args.ema, "condition_dropout": args.drop,
-        "scaling_factor": parts["vae"].config.scaling_factor,
+        "scaling_factor": family.scaling(parts),
         "vae_seconds_this_run": round(vae_seconds, 1), "denoiser_seconds_this_run": round(denoiser_seconds, 1),
         "motions": list(family.motions),
         "command_options": options_line(args),
