@@ -238,8 +238,12 @@ def test_a_16bit_colour_photo_stays_within_the_budget_of_its_own_16bit_values(tm
     assert np.abs(saved - load_photo(path).rgb.permute(1, 2, 0).numpy()).max() > 2 / 255  # it did protect
     assert result.budget.within_budget and result.budget.source_error == pytest.approx(1 / 255)
     assert result.budget.linf + result.budget.source_error <= 4 / 255 + 1e-6
-    with pytest.raises(ConfigError, match="larger eps"):
-        anti_i2v.protect(path, tiny_model, steps=1, eps="1/255")
+    # in memory too, with an eps that is not a whole number of levels
+    in_memory = anti_i2v.protect(path, tiny_model, steps=2, eps=0.03, method="anti-i2v-paper", space="rgb")
+    assert in_memory.budget.within_budget and in_memory.budget.linf + 1 / 255 <= 0.03 + 1e-9
+    for eps in ("1/255", "1.5/255"):  # less than one level would be left: this photo fails, with why
+        with pytest.raises(InputError, match="2/255 or more"):
+            anti_i2v.protect(path, tiny_model, steps=1, eps=eps)
 
 
 def test_16bit_gray_alpha_png_is_recognised_as_gray(tmp_path: Path) -> None:

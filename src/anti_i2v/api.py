@@ -24,7 +24,7 @@ from anti_i2v.atomic import write_json_atomic
 from anti_i2v.config import DEFAULT_MEMORY_MODE, DEFAULT_PRESET, ProtectConfig
 from anti_i2v.engine import PGDResult, StepReport, View, checkpoint_step, fingerprint, run_pgd
 from anti_i2v.eot import ExpectationOverTransforms, parse_eot
-from anti_i2v.errors import ConfigError, OutOfMemory, OutputError
+from anti_i2v.errors import ConfigError, InputError, OutOfMemory, OutputError
 from anti_i2v.memory import out_of_memory_message
 from anti_i2v.methods import get_method, unused_settings
 from anti_i2v.models.base import VideoModel
@@ -181,10 +181,12 @@ def _read_image(path: Path) -> Image.Image:
         return saved.copy()
 
 
-def _budget_in_memory(photo: Photo, protected: torch.Tensor, eps: float) -> tuple[Image.Image, BudgetReport]:
-    """Measure the budget as it would be on a saved PNG, without keeping the file."""
+def _budget_in_memory(photo: Photo, protected: torch.Tensor, eps: float, saved_eps: float
+                      ) -> tuple[Image.Image, BudgetReport]:
+    """Measure the budget ``eps`` as it would be on a saved PNG (quantised within ``saved_eps``, which is
+    less for a photo read off its own values), without keeping the file."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_protected(photo, protected, Path(tmp) / "protected.png", eps)
+        path = save_protected(photo, protected, Path(tmp) / "protected.png", saved_eps)
         return _read_image(path), measure_budget(photo, path, eps)
 
 
@@ -206,10 +208,11 @@ def _within_reading_error(config: ProtectConfig, photo: Photo) -> ProtectConfig:
     (`Photo.reading_error`), so that the saved file stays within ``eps`` of the source's own values."""
     if not photo.reading_error:
         return config
-    if config.eps <= photo.reading_error:
-        raise ConfigError(f"eps {config.eps * 255:.2f}/255 leaves nothing for a photo read within "
-                          f"{photo.reading_error * 255:.2f}/255 of its values; use a larger eps")
-    return replace(config, eps=config.eps - photo.reading_error)
+    inner = config.eps - photo.reading_error
+    if inner < 1 / 255 - 1e-9:  # a budget below one level could not change a saved photo
+        raise InputError(f"this photo is 16-bit and read within {photo.reading_error * 255:.2f}/255 of its values, "
+                         f"which eps {config.eps * 255:.2f}/255 leaves less than 1/255 of; use eps 2/255 or more")
+    return replace(config, eps=inner)
 
 
 def _optimise(
@@ -370,9 +373,10 @@ def protect(
         True
     """
     began = time.perf_counter()
-    ProtectConfig.from_preset(preset, **config)  # a bad setting fails before any model loads
+    asked = ProtectConfig.from_preset(preset, **config)  # a bad setting fails before any model loads
     fmt = fmt.lower().lstrip(".")
     photo = load_photo(image)
+    _within_reading_error(asked, photo)  # and a budget this photo leaves nothing of
     out_path = checkpoint_path = None
     if out is not None:  # an output that may not be written fails before any model loads
         out_path = output_path_for(photo.path, Path(out), fmt, stem)
@@ -399,7 +403,7 @@ def protect(
         raise OutOfMemory(out_of_memory_message(models, models[0].memory_mode))
 
     if out_path is None:
-        image_out, budget = _budget_in_memory(photo, protected, cfg.eps)
+        image_out, budget = _budget_in_memory(photo, protected, cfg.eps, inner.eps)
         return ProtectResult(image_out, budget, None, None, name, cfg, time.perf_counter() - began, result.history)
 
     save_protected(photo, protected, out_path, inner.eps, overwrite=overwrite)

@@ -128,7 +128,8 @@ class ProtectConfig:
         space: where the perturbation lives: "dual" (Lab a*b* and DCT low band,
             alternating; the paper's), "lab", "dct" or "rgb".
         step_size, lab_step_size, dct_step_size: step of each stage in its own units
-            (RGB in [0, 1]; None picks the calibrated default of the space).
+            (RGB in [0, 1]; Lab in a*/b* units, on gray photos in L* units scaled to move pixels
+            alike; None picks the calibrated default of the space).
         dct_band: share of the lowest DCT frequencies that may change, per axis (ours: 0.25).
         dct_block: 8 for JPEG-like 8x8 tiles, 0 for one global DCT (ours: 8).
         dual_period: steps per stage before Dual switches (ours: 1).
