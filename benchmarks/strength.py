@@ -204,12 +204,9 @@ def with_previous_rows(records: list[dict], previous: Path, settings: dict[str, 
     run's), a previous file of other eps, seed, photos or generation settings is refused."""
     document = json.loads(previous.read_text())
     if settings is not None:
-        mine = json.loads(json.dumps(settings))
-        theirs = document["settings"]
-        # a family added since (its own generation settings) changes nothing about the others' rows
-        shared = mine.get("generation", {}).keys() & theirs.get("generation", {}).keys()
-        mine["generation"] = {k: mine["generation"][k] for k in shared}
-        theirs = {**theirs, "generation": {k: theirs["generation"][k] for k in shared}}
+        mine, theirs = json.loads(json.dumps(settings)), document["settings"]
+        if isinstance(theirs.get("generation"), dict):  # a family added since changes none of the earlier rows
+            mine["generation"] = {k: mine.get("generation", {}).get(k) for k in theirs["generation"]}
         differ = [k for k in COMPARABLE if mine.get(k) != theirs.get(k)]
         if differ:
             raise SystemExit(f"--keep-from {previous}: its {', '.join(differ)} differ from this run's; "

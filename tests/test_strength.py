@@ -110,6 +110,10 @@ def test_rows_of_a_previous_result_fill_in_only_the_groups_not_rerun(tmp_path):
     assert len(strength.with_previous_rows([], previous, grown)[0]) == 3
     with pytest.raises(SystemExit, match="generation differ"):
         strength.with_previous_rows([], previous, {**grown, "generation": {"svd": {"steps": 9}}})
+    bare = tmp_path / "bare.json"  # a file that records no generation settings cannot be compared
+    bare.write_text(json.dumps({"settings": {k: v for k, v in settings.items() if k != "generation"}, "runs": []}))
+    with pytest.raises(SystemExit, match="generation differ"):
+        strength.with_previous_rows([], bare, grown)
 
 
 def test_the_49_frame_testbed_has_the_latent_frames_of_cogvideox_5b():

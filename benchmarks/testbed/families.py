@@ -391,9 +391,9 @@ class WanFamily:
         pixels = videos.permute(0, 2, 1, 3, 4) * 2 - 1
         video = vae.encode(pixels).latent_dist
         condition = torch.cat([pixels[:, :, :1], torch.zeros_like(pixels[:, :, 1:])], dim=2)
-        condition = vae.encode(condition).latent_dist.mode()
         swap = lambda t: t.permute(0, 2, 1, 3, 4).contiguous()  # noqa: E731
-        return swap(video.mean), swap(video.std), swap(condition), torch.zeros_like(swap(condition))
+        condition = swap(vae.encode(condition).latent_dist.mode())
+        return swap(video.mean), swap(video.std), condition, torch.zeros_like(condition)
 
     def _adapter(self, parts: dict[str, Any]):
         from anti_i2v.models.wan import WanI2V

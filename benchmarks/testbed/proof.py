@@ -47,10 +47,8 @@ def load_testbed(family: str, folder: str | Path):
     from anti_i2v.models.wan import WanI2V
 
     training = json.loads((Path(folder) / "training.json").read_text())
-    model = WanI2V.from_pretrained(str(folder), device="cpu", dtype=torch.float32, resolution=SIZE,
-                                   num_frames=training["frames"], max_sequence_length=FAMILIES["wan"].text_length)
-    model.name = "wan-i2v"
-    return model
+    return WanI2V.from_pretrained(str(folder), device="cpu", dtype=torch.float32, resolution=SIZE,
+                                  num_frames=training["frames"], max_sequence_length=FAMILIES["wan"].text_length)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from testbed.data import HELD_OUT, TRAINING  # noqa: E402
+from testbed.families import SIZE  # noqa: E402
 
 LAYOUT = {
     "cogvideox": ("CogVideoX-I2V (the CogVideoX-5b-I2V layout: `CogVideoXImageToVideoPipeline`, "
@@ -40,7 +41,7 @@ import torch, anti_i2v
 from anti_i2v.models.wan import WanI2V
 
 model = WanI2V.from_pretrained("benchmarks/testbed/{folder.name}", device="cpu", dtype=torch.float32,
-                               resolution=(96, 128), num_frames={frames}, max_sequence_length=16)
+                               resolution={SIZE}, num_frames={frames}, max_sequence_length=16)
 anti_i2v.protect("PHOTO", model, out="protected")
 ```"""
 
