@@ -170,6 +170,21 @@ def test_a_rerun_skips_a_finished_photo_of_any_family_and_protects_again_when_an
     assert "1 protected, 0 skipped" in run(*args).text  # fp32, the tiny models' own
 
 
+def test_a_rerun_protects_again_a_photo_its_model_now_runs_at_another_size(tmp_path, photos):
+    """Wan sizes each photo by its aspect ratio: an output made when the portrait was stretched to the
+    model's full size (as before such sizing, recorded in its sidecar) is not what a rerun would make."""
+    out = tmp_path / "out"
+    args = ("protect", photos / "bob.png", "--model", "tiny-wan-i2v", "--steps", "1", "--out", out)
+    assert run(*args).exit_code == 0
+    sidecar = out / "bob_protected.json"
+    record = json.loads(sidecar.read_text())
+    assert record["model"]["resolution"] == [64, 48]  # the 100x140 portrait, within the 64x64 area
+    assert "0 protected, 1 skipped" in run(*args).text
+    record["model"]["resolution"] = [64, 64]
+    sidecar.write_text(json.dumps(record))
+    assert "1 protected, 0 skipped" in run(*args).text
+
+
 def test_a_long_video_model_gets_the_presets_route_and_the_run_says_so(tmp_path):
     """Against the 49-frame testbed (CogVideoX-5B's 13 latent frames) `balanced` optimises 5 steps on a
     quarter of the frames and 1 on every frame: the run's line and the sidecar say so."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anti_i2v.errors import ModelError
-from anti_i2v.models.hunyuan import HunyuanVideoI2V
+from anti_i2v.models.hunyuan import HunyuanVideoI2V, nearest_bucket
 from anti_i2v.photo import resize_for_model
 
 PROMPT = "a person talking to the camera"
@@ -105,3 +105,37 @@ def test_missing_weights_is_one_line_model_error(tmp_path):
         with pytest.raises(ModelError, match="no HunyuanVideo-I2V weights") as info:
             HunyuanVideoI2V.from_pretrained(source, device="cpu")
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("photo", "base", "expected"),
+    [
+        ((1024, 768), 960, (1088, 832)),  # a 3:4 portrait at 720p
+        ((768, 1024), 960, (832, 1088)),
+        ((720, 1280), 960, (704, 1248)),
+        ((1000, 1000), 960, (960, 960)),
+        ((1080, 1920), 720, (512, 928)),  # 540p
+    ],
+)
+def test_each_photo_runs_at_the_bucket_nearest_its_aspect_ratio_as_the_reference_code_runs_it(photo, base, expected):
+    assert nearest_bucket(*photo, base) == expected
+
+
+def test_bucket_sizing_crops_the_photo_to_its_bucket_and_fixed_sizing_stretches(model, portrait):
+    from anti_i2v.photo import resize_short_side_and_crop
+
+    wide = HunyuanVideoI2V(model.pipe, resolution=(64, 128), num_frames=9, max_sequence_length=16,
+                           text_path=model.text_path)
+    assert wide.bucket_base == 96 and wide.crops_photo
+    photo = resize_for_model(portrait[0], 128, 96)[0]  # 3:4 portrait
+    assert wide.resolution_for(128, 96) == (96, 64)
+    with wide.sized_for(128, 96):
+        torch.testing.assert_close(wide.prepare_image(photo), resize_short_side_and_crop(photo, 96, 64))
+    assert wide.resolution == (64, 128)
+    assert wide.generate(photo, PROMPT, steps=2).shape == (5, 3, 96, 64)  # 9 frames less the 4 of latent frame 0
+    fixed = HunyuanVideoI2V(model.pipe, resolution=(64, 128), num_frames=9, max_sequence_length=16,
+                            text_path=model.text_path, sizing="fixed")
+    assert not fixed.crops_photo and fixed.resolution_for(128, 96) == (64, 128)
+    assert fixed.prepare_image(photo).shape == (1, 3, 64, 128)
+    with pytest.raises(ModelError, match="unknown sizing"):
+        HunyuanVideoI2V(model.pipe, resolution=(64, 128), text_path=model.text_path, sizing="area")

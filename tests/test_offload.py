@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from anti_i2v.objectives.base import Objective, ObjectiveOutput, draw_step
@@ -10,9 +11,11 @@ from anti_i2v.offload import Residency, moved_weight_bytes, weight_bytes
 
 
 class FakeAcceleratedModel:
-    """Just what `Residency` reads of a model: a name, an accelerator device and weight modules."""
+    """Just what `Residency` reads of a model: a name, an accelerator device, weight modules, and the
+    frames and input size its working memory depends on."""
 
     text_on_cpu = False
+    resolution = (64, 64)
 
     def __init__(self, name: str, width: int) -> None:
         self.name = name
@@ -68,15 +71,20 @@ def test_models_that_fit_together_stay_resident_after_the_first_round():
     assert {m.name for m in device.resident} == {"a", "b"}
 
 
-def test_a_model_whose_frames_change_runs_alone_to_be_measured_again():
-    """The working memory of a turn on a share of the frames says nothing of a turn on every frame:
-    after its frames change, a model's next turn runs alone, as its first did."""
+@pytest.mark.parametrize("change", ["frames", "resolution"])
+def test_a_model_whose_frames_or_input_size_change_runs_alone_to_be_measured_again(change):
+    """The working memory of a turn on a share of the frames says nothing of a turn on every frame, nor
+    one at a photo's size of one at another's: after either changes, a model's next turn runs alone,
+    as its first did."""
     a, b = FakeAcceleratedModel("a", 64), FakeAcceleratedModel("b", 64)
     device = FakeAccelerator(capacity=3 * weight_bytes(a))
     residency = Residency([a, b], free_bytes=device.free_bytes, move=device.move)
     _rounds(residency, [a, b], 2)
     assert {m.name for m in device.resident} == {"a", "b"}
-    a.frames = "33"
+    if change == "frames":
+        a.frames = "33"
+    else:
+        a.resolution = (128, 96)
     with residency.turn(a):
         assert [m.name for m in device.resident] == ["a"]
     _rounds(residency, [a, b], 1)

@@ -124,3 +124,16 @@ def test_the_49_frame_testbed_has_the_latent_frames_of_cogvideox_5b():
     # 13 latent frames as CogVideoX-5B-I2V's 49, so half the frames optimises 6 of them (21 frames)
     assert (model.num_frames, model.latent_frames, model.frame_count_for(0.5)) == (49, 13, 21)
     assert testbed.prompts == strength.TESTBEDS["cogvideox"].prompts
+
+
+@pytest.mark.slow
+def test_a_portrait_protected_at_the_size_wan_runs_it_moves_the_video_more_than_one_stretched(tmp_path):
+    """Wan runs a 3:4 portrait at its own aspect ratio (128x96 on the testbed): the protection optimised
+    there must move that video well beyond one optimised on the photo stretched to 96x128."""
+    import photo_size
+
+    document = photo_size.main(["--photos", "astronaut", "--prompts", "pan left", "--attackers", "area",
+                                "--work", str(tmp_path), "--out", "", "--md", ""])
+    summary = document["summary"]
+    area, stretched = (summary[f"protected {p} / attacked area"]["mad"] for p in ("area", "fixed"))
+    assert area >= 1.3 * stretched and area >= 10 * summary["protected noise / attacked area"]["mad"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anti_i2v.errors import ModelError
-from anti_i2v.models.wan import WanI2V, tiny_pipeline
+from anti_i2v.models.wan import WanI2V, area_resolution, closest_aspect_resolution, tiny_pipeline
 from anti_i2v.photo import resize_for_model
 
 PROMPT = "a person talking to the camera"
@@ -102,3 +102,73 @@ def test_loading_a_local_folder_and_missing_weights(tmp_path, x):
         WanI2V.from_pretrained(tmp_path / "empty", device="cpu")
     with pytest.raises(ModelError, match="no Wan-I2V weights"):
         WanI2V.from_pretrained(device="cpu")  # hub id, offline, not cached
+
+
+@pytest.mark.parametrize(
+    ("photo", "area", "expected"),
+    [
+        ((1024, 768), 480 * 832, (720, 544)),  # a 3:4 portrait at 480P
+        ((768, 1024), 480 * 832, (544, 720)),
+        ((720, 1280), 480 * 832, (464, 832)),  # 16:9 rounds its short side down
+        ((1000, 1000), 480 * 832, (624, 624)),
+        ((1024, 768), 720 * 1280, (1104, 816)),  # the same portrait at 720P
+    ],
+)
+def test_area_sizing_keeps_the_photos_aspect_ratio_as_the_reference_code_does(photo, area, expected):
+    assert area_resolution(*photo, area, 16) == expected
+
+
+@pytest.mark.parametrize(
+    ("photo", "expected"),
+    [((1024, 768), (1088, 800)), ((720, 1280), (704, 1248)), ((1000, 1000), (928, 960))],
+)
+def test_ti2v_sizing_keeps_the_rounding_nearest_the_photos_aspect_ratio(photo, expected):
+    assert closest_aspect_resolution(*photo, 704 * 1280, 32) == expected
+
+
+def test_each_photo_is_sized_within_the_configured_area_and_fixed_sizing_stretches(model):
+    assert model.sizing == "area" and model.max_area == 64 * 64
+    assert model.resolution_for(96, 72) == (64, 48) and model.resolution_for(72, 96) == (48, 64)
+    with model.sized_for(96, 72) as size:
+        assert size == model.resolution == (64, 48) and model.token_grid() == (4, 3)
+        with model.sized_for(64, 48) as inner:  # nested: the outer photo decides
+            assert inner == (64, 48)
+    assert model.resolution == (64, 64)
+    fixed = WanI2V(model.pipe, resolution=(64, 64), num_frames=9, max_sequence_length=16, sizing="fixed")
+    assert fixed.resolution_for(96, 72) == (64, 64)
+    with pytest.raises(ModelError, match="unknown sizing"):
+        WanI2V(model.pipe, resolution=(64, 64), sizing="crop")
+    with pytest.raises(ModelError, match="multiples of 16"):
+        model.set_resolution((60, 64))
+
+
+def test_a_portrait_is_protected_and_generated_at_its_own_aspect_ratio(model, portrait, tmp_path):
+    import json
+
+    import anti_i2v
+    from anti_i2v.evaluation.generate import GenerationSettings, video_key
+    from PIL import Image
+
+    photo = resize_for_model(portrait[0], 96, 72)[0]  # 3:4 portrait
+    photo = (photo * 255).round() / 255
+    Image.fromarray((photo.permute(1, 2, 0) * 255).round().byte().numpy()).save(tmp_path / "portrait.png")
+    seen = []
+    encode = model.encode_image
+
+    def spy(x, *args, **kwargs):
+        seen.append(tuple(x.shape[-2:]))
+        return encode(x, *args, **kwargs)
+
+    model.encode_image = spy
+    try:
+        result = anti_i2v.protect(tmp_path / "portrait.png", model, out=tmp_path / "out", steps=2, prompt=PROMPT)
+    finally:
+        del model.encode_image
+    assert seen and set(seen) == {(64, 48)}
+    assert json.loads(result.sidecar.read_text())["model"]["resolution"] == [64, 48]
+    assert result.budget.within_budget and model.resolution == (64, 64)
+    video = model.generate(photo, PROMPT, steps=2)
+    assert video.shape == (9, 3, 64, 48) and model.resolution == (64, 64)
+    settings = GenerationSettings(prompt=PROMPT, steps=2)
+    fixed = WanI2V(model.pipe, resolution=(64, 64), num_frames=9, max_sequence_length=16, sizing="fixed")
+    assert video_key(model, photo, settings) != video_key(fixed, photo, settings)  # other sizes, other videos

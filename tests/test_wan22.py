@@ -129,3 +129,18 @@ def test_a_ti2v_folder_saved_as_the_text_to_video_pipeline_loads(tmp_path):
     loaded = WanI2V.from_pretrained(tmp_path / "t2v", device="cpu", dtype=torch.float32, resolution=(64, 64),
                                     num_frames=9, max_sequence_length=16)
     assert loaded.expand_timesteps and loaded.image_embedding(torch.rand(1, 3, 64, 64)) is None
+
+
+def test_ti2v_covers_its_reference_size_and_crops_the_centre(ti2v, portrait):
+    from anti_i2v.photo import resize_to_fill
+
+    model = WanI2V(ti2v.pipe, resolution=(64, 128), num_frames=9, max_sequence_length=16)
+    photo = resize_for_model(portrait[0], 128, 96)[0]  # 3:4 portrait
+    assert model.crops_photo and model.resolution_for(128, 96) == (96, 64)
+    with model.sized_for(128, 96):
+        prepared = model.prepare_image(photo)
+    assert prepared.shape == (1, 3, 96, 64)
+    torch.testing.assert_close(prepared, resize_to_fill(photo, 96, 64))
+    assert model.generate(photo, PROMPT, steps=2).shape == (9, 3, 96, 64)
+    fixed = WanI2V(ti2v.pipe, resolution=(64, 128), num_frames=9, max_sequence_length=16, sizing="fixed")
+    assert not fixed.crops_photo and fixed.prepare_image(photo).shape == (1, 3, 64, 128)

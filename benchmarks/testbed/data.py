@@ -73,15 +73,16 @@ def photo(name: str) -> torch.Tensor:
     return F.interpolate(image, size=size, mode="bicubic", antialias=True).clamp(0, 1)[0]
 
 
-def held_out_photo(name: str) -> torch.Tensor:
-    """A held-out photo as a user would give it: the central 3:4 crop at native resolution, (3, H, W)."""
+def held_out_photo(name: str, aspect: float = ASPECT) -> torch.Tensor:
+    """A held-out photo as a user would give it: the central crop of ``aspect`` (width / height; the
+    testbeds' 4:3 by default) at native resolution, (3, H, W)."""
     image = torch.from_numpy(photo_array(name)).permute(2, 0, 1)
     height, width = image.shape[-2:]
-    if width / height > ASPECT:
-        new_width = round(height * ASPECT)
+    if width / height > aspect:
+        new_width = round(height * aspect)
         left = (width - new_width) // 2
         return image[:, :, left : left + new_width].contiguous()
-    new_height = round(width / ASPECT)
+    new_height = round(width / aspect)
     top = (height - new_height) // 2
     return image[:, top : top + new_height].contiguous()
 

@@ -133,11 +133,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _model_record(model: VideoModel) -> dict[str, Any]:
+def _model_record(model: VideoModel, photo_size: tuple[int, int]) -> dict[str, Any]:
     return {
         "name": model.name,
         "source": model.source,
-        "resolution": list(model.resolution),
+        "resolution": list(model.resolution_for(*photo_size)),
         "frames": model.num_frames,
         "device": str(model.device),
         "dtype": dtype_name(model.dtype),
@@ -225,10 +225,25 @@ def _optimise(
 ) -> tuple[torch.Tensor, PGDResult]:
     """Run the optimisation at the first model's input; returns the full-size protected RGB.
 
-    With several models, one perturbation is optimised against the sum of their
-    objectives, each model seeing the photo as its own pipeline prepares it; models
-    that do not fit on the accelerator together take turns there (`Residency`).
+    Each model runs at the size its pipeline's users give a photo of this size
+    (`VideoModel.sized_for`). With several models, one perturbation is optimised against
+    the sum of their objectives, each model seeing the photo as its own pipeline prepares
+    it; models that do not fit on the accelerator together take turns there (`Residency`).
     """
+    with contextlib.ExitStack() as sizes:
+        for model in models:
+            sizes.enter_context(model.sized_for(*photo.size))
+        return _optimise_sized(models, photo, config, callback, checkpoint_path, release_text_encoder)
+
+
+def _optimise_sized(
+    models: Sequence[VideoModel],
+    photo: Photo,
+    config: ProtectConfig,
+    callback: Callable[[StepReport], None] | None,
+    checkpoint_path: Path | None,
+    release_text_encoder: bool,
+) -> tuple[torch.Tensor, PGDResult]:
     space = space_from_config(config)  # fails fast on a bad space, before any model work
     method = get_method(config.method)
     base = models[0]
@@ -256,7 +271,7 @@ def _optimise(
             objective.prepare(model, model.prepare_image(photo.rgb).to(model.device))
             if release_text_encoder and model.device.type == "cuda":
                 model.release_text_encoder()  # the prompt stays cached for later runs of steps
-            if not config.through_resize and type(model).prepare_image is not VideoModel.prepare_image:
+            if not config.through_resize and model.crops_photo:
                 logger.warning("%s crops the photo: without through_resize the perturbation is not aligned with it",
                                model.name)
             needs_view = index > 0 or (config.through_resize and photo.size != tuple(model.resolution))
@@ -417,7 +432,8 @@ def protect(
         "input_size": list(photo.size),
         "output": str(out_path),
         "output_sha256": file_sha256(out_path),
-        "model": _model_record(models[0]) if len(models) == 1 else [_model_record(m) for m in models],
+        "model": (_model_record(models[0], photo.size) if len(models) == 1
+                  else [_model_record(m, photo.size) for m in models]),
         "method": cfg.method,
         "config": cfg.to_dict(),
         "seed": cfg.seed,

@@ -136,6 +136,25 @@ def model_identities(models: VideoModel | Sequence[VideoModel]) -> list[ModelIde
     return [(m.name, m.source, dtype_name(m.dtype)) for m in ([models] if isinstance(models, VideoModel) else models)]
 
 
+SizesFor = Callable[[tuple[int, int]], list[tuple[int, int]]]  # a photo's (H, W) -> each model's input size
+
+
+def model_sizes(models: Sequence[VideoModel]) -> SizesFor:
+    """The size each model runs a photo of a given size at (`VideoModel.resolution_for`), as a sidecar
+    records it: a model that sizes each photo anew optimises it at another size than before."""
+    return lambda size: [tuple(m.resolution_for(*size)) for m in models]
+
+
+def _same_sizes(record: dict[str, Any], sizes: SizesFor) -> bool:
+    """Whether the models ran at the sizes ``sizes`` gives the recorded photo (records without sizes pass)."""
+    entries = record.get("model")
+    entries = [r for r in (entries if isinstance(entries, list) else [entries]) if isinstance(r, dict)]
+    recorded = [r.get("resolution") for r in entries]
+    if not record.get("input_size") or any(r is None for r in recorded):
+        return True
+    return [tuple(r) for r in recorded] == sizes(tuple(record["input_size"]))
+
+
 def _same_models(recorded: Any, models: list[ModelIdentity]) -> bool:
     """Whether a sidecar's ``model`` entry names these models (and their dtypes, where known)."""
     entries = [r for r in (recorded if isinstance(recorded, list) else [recorded]) if isinstance(r, dict)]
@@ -146,13 +165,16 @@ def _same_models(recorded: Any, models: list[ModelIdentity]) -> bool:
 
 
 def is_done(source: Path, output: Path, settings: dict[str, Any] | None = None,
-            models: list[ModelIdentity] | None = None) -> bool:
+            models: list[ModelIdentity] | None = None, sizes: SizesFor | None = None) -> bool:
     """Whether ``output`` and its sidecar exist, were made from this very ``source`` file and changed it
-    (and, given the run's `resume_settings` and `model_identities`, with those settings against those models)."""
+    (and, given the run's `resume_settings`, `model_identities` and `model_sizes`, with those settings
+    against those models at those sizes)."""
     record = _record_of(output)
     if record is None or not _made_from(source, record):
         return False
     if models is not None and not _same_models(record.get("model"), models):
+        return False
+    if sizes is not None and not _same_sizes(record, sizes):
         return False
     if not (record.get("budget") or {}).get("linf"):
         return False  # not protected at all, as the default left Wan and HunyuanVideo photos before its random start
@@ -176,13 +198,13 @@ def foreign_output_error(source: Path, output: Path) -> str | None:
 
 
 def settled_item(source: Path, output: Path, settings: dict[str, Any], models: list[ModelIdentity],
-                 overwrite: bool = False) -> BatchItem | None:
+                 overwrite: bool = False, sizes: SizesFor | None = None) -> BatchItem | None:
     """What a batch does with a photo without protecting it: "skipped" when its output is done
     (`is_done`), "failed" when the file there must not be replaced (`foreign_output_error`); None to
     protect it (always with ``overwrite``)."""
     if overwrite:
         return None
-    if is_done(source, output, settings, models):
+    if is_done(source, output, settings, models, sizes):
         return BatchItem(source, "skipped", output=output)
     if foreign := foreign_output_error(source, output):
         return BatchItem(source, "failed", error=foreign)
@@ -253,7 +275,7 @@ def protect_batch(
     """Protect each photo in turn, saving each as soon as it is done.
 
     A photo whose output and sidecar already exist, made from the same input bytes against the
-    same models with the same settings (`resume_settings`), is skipped (unless ``overwrite``), so a
+    same models at the same sizes with the same settings (`resume_settings`), is skipped (unless ``overwrite``), so a
     rerun resumes an interrupted batch, and a rerun with other settings protects again. An output
     of that name made from anything else (a user's file, another photo of the same name) fails
     the photo, unless ``overwrite``: it is not replaced unasked. A bad
@@ -272,7 +294,7 @@ def protect_batch(
         if on_start is not None:
             on_start(index, len(sources), source)
         output = output_path_for(source, out_dir, fmt, stems[source])
-        item = settled_item(source, output, settings, made_against, overwrite)
+        item = settled_item(source, output, settings, made_against, overwrite, model_sizes(models))
         if item is None:
             item = protect_photo(source, model, out_dir, fmt, stems[source], callback=callback, **options)
         items.append(item)

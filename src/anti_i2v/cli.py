@@ -223,7 +223,8 @@ def protect(
     # the preset as these models take it (on long videos: more steps on fewer frames)
     cfg = ProtectConfig.for_models(preset, video_models, **{k: v for k, v in options.items() if k != "preset"})
     shapes = ", ".join(
-        f"{m.name} {m.resolution[0]}x{m.resolution[1]}x{m.num_frames}" for m in video_models
+        f"{m.name} {m.resolution[0]}x{m.resolution[1]}x{m.num_frames}"
+        + ("" if m.sizing == "fixed" else f", each photo sized by {m.sizing}") for m in video_models
     )
     console.print(
         f"protecting {len(sources)} input(s) against [bold]{model}[/] ({shapes}, {video_models[0].device}); "
@@ -565,7 +566,7 @@ def layers(
     except AntiI2VError as err:
         raise _fail(err) from None
     video_model = _load_for_cli(model, model_path, device, dtype, memory)
-    with console.status(f"probing {model}"):
+    with console.status(f"probing {model}"), video_model.sized_for(*rgb.shape[-2:]):
         report, maps = probe_layers(video_model, video_model.prepare_image(rgb).to(video_model.device),
                                     prompt or DEFAULT_PROMPT)
     json_path, png_path = write_layer_report(report, maps, out)

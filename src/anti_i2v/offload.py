@@ -151,7 +151,7 @@ class Residency:
         if not uses_accelerator(model):
             return
         resident = any(m is model for m in self._recent)
-        working = self._working.get((id(model), model.frame_layout()))
+        working = self._working.get(_work_key(model))
         need = (0 if resident else self._weights[id(model)]) + (working or 0)
         others = [m for m in self._recent if m is not model and _same_device(m.device, model.device)]
         # an unmeasured model runs alone, so that its working memory can be measured
@@ -180,9 +180,14 @@ class Residency:
             torch.cuda.reset_peak_memory_stats(model.device)
             base = torch.cuda.memory_allocated(model.device)
         yield
-        self._working[(id(model), model.frame_layout())] = (
+        self._working[_work_key(model)] = (
             torch.cuda.max_memory_allocated(model.device) - base if cuda else 0
         )
+
+
+def _work_key(model: VideoModel) -> tuple:
+    """What a model's working memory depends on besides its weights: its frames and its input size."""
+    return id(model), model.frame_layout(), tuple(model.resolution)
 
 
 # torch's peak counter is reset at every turn to measure that member alone; the

@@ -27,8 +27,10 @@ class GenerationSettings:
 
 
 def video_key(model: VideoModel, image: torch.Tensor, settings: GenerationSettings) -> str:
-    """Content hash of (model, image pixels, settings): equal keys give equal videos."""
+    """Content hash of (model, the size and frames it runs the image at, image pixels, settings):
+    equal keys give equal videos."""
     digest = hashlib.sha256(model.identity.encode())
+    digest.update(f"{model.resolution_for(*image.shape[-2:])}x{model.num_frames}".encode())
     digest.update(repr(sorted(asdict(settings).items())).encode())
     digest.update(str(tuple(image.shape)).encode())
     digest.update(image.detach().float().cpu().numpy().tobytes())
@@ -43,8 +45,8 @@ def generate_video(
 ) -> torch.Tensor:
     """Frames (F, 3, H, W) in [0, 1] generated from ``image`` (3, H, W) at any size.
 
-    The pipeline prepares the image itself (8-bit, resized to the model's input), as
-    an attacker's would. Frames are returned on the 8-bit grid, as a saved video would
+    The pipeline prepares the image itself (8-bit, resized to the input its users would
+    give a photo of this size), as an attacker's would. Frames are returned on the 8-bit grid, as a saved video would
     hold them. With ``cache_dir``, a video already generated for the same model, pixels
     and settings is read back (stored as uint8) instead of sampled again.
     """

@@ -162,6 +162,8 @@ class VideoModel(ABC):
     # whether gradient checkpointing recomputes whole denoiser blocks (the streaming of
     # `--memory sequential` needs it: a block's weights are present only during its own call)
     checkpoints_whole_blocks: bool = True
+    crops_photo: bool = False  # whether `prepare_image` crops (then the perturbation needs through_resize)
+    sizing: str = "fixed"  # how `resolution_for` sizes a photo: "fixed" (always `resolution`) or the adapter's own
     compiled: bool = False  # set by `anti_i2v.acceleration`
     attention_kernel: str = "auto"
 
@@ -309,6 +311,37 @@ class VideoModel(ABC):
         from anti_i2v.photo import resize_for_model
 
         return resize_for_model(rgb, *self.resolution)
+
+    def resolution_for(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) this model's pipeline runs a photo of ``height x width`` at, as its
+        users size it. By default the configured `resolution` for every photo; adapters whose
+        reference pipeline sizes each photo (e.g. by aspect ratio within a pixel area) override it
+        together with `set_resolution`."""
+        return tuple(self.resolution)
+
+    def set_resolution(self, resolution: tuple[int, int]) -> None:
+        """Run at ``resolution`` from now on (one `resolution_for` gave); fixed-size models refuse."""
+        if tuple(resolution) != tuple(self.resolution):
+            raise NotImplementedError(f"{type(self).__name__} runs at one resolution")
+
+    @contextlib.contextmanager
+    def sized_for(self, height: int, width: int) -> Iterator[tuple[int, int]]:
+        """Run at the resolution chosen for a photo of ``height x width`` inside the block (yields
+        it), then at the one before. Inside another `sized_for` block the outer one's holds."""
+        before = tuple(self.resolution)
+        if getattr(self, "_sizing_photo", False):  # nested (e.g. a reference video generated while
+            yield before  # protecting, from the already prepared image): the outer photo decides
+            return
+        size = tuple(self.resolution_for(height, width))
+        self._sizing_photo = True
+        try:
+            if size != before:
+                self.set_resolution(size)
+            yield size
+        finally:
+            self._sizing_photo = False
+            if size != before:
+                self.set_resolution(before)
 
     def frame_count_for(self, share: float) -> int:
         """The frame count nearest ``share`` of `num_frames` that the model can run (adapters

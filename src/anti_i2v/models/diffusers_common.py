@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 from anti_i2v.errors import ModelError
-from anti_i2v.models.base import DENOISER_PREFIX, VAE_PREFIX, ModelLayers
+from anti_i2v.models.base import DENOISER_PREFIX, VAE_PREFIX, ModelLayers, VideoModel
 
 
 def load_diffusers_pipeline(pipeline_cls: type, source: str, dtype: torch.dtype, family: str, hub_id: str, tiny: str):
@@ -44,6 +44,24 @@ def to_pil_8bit(image: torch.Tensor) -> Image.Image:
     """(3, H, W) or (1, 3, H, W) in [0, 1] as the 8-bit picture an attacker's pipeline reads."""
     array = (image[0] if image.dim() == 4 else image).permute(1, 2, 0).float().cpu().numpy()
     return Image.fromarray(np.round(array.clip(0, 1) * 255).astype(np.uint8))
+
+
+def checked_resolution(name: str, resolution: tuple[int, int], step: int) -> tuple[int, int]:
+    """``resolution`` (height, width) as ints, when both are positive multiples of ``step`` (the VAE
+    stride times the patch); else a `ModelError` naming the model."""
+    height, width = (int(v) for v in resolution)
+    if height < step or width < step or height % step or width % step:
+        raise ModelError(f"'{name}' runs at multiples of {step} pixels, not {height}x{width}")
+    return height, width
+
+
+def pipeline_image(model: VideoModel, image: torch.Tensor) -> Image.Image:
+    """The 8-bit picture ``model``'s pipeline is given for ``image``: cropped first, as its reference code
+    crops the 8-bit photo, where the model crops (`VideoModel.crops_photo`); else whole, for the
+    pipeline to resize to the model's current `resolution`."""
+    if model.crops_photo:
+        image = model.prepare_image((image.float().clamp(0, 1) * 255).round() / 255)
+    return to_pil_8bit(image)
 
 
 def standard_layers(n_blocks: int, vae_encoder: torch.nn.Module) -> ModelLayers:

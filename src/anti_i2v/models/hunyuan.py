@@ -42,6 +42,14 @@ runs before both and is not exposed). Each block returns ``(hidden, encoder_hidd
 the tap records the video tokens. VAE taps are ``vae.down_blocks.<i>`` and
 ``vae.mid_block`` of the VAE encoder (recorded on the photo's own encoding).
 
+Photo size: HunyuanVideo-I2V's reference code runs each photo at the size bucket whose aspect
+ratio is nearest the photo's (``sizing="bucket"``, the default): buckets of 32-pixel patches
+whose count fits the base size squared (960 for 720p, the released resolution's
+sqrt(720 x 1280)), sides at most 4 apart; the photo's short side is scaled to the bucket's
+short side and the centre cropped, so a 3:4 portrait runs at 1088 x 832. ``sizing="fixed"``
+stretches every photo to `resolution`, as the diffusers pipeline called without a size does.
+Protection and `generate` both size each photo this way (`VideoModel.sized_for`).
+
 Frames: the pipeline decodes the latents and drops the first 4 pixel frames (the
 image-conditioned latent frame 0), so `generate` returns ``num_frames - 4`` frames
 (5 for the tiny 9-frame variant, 125 for the released 129).
@@ -50,6 +58,7 @@ image-conditioned latent frame 0), so `generate` returns ``num_frames - 4`` fram
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -74,14 +83,16 @@ from anti_i2v.models.base import (
     VideoModel,
 )
 from anti_i2v.models.diffusers_common import (
+    checked_resolution,
     drop_text_encoders,
     load_diffusers_pipeline,
+    pipeline_image,
     place,
     standard_layers,
-    to_pil_8bit,
 )
 from anti_i2v.models.sampling import shifted_flow_sigmas
 from anti_i2v.models.tiny_text import tiny_t5_tokenizer
+from anti_i2v.photo import resize_short_side_and_crop
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +104,9 @@ RELEASED_FRAMES = 129
 RELEASED_GUIDANCE = 1.0  # true CFG off; guidance_embeds is False for the I2V release
 RELEASED_MAX_SEQUENCE_LENGTH = 256
 DROPPED_FRAMES = 4  # pixel frames the pipeline drops after decoding (latent frame 0)
+SIZINGS = ("bucket", "fixed")
+BUCKET_PATCH = 32  # the reference code's bucket stride, in pixels
+BUCKET_MAX_RATIO = 4.0
 
 # Tiny variant (diffusers' fast-test configs with two dual and two single blocks, so that
 # the default deep block index 3 exists).
@@ -182,6 +196,31 @@ def load_pipeline(source: str, dtype: torch.dtype) -> HunyuanVideoImageToVideoPi
     return load_diffusers_pipeline(HunyuanVideoImageToVideoPipeline, source, dtype, "HunyuanVideo-I2V", HUB_ID, "tiny-hunyuan-i2v")
 
 
+def size_buckets(base: int, patch: int = BUCKET_PATCH, max_ratio: float = BUCKET_MAX_RATIO) -> list[tuple[int, int]]:
+    """HunyuanVideo-I2V's reference size buckets, in its order: for each count of patches along one
+    side, the most along the other that keeps the patch count within ``(base / patch)^2``, where the
+    sides are at most ``max_ratio`` apart; (height, width) in pixels."""
+    budget = round((base / patch) ** 2)
+    buckets = []
+    first, second = budget, 1
+    while first > 0:
+        if max(first, second) / min(first, second) <= max_ratio:
+            buckets.append((first * patch, second * patch))
+        if (second + 1) * first <= budget:
+            second += 1
+        else:
+            first -= 1
+    return buckets
+
+
+def nearest_bucket(height: int, width: int, base: int) -> tuple[int, int]:
+    """The bucket (height, width) whose aspect ratio (rounded to 5 decimals, as the reference compares
+    them) is nearest the photo's; the first of equals."""
+    buckets = size_buckets(base)
+    aspect = height / width
+    return min(buckets, key=lambda b: abs(round(b[0] / b[1], 5) - aspect))
+
+
 class HunyuanVideoI2V(VideoModel):
     """The `VideoModel` adapter for `HunyuanVideoImageToVideoPipeline` (latent_concat I2V).
 
@@ -195,6 +234,8 @@ class HunyuanVideoI2V(VideoModel):
         max_sequence_length: text tokens (256 released).
         text_path: (tokenizer, `TinyTextEncoder`) for pipelines without text encoders.
         gradient_checkpointing: recompute transformer blocks in backward to save memory.
+        sizing: "bucket" (each photo at its nearest size bucket, cropped, as the reference code runs
+            it; ``resolution`` sets the base size) or "fixed" (every photo stretched to ``resolution``).
     """
 
     family = "hunyuan"
@@ -210,7 +251,10 @@ class HunyuanVideoI2V(VideoModel):
         max_sequence_length: int = RELEASED_MAX_SEQUENCE_LENGTH,
         text_path: tuple[object, TinyTextEncoder] | None = None,
         gradient_checkpointing: bool = False,
+        sizing: str = "bucket",
     ) -> None:
+        if sizing not in SIZINGS:
+            raise ModelError(f"unknown sizing '{sizing}'; choose from {', '.join(SIZINGS)}")
         if pipe.transformer is None or pipe.transformer.config.image_condition_type != "latent_concat":
             raise ModelError(
                 f"'{name}' is not a latent_concat HunyuanVideo-I2V checkpoint (token_replace and T2V "
@@ -236,7 +280,11 @@ class HunyuanVideoI2V(VideoModel):
                 f"channels); use {HUB_ID}"
             )
         self.text_path = text_path
-        self.resolution = tuple(resolution)
+        self.sizing = sizing
+        self._size_multiple = pipe.vae_scale_factor_spatial * self.transformer.config.patch_size
+        self.set_resolution(resolution)
+        # the bucket base size: the square root of the configured area, to 16 pixels (960 for 720x1280)
+        self.bucket_base = round(math.sqrt(self.resolution[0] * self.resolution[1]) / 16) * 16
         self.num_frames = num_frames
         self.max_sequence_length = max_sequence_length
         sched = self.scheduler.config
@@ -276,6 +324,26 @@ class HunyuanVideoI2V(VideoModel):
         return model
 
     # --- the seam -------------------------------------------------------------------
+
+    @property
+    def crops_photo(self) -> bool:
+        """Under bucket sizing the photo is cropped to its bucket (see `prepare_image`)."""
+        return self.sizing == "bucket"
+
+    def resolution_for(self, height: int, width: int) -> tuple[int, int]:
+        """The bucket the reference code runs a ``height x width`` photo at, else the configured `resolution`."""
+        return nearest_bucket(height, width, self.bucket_base) if self.sizing == "bucket" else tuple(self.resolution)
+
+    def set_resolution(self, resolution: tuple[int, int]) -> None:
+        """Run at ``resolution`` (height, width), multiples of the VAE stride times the patch."""
+        self.resolution = checked_resolution(self.name, resolution, self._size_multiple)
+
+    def prepare_image(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Under bucket sizing the short side scaled to the bucket's and the centre cropped, as the
+        reference code prepares it; else stretched, as the diffusers pipeline does."""
+        if self.crops_photo:
+            return resize_short_side_and_crop(rgb, *self.resolution)
+        return super().prepare_image(rgb)
 
     @property
     def _n_dual(self) -> int:
@@ -483,8 +551,13 @@ class HunyuanVideoI2V(VideoModel):
         frame 0. ``guidance_scale`` > 1 turns on true CFG against the empty prompt
         (released default 1.0: off).
         """
+        with self.sized_for(*image.shape[-2:]):
+            return self._generate(image, prompt, steps, seed, guidance_scale)
+
+    def _generate(self, image: torch.Tensor, prompt: str, steps: int, seed: int, guidance_scale: float | None
+                  ) -> torch.Tensor:
         self.condition(prompt)
-        pil = to_pil_8bit(image)
+        pil = pipeline_image(self, image)
         height, width = self.resolution
         scale = RELEASED_GUIDANCE if guidance_scale is None else guidance_scale
         extra = {}

@@ -31,6 +31,16 @@ order) and a ``mid_block``; they are ``vae.down_blocks.<i>`` and ``vae.mid_block
 Wan VAE encodes the video causally in chunks (frame 0, then 4 frames at a time); a VAE
 tap records the first chunk, i.e. the features of the photo itself.
 
+Photo size: the pipeline runs at whatever height and width it is given, and Wan's reference
+code and diffusers' documented example choose them per photo (``sizing="area"``, the
+default): the photo's aspect ratio kept within the release's pixel area (480 x 832 or
+720 x 1280), each side rounded down to the VAE stride times the patch (16), and the photo
+resized to it, so a 3:4 portrait runs at 720 x 544 rather than 480 x 832. Wan 2.2 TI2V-5B's
+reference takes whichever of the two roundings (to 32) keeps the aspect ratio closer, covers
+it and crops the centre. ``sizing="fixed"`` stretches every photo to `resolution`, as a
+pipeline called without height and width does. Protection and `generate` both size each
+photo this way (`VideoModel.sized_for`).
+
 Wan 2.2, as diffusers runs it with this same pipeline:
 
 * I2V-A14B (``wan2.2-i2v``): two experts of the 2.1 layout without CLIP (the image enters
@@ -49,6 +59,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import re
 from collections.abc import Sequence
 
@@ -74,14 +85,16 @@ from anti_i2v.models.base import (
 )
 from anti_i2v.models.diffusers_common import (
     CachedPromptEmbeds,
+    checked_resolution,
     drop_text_encoders,
     load_diffusers_pipeline,
+    pipeline_image,
     place,
     standard_layers,
-    to_pil_8bit,
 )
 from anti_i2v.models.sampling import shifted_flow_sigmas
 from anti_i2v.models.tiny_text import tiny_t5_tokenizer
+from anti_i2v.photo import resize_to_fill
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +149,7 @@ _TINY_VAE_TI2V = dict(
     num_res_blocks=1, temperal_downsample=[False, True, True], scale_factor_spatial=16, scale_factor_temporal=4,
     latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
 )
+SIZINGS = ("area", "fixed")
 TINY_NAMES = {"2.1": "tiny-wan-i2v", "2.2-a14b": "tiny-wan2.2-i2v", "2.2-ti2v": "tiny-wan2.2-ti2v"}
 TINY_VARIANTS = tuple(TINY_NAMES)
 
@@ -197,6 +211,32 @@ def tiny_pipeline(seed: int = 0, variant: str = "2.1") -> WanImageToVideoPipelin
     )
 
 
+def area_resolution(height: int, width: int, area: int, multiple: int) -> tuple[int, int]:
+    """Wan 2.1's reference sizing: the aspect ratio of ``height x width`` kept within ``area`` pixels,
+    each side rounded down to ``multiple`` (and at least one multiple)."""
+    aspect = height / width
+    return (max(multiple, round(math.sqrt(area * aspect)) // multiple * multiple),
+            max(multiple, round(math.sqrt(area / aspect)) // multiple * multiple))
+
+
+def closest_aspect_resolution(height: int, width: int, area: int, multiple: int) -> tuple[int, int]:
+    """Wan 2.2 TI2V's reference sizing: within ``area`` pixels, round one side down to ``multiple`` and
+    fit the other under the area, both ways; keep the way whose aspect ratio is nearer the photo's."""
+    aspect = width / height
+    ideal_w = math.sqrt(area * aspect)
+    ideal_h = area / ideal_w
+    w1 = max(multiple, int(ideal_w // multiple * multiple))
+    first = (max(multiple, int(area / w1 // multiple * multiple)), w1)
+    h2 = max(multiple, int(ideal_h // multiple * multiple))
+    second = (h2, max(multiple, int(area / h2 // multiple * multiple)))
+
+    def mismatch(size: tuple[int, int]) -> float:
+        ratio = size[1] / size[0]
+        return max(aspect / ratio, ratio / aspect)
+
+    return first if mismatch(first) < mismatch(second) else second
+
+
 def load_pipeline(source: str, dtype: torch.dtype) -> WanImageToVideoPipeline:
     """Load a released pipeline from a hub id or a local folder in the diffusers layout."""
     pipe = load_diffusers_pipeline(WanImageToVideoPipeline, source, dtype, "Wan-I2V", HUB_ID, "tiny-wan-i2v")
@@ -225,10 +265,13 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
         name: registry name, recorded in reports.
         device: where the VAE, CLIP and transformer(s) run.
         dtype: compute dtype of the VAE and transformers (bf16 on GPU); CLIP keeps its own dtype.
-        resolution: (height, width); the released 480P default is 480x832.
+        resolution: (height, width); the released 480P default is 480x832. With ``sizing="area"`` it
+            sets the pixel area each photo is sized within, else the size every photo is stretched to.
         num_frames: pixel frames (81 released; must be 4k + 1).
         max_sequence_length: text tokens (512 released).
         gradient_checkpointing: recompute transformer blocks in backward to save memory.
+        sizing: "area" (each photo's aspect ratio within the resolution's area, as the reference
+            code sizes it) or "fixed" (every photo stretched to ``resolution``).
     """
 
     family = "wan"
@@ -243,7 +286,10 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
         num_frames: int = RELEASED_FRAMES,
         max_sequence_length: int = RELEASED_MAX_SEQUENCE_LENGTH,
         gradient_checkpointing: bool = False,
+        sizing: str = "area",
     ) -> None:
+        if sizing not in SIZINGS:
+            raise ModelError(f"unknown sizing '{sizing}'; choose from {', '.join(SIZINGS)}")
         if pipe.transformer is None:
             raise ModelError(f"'{name}' has no (high-noise) transformer; load a complete Wan I2V checkpoint")
         self.expand_timesteps = bool(pipe.config.expand_timesteps)
@@ -278,7 +324,10 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
                 f"'{name}' is not an image-to-video Wan checkpoint (its transformer takes {cfg.in_channels} "
                 f"channels, not {expected}); use {HUB_ID}, {HUB_ID_22_A14B} or {HUB_ID_22_TI2V}"
             )
-        self.resolution = tuple(resolution)
+        self.sizing = sizing
+        self._size_multiple = pipe.vae_scale_factor_spatial * cfg.patch_size[1]
+        self.set_resolution(resolution)
+        self.max_area = self.resolution[0] * self.resolution[1]
         self.num_frames = num_frames
         self.max_sequence_length = max_sequence_length
         sched = self.scheduler.config
@@ -351,6 +400,30 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
         return model
 
     # --- the seam -------------------------------------------------------------------
+
+    def resolution_for(self, height: int, width: int) -> tuple[int, int]:
+        """The size the reference code runs a ``height x width`` photo at (``sizing="area"``), else
+        the configured `resolution`."""
+        if self.sizing == "fixed":
+            return tuple(self.resolution)
+        fit = closest_aspect_resolution if self.expand_timesteps else area_resolution
+        return fit(height, width, self.max_area, self._size_multiple)
+
+    def set_resolution(self, resolution: tuple[int, int]) -> None:
+        """Run at ``resolution`` (height, width), multiples of the VAE stride times the patch."""
+        self.resolution = checked_resolution(self.name, resolution, self._size_multiple)
+
+    @property
+    def crops_photo(self) -> bool:
+        """TI2V-5B under area sizing crops the photo (see `prepare_image`)."""
+        return self.expand_timesteps and self.sizing == "area"
+
+    def prepare_image(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Stretched to `resolution` (Wan 2.1, A14B: a resize that keeps the aspect ratio to within the
+        rounding under area sizing); TI2V-5B's reference covers it and crops the centre instead."""
+        if self.crops_photo:
+            return resize_to_fill(rgb, *self.resolution)
+        return super().prepare_image(rgb)
 
     def layers(self) -> ModelLayers:
         """``denoiser.0..N-1`` (blocks of the expert at work) and the VAE encoder's down blocks and mid block."""
@@ -560,9 +633,14 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
         guidance_scale: float | None = None,
     ) -> torch.Tensor:
         """Sample a video from an 8-bit copy of ``image`` with the diffusers pipeline (released guidance:
-        5, or 3.5 for both Wan 2.2 A14B experts)."""
+        5, or 3.5 for both Wan 2.2 A14B experts), at the size `resolution_for` gives the image."""
+        with self.sized_for(*image.shape[-2:]):
+            return self._generate(image, prompt, steps, seed, guidance_scale)
+
+    def _generate(self, image: torch.Tensor, prompt: str, steps: int, seed: int, guidance_scale: float | None
+                  ) -> torch.Tensor:
         self.condition(prompt)
-        pil = to_pil_8bit(image)
+        pil = pipeline_image(self, image)
         height, width = self.resolution
         output = self.pipe(
             image=pil,

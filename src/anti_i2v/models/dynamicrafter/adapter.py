@@ -56,6 +56,7 @@ class DynamiCrafterI2V(VideoModel):
     """
 
     family = "dynamicrafter"
+    crops_photo = True
 
     checkpoints_whole_blocks = False  # its U-Net checkpoints parts of blocks
 

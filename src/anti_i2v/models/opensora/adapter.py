@@ -53,6 +53,7 @@ class OpenSoraI2V(VideoModel):
     """
 
     family = "opensora"
+    crops_photo = True
 
     def __init__(
         self,
