@@ -7,7 +7,7 @@ import torch
 
 from anti_i2v.errors import ModelError
 from anti_i2v.models.hunyuan import HunyuanVideoI2V, nearest_bucket
-from anti_i2v.photo import resize_for_model
+from anti_i2v.photo import resize_for_model, resize_short_side_and_crop
 
 PROMPT = "a person talking to the camera"
 
@@ -114,25 +114,26 @@ def test_missing_weights_is_one_line_model_error(tmp_path):
         ((768, 1024), 960, (832, 1088)),
         ((720, 1280), 960, (704, 1248)),
         ((1000, 1000), 960, (960, 960)),
-        ((1080, 1920), 720, (512, 928)),  # 540p
+        ((1350, 1080), 960, (1056, 864)),  # 4:5: the nearest bucket the photo covers, not the nearest
+        ((1000, 2000), 960, (672, 1312)),  # exactly 1:2 landscape: a bucket strictly less wide
+        ((1080, 1920), 720, (544, 928)),  # 540p
     ],
 )
 def test_each_photo_runs_at_the_bucket_nearest_its_aspect_ratio_as_the_reference_code_runs_it(photo, base, expected):
     assert nearest_bucket(*photo, base) == expected
-
+    with_pad = resize_short_side_and_crop(torch.ones(1, 3, *photo), *expected)
+    assert with_pad.min() > 0.99  # the photo covers its bucket: no black bars
 
 def test_bucket_sizing_crops_the_photo_to_its_bucket_and_fixed_sizing_stretches(model, portrait):
-    from anti_i2v.photo import resize_short_side_and_crop
-
     wide = HunyuanVideoI2V(model.pipe, resolution=(64, 128), num_frames=9, max_sequence_length=16,
                            text_path=model.text_path)
     assert wide.bucket_base == 96 and wide.crops_photo
     photo = resize_for_model(portrait[0], 128, 96)[0]  # 3:4 portrait
-    assert wide.resolution_for(128, 96) == (96, 64)
+    assert wide.resolution_for(128, 96) == (96, 96)  # of the buckets it covers, the square is nearest
     with wide.sized_for(128, 96):
-        torch.testing.assert_close(wide.prepare_image(photo), resize_short_side_and_crop(photo, 96, 64))
+        torch.testing.assert_close(wide.prepare_image(photo), resize_short_side_and_crop(photo, 96, 96))
     assert wide.resolution == (64, 128)
-    assert wide.generate(photo, PROMPT, steps=2).shape == (5, 3, 96, 64)  # 9 frames less the 4 of latent frame 0
+    assert wide.generate(photo, PROMPT, steps=2).shape == (5, 3, 96, 96)  # 9 frames less the 4 of latent frame 0
     fixed = HunyuanVideoI2V(model.pipe, resolution=(64, 128), num_frames=9, max_sequence_length=16,
                             text_path=model.text_path, sizing="fixed")
     assert not fixed.crops_photo and fixed.resolution_for(128, 96) == (64, 128)

@@ -136,6 +136,8 @@ def test_each_photo_is_sized_within_the_configured_area_and_fixed_sizing_stretch
     assert model.resolution == (64, 64)
     fixed = WanI2V(model.pipe, resolution=(64, 64), num_frames=9, max_sequence_length=16, sizing="fixed")
     assert fixed.resolution_for(96, 72) == (64, 64)
+    assert model.size_summary() == "9 frames, each photo at its aspect ratio within 64x64 pixels"
+    assert fixed.size_summary() == "64x64x9"
     with pytest.raises(ModelError, match="unknown sizing"):
         WanI2V(model.pipe, resolution=(64, 64), sizing="crop")
     with pytest.raises(ModelError, match="multiples of 16"):

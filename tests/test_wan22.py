@@ -144,3 +144,11 @@ def test_ti2v_covers_its_reference_size_and_crops_the_centre(ti2v, portrait):
     assert model.generate(photo, PROMPT, steps=2).shape == (9, 3, 96, 64)
     fixed = WanI2V(ti2v.pipe, resolution=(64, 128), num_frames=9, max_sequence_length=16, sizing="fixed")
     assert not fixed.crops_photo and fixed.prepare_image(photo).shape == (1, 3, 64, 128)
+    # stretched to the very size the crop has: another video, another cache key
+    from anti_i2v.evaluation.generate import GenerationSettings, video_key
+
+    same_size = WanI2V(ti2v.pipe, resolution=(96, 64), num_frames=9, max_sequence_length=16, sizing="fixed")
+    settings = GenerationSettings(prompt=PROMPT, steps=2)
+    assert same_size.resolution_for(128, 96) == (96, 64)
+    assert video_key(model, photo, settings) != video_key(same_size, photo, settings)
+    assert "cropped to its aspect ratio within 64x128 pixels" in model.size_summary()

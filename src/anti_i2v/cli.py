@@ -223,8 +223,7 @@ def protect(
     # the preset as these models take it (on long videos: more steps on fewer frames)
     cfg = ProtectConfig.for_models(preset, video_models, **{k: v for k, v in options.items() if k != "preset"})
     shapes = ", ".join(
-        f"{m.name} {m.resolution[0]}x{m.resolution[1]}x{m.num_frames}"
-        + ("" if m.sizing == "fixed" else f", each photo sized by {m.sizing}") for m in video_models
+        f"{m.name} {m.size_summary()}" for m in video_models
     )
     console.print(
         f"protecting {len(sources)} input(s) against [bold]{model}[/] ({shapes}, {video_models[0].device}); "

@@ -35,7 +35,7 @@ from typing import Any
 
 from anti_i2v.api import protect
 from anti_i2v.atomic import json_safe, write_atomic, write_json_atomic
-from anti_i2v.batch import expand_inputs, is_done, output_stems, resume_settings
+from anti_i2v.batch import expand_inputs, is_done, model_sizes, output_stems, resume_settings
 from anti_i2v.config import DEFAULT_PROMPT, ProtectConfig, is_long_video
 from anti_i2v.errors import AntiI2VError, ConfigError, InputError
 from anti_i2v.evaluation.generate import GenerationSettings, generate_video
@@ -364,7 +364,7 @@ def evaluate(
             try:
                 made_with = resume_settings({"method": method.name, "eps": eps, "steps": steps, "seed": seed,
                                              "prompt": sample.prompt}, long_video, families)
-                if not is_done(sample.path, output, made_with):
+                if not is_done(sample.path, output, made_with, sizes=model_sizes(protectors)):
                     protect(sample.path, protector, out=folder, method=method.name, eps=eps, steps=steps, seed=seed,
                             prompt=sample.prompt, stem=stems[sample.path], overwrite=True,
                             checkpoint_every=CHECKPOINT_EVERY, release_text_encoder=False)

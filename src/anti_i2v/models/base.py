@@ -319,6 +319,10 @@ class VideoModel(ABC):
         together with `set_resolution`."""
         return tuple(self.resolution)
 
+    def size_summary(self) -> str:
+        """The input size and frames as a one-line summary says them (``480x720x49``)."""
+        return f"{self.resolution[0]}x{self.resolution[1]}x{self.num_frames}"
+
     def set_resolution(self, resolution: tuple[int, int]) -> None:
         """Run at ``resolution`` from now on (one `resolution_for` gave); fixed-size models refuse."""
         if tuple(resolution) != tuple(self.resolution):
@@ -327,7 +331,8 @@ class VideoModel(ABC):
     @contextlib.contextmanager
     def sized_for(self, height: int, width: int) -> Iterator[tuple[int, int]]:
         """Run at the resolution chosen for a photo of ``height x width`` inside the block (yields
-        it), then at the one before. Inside another `sized_for` block the outer one's holds."""
+        it), then at the one before. Inside another `sized_for` block the outer one's holds: an
+        image prepared for the outer photo runs as it was prepared (call it with no other image)."""
         before = tuple(self.resolution)
         if getattr(self, "_sizing_photo", False):  # nested (e.g. a reference video generated while
             yield before  # protecting, from the already prepared image): the outer photo decides

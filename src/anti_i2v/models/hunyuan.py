@@ -42,11 +42,12 @@ runs before both and is not exposed). Each block returns ``(hidden, encoder_hidd
 the tap records the video tokens. VAE taps are ``vae.down_blocks.<i>`` and
 ``vae.mid_block`` of the VAE encoder (recorded on the photo's own encoding).
 
-Photo size: HunyuanVideo-I2V's reference code runs each photo at the size bucket whose aspect
-ratio is nearest the photo's (``sizing="bucket"``, the default): buckets of 32-pixel patches
-whose count fits the base size squared (960 for 720p, the released resolution's
-sqrt(720 x 1280)), sides at most 4 apart; the photo's short side is scaled to the bucket's
-short side and the centre cropped, so a 3:4 portrait runs at 1088 x 832. ``sizing="fixed"``
+Photo size: HunyuanVideo-I2V's reference code runs each photo at a size bucket
+(``sizing="bucket"``, the default): buckets of 32-pixel patches whose count fits the base size
+squared (960 for 720p, the released resolution's sqrt(720 x 1280)), sides at most 4 apart; of
+those the photo covers (aspect ratio at or below a portrait's, above a landscape's) the one of
+nearest aspect ratio. The photo's short side is scaled to the bucket's short side and the
+centre cropped, so a 3:4 portrait runs at 1088 x 832. ``sizing="fixed"``
 stretches every photo to `resolution`, as the diffusers pipeline called without a size does.
 Protection and `generate` both size each photo this way (`VideoModel.sized_for`).
 
@@ -214,11 +215,15 @@ def size_buckets(base: int, patch: int = BUCKET_PATCH, max_ratio: float = BUCKET
 
 
 def nearest_bucket(height: int, width: int, base: int) -> tuple[int, int]:
-    """The bucket (height, width) whose aspect ratio (rounded to 5 decimals, as the reference compares
-    them) is nearest the photo's; the first of equals."""
-    buckets = size_buckets(base)
+    """The bucket (height, width) the reference code picks: among buckets no taller (for a portrait or
+    square photo: aspect ratio at or below the photo's) or strictly less wide (for a landscape photo:
+    above it) than the photo, the one whose aspect ratio (rounded to 5 decimals, as the reference
+    compares them) is nearest; the first of equals. The photo then covers its bucket: the crop
+    never pads."""
     aspect = height / width
-    return min(buckets, key=lambda b: abs(round(b[0] / b[1], 5) - aspect))
+    ratios = [(round(h / w, 5), (h, w)) for h, w in size_buckets(base)]
+    fits = [(r, b) for r, b in ratios if (r <= aspect if aspect >= 1 else r > aspect)]
+    return min(fits, key=lambda pair: abs(pair[0] - aspect))[1]
 
 
 class HunyuanVideoI2V(VideoModel):
@@ -330,12 +335,19 @@ class HunyuanVideoI2V(VideoModel):
         """Under bucket sizing the photo is cropped to its bucket (see `prepare_image`)."""
         return self.sizing == "bucket"
 
+    def size_summary(self) -> str:
+        """The frames and, under bucket sizing, the buckets' base size."""
+        if self.sizing == "fixed":
+            return super().size_summary()
+        return f"{self.num_frames} frames, each photo cropped to its size bucket of base {self.bucket_base}"
+
     def resolution_for(self, height: int, width: int) -> tuple[int, int]:
         """The bucket the reference code runs a ``height x width`` photo at, else the configured `resolution`."""
         return nearest_bucket(height, width, self.bucket_base) if self.sizing == "bucket" else tuple(self.resolution)
 
     def set_resolution(self, resolution: tuple[int, int]) -> None:
-        """Run at ``resolution`` (height, width), multiples of the VAE stride times the patch."""
+        """Run at ``resolution`` (height, width), multiples of the VAE stride times the patch. The bucket
+        base stays the one of the ``resolution`` the model was built with."""
         self.resolution = checked_resolution(self.name, resolution, self._size_multiple)
 
     def prepare_image(self, rgb: torch.Tensor) -> torch.Tensor:

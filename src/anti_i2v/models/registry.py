@@ -188,18 +188,21 @@ MODELS: dict[str, ModelSpec] = {
                   "Stable Video Diffusion architecture with random weights, 64x64, 8 frames: protects against nothing",
                   _tiny_svd),
         ModelSpec("wan-i2v", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
-                  "Wan 2.1 image-to-video 14B, 480x832, 81 frames (720P: pass the 720P weights)", _wan),
+                  "Wan 2.1 image-to-video 14B, each photo at its aspect ratio within 480x832 pixels, 81 frames "
+                  "(720P: pass the 720P weights)", _wan),
         ModelSpec("tiny-wan-i2v", None,
                   "Wan 2.1 I2V architecture with random weights, 64x64, 9 frames: protects against nothing",
                   _tiny_wan("2.1")),
         ModelSpec("wan2.2-i2v", "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
-                  "Wan 2.2 image-to-video A14B (two 14B experts split at a timestep), 480x832, 81 frames",
+                  "Wan 2.2 image-to-video A14B (two 14B experts split at a timestep), each photo at its aspect ratio "
+                  "within 480x832 pixels, 81 frames",
                   _wan),
         ModelSpec("tiny-wan2.2-i2v", None,
                   "Wan 2.2 I2V-A14B architecture (two experts) with random weights, 64x64, 9 frames: protects "
                   "against nothing", _tiny_wan("2.2-a14b")),
         ModelSpec("wan2.2-ti2v", "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-                  "Wan 2.2 TI2V-5B (first-frame conditioning, 48-channel VAE), 704x1280, 121 frames",
+                  "Wan 2.2 TI2V-5B (first-frame conditioning, 48-channel VAE), each photo cropped to its aspect ratio "
+                  "within 704x1280 pixels, 121 frames",
                   _wan),
         ModelSpec("tiny-wan2.2-ti2v", None,
                   "Wan 2.2 TI2V-5B architecture with random weights, 64x64, 9 frames: protects against nothing",
@@ -208,7 +211,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("tiny-ltx-i2v", None,
                   "LTX-Video architecture with random weights, 64x64, 9 frames: protects against nothing", _tiny_ltx),
         ModelSpec("hunyuan-i2v", "hunyuanvideo-community/HunyuanVideo-I2V",
-                  "HunyuanVideo-I2V (MM-DiT), 720x1280, 129 frames", _hunyuan),
+                  "HunyuanVideo-I2V (MM-DiT), each photo cropped to its 720p size bucket, 129 frames", _hunyuan),
         ModelSpec("tiny-hunyuan-i2v", None,
                   "HunyuanVideo-I2V architecture with random weights, 64x64, 9 frames: protects against nothing",
                   _tiny_hunyuan),

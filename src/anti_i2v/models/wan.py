@@ -34,8 +34,10 @@ tap records the first chunk, i.e. the features of the photo itself.
 Photo size: the pipeline runs at whatever height and width it is given, and Wan's reference
 code and diffusers' documented example choose them per photo (``sizing="area"``, the
 default): the photo's aspect ratio kept within the release's pixel area (480 x 832 or
-720 x 1280), each side rounded down to the VAE stride times the patch (16), and the photo
-resized to it, so a 3:4 portrait runs at 720 x 544 rather than 480 x 832. Wan 2.2 TI2V-5B's
+720 x 1280), each side rounded to a pixel and then down to the VAE stride times the patch
+(16), as the diffusers example does (Wan's own script rounds the exact value down: 16 pixels
+less on one side for about 6% of aspect ratios), and the photo resized to it, so a 3:4
+portrait runs at 720 x 544 rather than 480 x 832. Wan 2.2 TI2V-5B's
 reference takes whichever of the two roundings (to 32) keeps the aspect ratio closer, covers
 it and crops the centre. ``sizing="fixed"`` stretches every photo to `resolution`, as a
 pipeline called without height and width does. Protection and `generate` both size each
@@ -212,8 +214,9 @@ def tiny_pipeline(seed: int = 0, variant: str = "2.1") -> WanImageToVideoPipelin
 
 
 def area_resolution(height: int, width: int, area: int, multiple: int) -> tuple[int, int]:
-    """Wan 2.1's reference sizing: the aspect ratio of ``height x width`` kept within ``area`` pixels,
-    each side rounded down to ``multiple`` (and at least one multiple)."""
+    """Wan 2.1's sizing as diffusers' documented example does it: the aspect ratio of ``height x width``
+    kept within ``area`` pixels, each side rounded to a pixel and then down to ``multiple`` (and at
+    least one multiple). Wan's own script rounds the exact side down instead."""
     aspect = height / width
     return (max(multiple, round(math.sqrt(area * aspect)) // multiple * multiple),
             max(multiple, round(math.sqrt(area / aspect)) // multiple * multiple))
@@ -409,8 +412,17 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
         fit = closest_aspect_resolution if self.expand_timesteps else area_resolution
         return fit(height, width, self.max_area, self._size_multiple)
 
+    def size_summary(self) -> str:
+        """The frames and, under area sizing, the area each photo is sized within."""
+        if self.sizing == "fixed":
+            return super().size_summary()
+        fit = "cropped to" if self.crops_photo else "at"
+        height, width = self.resolution
+        return f"{self.num_frames} frames, each photo {fit} its aspect ratio within {height}x{width} pixels"
+
     def set_resolution(self, resolution: tuple[int, int]) -> None:
-        """Run at ``resolution`` (height, width), multiples of the VAE stride times the patch."""
+        """Run at ``resolution`` (height, width), multiples of the VAE stride times the patch. The area
+        photos are sized within stays the one of the ``resolution`` the model was built with."""
         self.resolution = checked_resolution(self.name, resolution, self._size_multiple)
 
     @property
