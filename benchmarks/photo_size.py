@@ -13,7 +13,8 @@ The testbed learned only 96 x 128: at 128 x 96 it runs outside what it was train
 the area rows say how far the perturbation moves the model's output there, not how a
 learned portrait motion breaks.
 
-    python benchmarks/photo_size.py                  # about 40 minutes on two CPU threads
+    python benchmarks/photo_size.py                  # 3:4 portraits, about 15 minutes on two CPU threads
+    python benchmarks/photo_size.py --aspect 16/9    # wide landscapes (80 x 144 under area sizing)
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eps", default="8/255")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(BENCHMARKS / ".photo-size-cache"))
-    parser.add_argument("--out", default=str(BENCHMARKS / "results" / "photo_size.json"), help="JSON ('' for none)")
-    parser.add_argument("--md", default=str(BENCHMARKS.parent / "docs" / "results" / "photo_size.md"),
-                        help="the table as Markdown ('' for none)")
+    parser.add_argument("--out", default=None,
+                        help="JSON ('' for none; default benchmarks/results/photo_size_<aspect>.json)")
+    parser.add_argument("--md", default=None,
+                        help="the table as Markdown ('' for none; default docs/results/photo_size_<aspect>.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     eps = float(Fraction(args.eps))
@@ -78,7 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_testbed(testbed.family, testbed.folder)
     generation = GENERATION[testbed.family]
     jpeg = build_purifier(UPLOAD)
-    work = Path(args.work) / args.aspect.replace("/", "-")  # photos and videos of one crop
+    label = args.aspect.replace("/", "-")
+    work = Path(args.work) / label  # photos and videos of one crop
+    out = BENCHMARKS / "results" / f"photo_size_{label}.json" if args.out is None else args.out
+    md = BENCHMARKS.parent / "docs" / "results" / f"photo_size_{label}.md" if args.md is None else args.md
     rows = []
     for photo in args.photos.split(","):
         source = save_png(held_out_photo(photo, float(Fraction(args.aspect))), work / "photos" / f"{photo}.png")
@@ -122,11 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
     document = {"testbed": testbed.name, "attackers": attackers, "aspect": args.aspect, "preset": args.preset, "eps_255": eps * 255,
                 "generation": generation, "summary": summary, "runs": rows,
                 "command": "python benchmarks/photo_size.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    if args.out:
-        write_json_atomic(Path(args.out), document)
+    if out:
+        write_json_atomic(Path(out), document)
     table = markdown(document)
-    if args.md:
-        write_atomic(Path(args.md), lambda tmp: tmp.write_text(table))
+    if md:
+        write_atomic(Path(md), lambda tmp: tmp.write_text(table))
     print(table)
     return document
 
@@ -134,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
 def markdown(document: dict) -> str:
     """The summary as a Markdown table, with the ratios to noise and to the stretched protection."""
     summary = document["summary"]
+    area = " x ".join(str(v) for v in next(r["size"] for r in document["runs"] if r["attacked"] == "area")) \
+        if "area" in document["attackers"] else "its own size"
     lines = [
         f"# Photo size: {document['aspect']} crops on the {document['testbed']} testbed",
         "",
@@ -141,11 +148,11 @@ def markdown(document: dict) -> str:
         f"{next(iter(summary.values()))['runs']} photo x prompt pairs per row. Video MAD of the "
         f"protected photo's video to the clean photo's; after {UPLOAD}, less the clean photo's own change.",
         "",
-        "`area`: as Wan's reference code sizes the photo (its aspect ratio within the testbed's 96 x 128 "
-        "pixels: 128 x 96); `fixed`: stretched to 96 x 128, as a pipeline called without a size does; "
-        "`noise`: uniform noise of the protection's L-inf. The testbed learned only 96 x 128, so at "
-        "128 x 96 it runs outside what it was trained on: the `area` rows say how far the perturbation "
-        "moves its output there, not how a learned portrait motion breaks.",
+        f"`area`: as Wan's reference code sizes the photo (its aspect ratio within the testbed's 96 x 128 "
+        f"pixels: {area}); `fixed`: stretched to 96 x 128, as a pipeline called without a size does; "
+        f"`noise`: uniform noise of the protection's L-inf. The testbed learned only 96 x 128, so at "
+        f"{area} it runs outside what it was trained on: the `area` rows say how far the perturbation "
+        "moves its output there, not how a motion it learned breaks.",
         "",
         f"| attacker sizes by | protected at | video MAD | x noise | x stretched | MAD after {UPLOAD} |",
         "|---|---|---|---|---|---|",
