@@ -140,3 +140,14 @@ def test_bucket_sizing_crops_the_photo_to_its_bucket_and_fixed_sizing_stretches(
     assert fixed.prepare_image(photo).shape == (1, 3, 64, 128)
     with pytest.raises(ModelError, match="unknown sizing"):
         HunyuanVideoI2V(model.pipe, resolution=(64, 128), text_path=model.text_path, sizing="area")
+
+
+@pytest.mark.parametrize(("name", "base"), [("hunyuan-i2v", 960), ("hunyuan-i2v-540p", 720), ("hunyuan-i2v-360p", 480)])
+def test_each_released_resolution_name_sets_its_bucket_base(name, base, model, monkeypatch):
+    from anti_i2v.models.registry import MODELS
+
+    def built_from_tiny(source, device="cpu", dtype=torch.float32, **kwargs):
+        return HunyuanVideoI2V(model.pipe, text_path=model.text_path, **kwargs)
+
+    monkeypatch.setattr(HunyuanVideoI2V, "from_pretrained", built_from_tiny)
+    assert MODELS[name].build("weights", torch.device("cpu"), torch.float32).bucket_base == base

@@ -174,3 +174,13 @@ def test_a_portrait_is_protected_and_generated_at_its_own_aspect_ratio(model, po
     settings = GenerationSettings(prompt=PROMPT, steps=2)
     fixed = WanI2V(model.pipe, resolution=(64, 64), num_frames=9, max_sequence_length=16, sizing="fixed")
     assert video_key(model, photo, settings) != video_key(fixed, photo, settings)  # other sizes, other videos
+
+
+def test_the_high_resolution_names_size_each_photo_within_their_larger_area(tmp_path):
+    from anti_i2v.models.registry import load_model
+
+    tiny_pipeline(seed=5).save_pretrained(tmp_path / "weights")
+    for name, area in (("wan-i2v", 480 * 832), ("wan-i2v-720p", 720 * 1280), ("wan2.2-i2v-720p", 720 * 1280)):
+        model = load_model(name, tmp_path / "weights", device="cpu")
+        assert (model.name, model.max_area) == (name, area)
+    assert model.resolution_for(1024, 768) == (1104, 816)

@@ -105,10 +105,15 @@ def _tiny_svd(source: str | None, device: torch.device, dtype: torch.dtype) -> V
     return StableVideoDiffusionI2V.tiny(seed=0, device=device, dtype=dtype)
 
 
-def _hunyuan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
-    from anti_i2v.models.hunyuan import HunyuanVideoI2V
+def _hunyuan(resolution: tuple[int, int] | None = None) -> Callable[..., VideoModel]:
+    """The released HunyuanVideo-I2V at ``resolution``, whose area sets its size buckets (None: 720p)."""
+    def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+        from anti_i2v.models.hunyuan import HunyuanVideoI2V
 
-    return HunyuanVideoI2V.from_pretrained(source, device=device, dtype=dtype)
+        sized = {} if resolution is None else {"resolution": resolution}
+        return HunyuanVideoI2V.from_pretrained(source, device=device, dtype=dtype, **sized)
+
+    return build
 
 
 def _tiny_hunyuan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
@@ -129,10 +134,17 @@ def _tiny_ltx(source: str | None, device: torch.device, dtype: torch.dtype) -> V
     return LTXVideoI2V.tiny(seed=0, device=device, dtype=dtype)
 
 
-def _wan(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
-    from anti_i2v.models.wan import WanI2V
+def _wan(resolution: tuple[int, int] | None = None) -> Callable[..., VideoModel]:
+    """A released Wan I2V at ``resolution``, whose area each photo is sized within (None: the release's
+    own, from the weights' name and kind)."""
+    def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
+        from anti_i2v.models.wan import WanI2V
 
-    return WanI2V.from_pretrained(source, device=device, dtype=dtype, gradient_checkpointing=device.type == "cuda")
+        sized = {} if resolution is None else {"resolution": resolution}
+        return WanI2V.from_pretrained(source, device=device, dtype=dtype, gradient_checkpointing=device.type == "cuda",
+                                      **sized)
+
+    return build
 
 
 def _tiny_wan(variant: str) -> Callable[..., VideoModel]:
@@ -189,21 +201,27 @@ MODELS: dict[str, ModelSpec] = {
                   _tiny_svd),
         ModelSpec("wan-i2v", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
                   "Wan 2.1 image-to-video 14B, each photo at its aspect ratio within 480x832 pixels, 81 frames "
-                  "(720P: pass the 720P weights)", _wan),
+                  "(wan-i2v-720p for the 720P weights)", _wan()),
+        ModelSpec("wan-i2v-720p", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+                  "Wan 2.1 image-to-video 14B 720P, each photo at its aspect ratio within 720x1280 pixels, 81 frames",
+                  _wan((720, 1280))),
         ModelSpec("tiny-wan-i2v", None,
                   "Wan 2.1 I2V architecture with random weights, 64x64, 9 frames: protects against nothing",
                   _tiny_wan("2.1")),
         ModelSpec("wan2.2-i2v", "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
                   "Wan 2.2 image-to-video A14B (two 14B experts split at a timestep), each photo at its aspect ratio "
                   "within 480x832 pixels, 81 frames",
-                  _wan),
+                  _wan()),
+        ModelSpec("wan2.2-i2v-720p", "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+                  "Wan 2.2 image-to-video A14B at 720P, each photo at its aspect ratio within 720x1280 pixels, "
+                  "81 frames", _wan((720, 1280))),
         ModelSpec("tiny-wan2.2-i2v", None,
                   "Wan 2.2 I2V-A14B architecture (two experts) with random weights, 64x64, 9 frames: protects "
                   "against nothing", _tiny_wan("2.2-a14b")),
         ModelSpec("wan2.2-ti2v", "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
                   "Wan 2.2 TI2V-5B (first-frame conditioning, 48-channel VAE), each photo cropped to its aspect ratio "
                   "within 704x1280 pixels, 121 frames",
-                  _wan),
+                  _wan()),
         ModelSpec("tiny-wan2.2-ti2v", None,
                   "Wan 2.2 TI2V-5B architecture with random weights, 64x64, 9 frames: protects against nothing",
                   _tiny_wan("2.2-ti2v")),
@@ -211,7 +229,12 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("tiny-ltx-i2v", None,
                   "LTX-Video architecture with random weights, 64x64, 9 frames: protects against nothing", _tiny_ltx),
         ModelSpec("hunyuan-i2v", "hunyuanvideo-community/HunyuanVideo-I2V",
-                  "HunyuanVideo-I2V (MM-DiT), each photo cropped to its 720p size bucket, 129 frames", _hunyuan),
+                  "HunyuanVideo-I2V (MM-DiT), each photo cropped to its 720p size bucket, 129 frames", _hunyuan()),
+        *(
+            ModelSpec(f"hunyuan-i2v-{res}", "hunyuanvideo-community/HunyuanVideo-I2V",
+                      f"HunyuanVideo-I2V, each photo cropped to its {res} size bucket, 129 frames", _hunyuan(size))
+            for res, size in (("540p", (544, 960)), ("360p", (368, 640)))
+        ),
         ModelSpec("tiny-hunyuan-i2v", None,
                   "HunyuanVideo-I2V architecture with random weights, 64x64, 9 frames: protects against nothing",
                   _tiny_hunyuan),
