@@ -1,17 +1,17 @@
-"""Does it matter at which size a photo is protected? Portraits on the trained Wan testbed.
+"""Does it matter at which size a photo is protected? Crops of one aspect ratio on the trained Wan testbed.
 
 Wan's reference code runs each photo at its own aspect ratio within the release's pixel
 area (the adapter's ``sizing="area"``); a pipeline called without a size stretches every
 photo to one (``sizing="fixed"``). For a landscape 4:3 photo both give the testbed's
 96 x 128; a 3:4 portrait runs at 128 x 96 under area sizing and is stretched to 96 x 128
-under fixed sizing. Each held-out photo's central 3:4 portrait crop (native size) is
+under fixed sizing. Each held-out photo's central crop of ``--aspect`` (native size) is
 protected under each sizing and attacked under each: the video MAD of the protected
 photo's video to the clean photo's, as is and after JPEG 75 (the clean photo's own MAD
 after JPEG 75 subtracted), with same-budget uniform noise as the floor.
 
 The testbed learned only 96 x 128: at 128 x 96 it runs outside what it was trained on, so
 the area rows say how far the perturbation moves the model's output there, not how a
-learned portrait motion breaks.
+motion it learned breaks.
 
     python benchmarks/photo_size.py                  # 3:4 portraits, about 15 minutes on two CPU threads
     python benchmarks/photo_size.py --aspect 16/9    # wide landscapes (80 x 144 under area sizing)
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from fractions import Fraction
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     eps = float(Fraction(args.eps))
     attackers = args.attackers.split(",")
+    if unknown := set(attackers) - set(SIZINGS):
+        raise SystemExit(f"unknown attacker sizing {', '.join(sorted(unknown))}; choose from {', '.join(SIZINGS)}")
     testbed = TESTBEDS["wan"]
     model = load_testbed(testbed.family, testbed.folder)
     generation = GENERATION[testbed.family]
@@ -124,9 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"mad_after_{UPLOAD}": sum(r[f"mad_after_{UPLOAD}"] for r in picked) / len(picked),
                 "runs": len(picked),
             }
-    document = {"testbed": testbed.name, "attackers": attackers, "aspect": args.aspect, "preset": args.preset, "eps_255": eps * 255,
-                "generation": generation, "summary": summary, "runs": rows,
-                "command": "python benchmarks/photo_size.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    document = {"testbed": testbed.name, "attackers": attackers, "aspect": args.aspect, "preset": args.preset,
+                "eps_255": eps * 255, "generation": generation, "summary": summary, "runs": rows,
+                "command": " ".join(["python benchmarks/photo_size.py", *(argv if argv is not None else sys.argv[1:])])}
     if out:
         write_json_atomic(Path(out), document)
     table = markdown(document)
@@ -164,7 +167,27 @@ def markdown(document: dict) -> str:
             row = summary[f"protected {name} / attacked {attack}"]
             lines.append(f"| {attack} | {name} | {row['mad']:.4f} | {row['mad'] / noise:.1f} | "
                          f"{row['mad'] / stretched:.2f} | {row[f'mad_after_{UPLOAD}']:.4f} |")
+    lines += ["", "Pair by pair, the protection at the model's own size against the stretched one "
+              "(ratio of their video MADs on the same photo and prompt):", "",
+              "| attacker sizes by | prompts | pairs higher | median ratio | lowest | highest |", "|---|---|---|---|---|---|"]
+    for attack in document["attackers"]:
+        for prompts, ratios in pair_ratios(document["runs"], attack).items():
+            ratios = sorted(ratios)
+            lines.append(f"| {attack} | {prompts} | {sum(r > 1 for r in ratios)} of {len(ratios)} | "
+                         f"{statistics.median(ratios):.2f} | {ratios[0]:.2f} | {ratios[-1]:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def pair_ratios(runs: list[dict], attack: str) -> dict[str, list[float]]:
+    """Per photo and prompt, MAD(area) / MAD(fixed) under ``attack``: for all prompts, then per prompt
+    kind (the first word: pan, zoom)."""
+    mads = {(r["photo"], r["prompt"], r["protected"]): r["mad"] for r in runs if r["attacked"] == attack}
+    pairs = [(prompt, mads[(photo, prompt, "area")] / mads[(photo, prompt, "fixed")])
+             for photo, prompt, name in mads if name == "area"]
+    groups = {"all": [ratio for _, ratio in pairs]}
+    for prompt, ratio in pairs:
+        groups.setdefault(prompt.split()[0] if prompt else "(none)", []).append(ratio)
+    return groups
 
 
 if __name__ == "__main__":

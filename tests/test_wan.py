@@ -131,8 +131,8 @@ def test_each_photo_is_sized_within_the_configured_area_and_fixed_sizing_stretch
     assert model.resolution_for(96, 72) == (64, 48) and model.resolution_for(72, 96) == (48, 64)
     with model.sized_for(96, 72) as size:
         assert size == model.resolution == (64, 48) and model.token_grid() == (4, 3)
-        with model.sized_for(64, 48) as inner:  # nested: the outer photo decides
-            assert inner == (64, 48)
+        with model.sized_for(72, 96) as inner:  # nested: the outer photo decides
+            assert inner == (64, 48) and model.resolution == (64, 48)
     assert model.resolution == (64, 64)
     fixed = WanI2V(model.pipe, resolution=(64, 64), num_frames=9, max_sequence_length=16, sizing="fixed")
     assert fixed.resolution_for(96, 72) == (64, 64)
@@ -176,11 +176,15 @@ def test_a_portrait_is_protected_and_generated_at_its_own_aspect_ratio(model, po
     assert video_key(model, photo, settings) != video_key(fixed, photo, settings)  # other sizes, other videos
 
 
-def test_the_high_resolution_names_size_each_photo_within_their_larger_area(tmp_path):
+def test_each_name_sizes_photos_within_its_own_release_whatever_the_folder_is_called(tmp_path):
     from anti_i2v.models.registry import load_model
 
-    tiny_pipeline(seed=5).save_pretrained(tmp_path / "weights")
-    for name, area in (("wan-i2v", 480 * 832), ("wan-i2v-720p", 720 * 1280), ("wan2.2-i2v-720p", 720 * 1280)):
-        model = load_model(name, tmp_path / "weights", device="cpu")
+    folder = tmp_path / "Wan2.1-I2V-14B-720P-Diffusers"  # a 720P name on any weights
+    tiny_pipeline(seed=5).save_pretrained(folder)
+    for name, area in (("wan-i2v", 480 * 832), ("wan2.2-i2v", 480 * 832), ("wan-i2v-720p", 720 * 1280),
+                       ("wan2.2-i2v-720p", 720 * 1280)):
+        model = load_model(name, folder, device="cpu")
         assert (model.name, model.max_area) == (name, area)
     assert model.resolution_for(1024, 768) == (1104, 816)
+    # in Python, a hub id or folder that names 720P still picks that release
+    assert WanI2V.from_pretrained(folder, device="cpu", dtype=torch.float32).max_area == 720 * 1280

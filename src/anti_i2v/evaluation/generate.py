@@ -27,11 +27,11 @@ class GenerationSettings:
 
 
 def video_key(model: VideoModel, image: torch.Tensor, settings: GenerationSettings) -> str:
-    """Content hash of (model, the size and frames it runs the image at and how it sizes it, image
-    pixels, settings): equal keys give equal videos."""
+    """Content hash of (model, the size and frames it runs the image at and whether it crops the image
+    to that size, image pixels, settings): equal keys give equal videos."""
     digest = hashlib.sha256(model.identity.encode())
     size = model.resolution_for(*image.shape[-2:])
-    digest.update(f"{size}x{model.num_frames}|{model.sizing}|crop={model.crops_photo}".encode())
+    digest.update(f"{size}x{model.num_frames}|crop={model.crops_photo}".encode())
     digest.update(repr(sorted(asdict(settings).items())).encode())
     digest.update(str(tuple(image.shape)).encode())
     digest.update(image.detach().float().cpu().numpy().tobytes())

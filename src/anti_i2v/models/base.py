@@ -163,7 +163,6 @@ class VideoModel(ABC):
     # `--memory sequential` needs it: a block's weights are present only during its own call)
     checkpoints_whole_blocks: bool = True
     crops_photo: bool = False  # whether `prepare_image` crops (then the perturbation needs through_resize)
-    sizing: str = "fixed"  # how `resolution_for` sizes a photo: "fixed" (always `resolution`) or the adapter's own
     compiled: bool = False  # set by `anti_i2v.acceleration`
     attention_kernel: str = "auto"
 

@@ -44,7 +44,7 @@ the tap records the video tokens. VAE taps are ``vae.down_blocks.<i>`` and
 
 Photo size: HunyuanVideo-I2V's reference code runs each photo at a size bucket
 (``sizing="bucket"``, the default): buckets of 32-pixel patches whose count fits the base size
-squared (960 for 720p, the released resolution's sqrt(720 x 1280)), sides at most 4 apart; of
+squared (960 for 720p, the released resolution's sqrt(720 x 1280)), sides at most 4:1; of
 those the photo covers (aspect ratio at or below a portrait's, above a landscape's) the one of
 nearest aspect ratio. The photo's short side is scaled to the bucket's short side and the
 centre cropped, so a 3:4 portrait runs at 1088 x 832. ``sizing="fixed"``
@@ -239,8 +239,8 @@ class HunyuanVideoI2V(VideoModel):
         max_sequence_length: text tokens (256 released).
         text_path: (tokenizer, `TinyTextEncoder`) for pipelines without text encoders.
         gradient_checkpointing: recompute transformer blocks in backward to save memory.
-        sizing: "bucket" (each photo at its nearest size bucket, cropped, as the reference code runs
-            it; ``resolution`` sets the base size) or "fixed" (every photo stretched to ``resolution``).
+        sizing: "bucket" (each photo cropped to its size bucket, `nearest_bucket`, as the reference
+            code runs it; ``resolution`` sets the base size) or "fixed" (every photo stretched to ``resolution``).
     """
 
     family = "hunyuan"

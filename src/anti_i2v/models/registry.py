@@ -134,15 +134,14 @@ def _tiny_ltx(source: str | None, device: torch.device, dtype: torch.dtype) -> V
     return LTXVideoI2V.tiny(seed=0, device=device, dtype=dtype)
 
 
-def _wan(resolution: tuple[int, int] | None = None) -> Callable[..., VideoModel]:
-    """A released Wan I2V at ``resolution``, whose area each photo is sized within (None: the release's
-    own, from the weights' name and kind)."""
+def _wan(release: tuple[int, int] = (480, 832)) -> Callable[..., VideoModel]:
+    """A released Wan I2V whose photos are sized within the area of ``release`` (Wan 2.1 and 2.2 A14B;
+    TI2V-5B weights keep their own 704x1280), whatever the weights' folder is called."""
     def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
         from anti_i2v.models.wan import WanI2V
 
-        sized = {} if resolution is None else {"resolution": resolution}
-        return WanI2V.from_pretrained(source, device=device, dtype=dtype, gradient_checkpointing=device.type == "cuda",
-                                      **sized)
+        return WanI2V.from_pretrained(source, device=device, dtype=dtype, release=release,
+                                      gradient_checkpointing=device.type == "cuda")
 
     return build
 

@@ -385,18 +385,22 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
         source: str = HUB_ID,
         device: str | torch.device = "cuda",
         dtype: torch.dtype = torch.bfloat16,
+        release: tuple[int, int] | None = None,
         **kwargs,
     ) -> WanI2V:
         """Load released weights from a hub id or a local folder (diffusers layout).
 
         Resolution and frames default to the release's: TI2V-5B 704x1280 and 121 frames;
-        otherwise 720x1280 when ``source`` names a 720P model, else 480x832, and 81 frames.
+        otherwise ``release`` (480x832 or 720x1280 for Wan 2.1 and 2.2 A14B; None: 720x1280 when
+        ``source`` names a 720P model, else 480x832), and 81 frames. ``resolution`` overrides both.
         """
         pipe = load_pipeline(source, dtype)
         if pipe.config.expand_timesteps:
             kwargs.setdefault("resolution", RELEASED_TI2V)
             kwargs.setdefault("num_frames", RELEASED_TI2V_FRAMES)
-        kwargs.setdefault("resolution", RELEASED_720P if "720p" in str(source).lower() else RELEASED_480P)
+        if release is None:
+            release = RELEASED_720P if "720p" in str(source).lower() else RELEASED_480P
+        kwargs.setdefault("resolution", release)
         kwargs.setdefault("name", "wan-i2v")
         model = cls(pipe, device=device, dtype=dtype, **kwargs)
         model.source = str(source)
