@@ -315,3 +315,32 @@ def test_summary_worst_case_is_the_weakest_photo():
     summary = summarise(rows)["m"]
     assert summary["ism"] == {"mean": pytest.approx(0.4), "worst": 0.6}
     assert summary["fdfr"]["worst"] == 0.1 and summary["protected_share"] == 0.5
+
+
+def test_evaluation_protects_again_an_output_its_model_now_runs_at_another_size(tmp_path, photos, scorer, monkeypatch):
+    """Outputs recorded at another input size (Wan ones from before it sized each photo) are not reused."""
+    from anti_i2v.models.wan import WanI2V
+
+    model = WanI2V.tiny()
+    samples = [s for s in read_dataset(photos, None) if s.path.name == "astronaut.png"]
+    methods = parse_methods("anti-i2v")
+
+    def run():
+        return evaluate(samples, model, methods, tmp_path / "eval", eps=8 / 255, steps=1, generation_steps=1,
+                        scorer=scorer)
+
+    run()
+    root = tmp_path / "eval" / model.name
+    sidecar = next((root / "protected" / "anti-i2v").glob("*.json"))
+    record = json.loads(sidecar.read_text())
+    assert record["model"]["resolution"] == list(model.resolution_for(*record["input_size"]))
+    (root / "results.jsonl").unlink()  # the rows go: the protected output would be reused as it is
+    calls = []
+    real = anti_i2v.evaluation.evaluate.protect
+    monkeypatch.setattr(anti_i2v.evaluation.evaluate, "protect", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run()
+    assert calls == []  # same size: reused
+    (root / "results.jsonl").unlink()
+    sidecar.write_text(json.dumps({**record, "model": {**record["model"], "resolution": [16, 16]}}))
+    run()
+    assert len(calls) == 1  # made at another size: protected again
