@@ -171,6 +171,12 @@ def test_a_portrait_is_protected_and_generated_at_its_own_aspect_ratio(model, po
     assert result.budget.within_budget and model.resolution == (64, 64)
     video = model.generate(photo, PROMPT, steps=2)
     assert video.shape == (9, 3, 64, 48) and model.resolution == (64, 64)
+    from anti_i2v.evaluation.scoring import VideoScorer
+    from anti_i2v.evaluation.verify import verify
+
+    report = verify(tmp_path / "portrait.png", result.path, model, tmp_path / "report",
+                    GenerationSettings(prompt=PROMPT, steps=2), purifiers=[], scorer=VideoScorer(dino=None, qalign=None))
+    assert report["resolution"] == [64, 48] and "at 64x48." in (tmp_path / "report" / "report.md").read_text()
     settings = GenerationSettings(prompt=PROMPT, steps=2)
     fixed = WanI2V(model.pipe, resolution=(64, 64), num_frames=9, max_sequence_length=16, sizing="fixed")
     assert video_key(model, photo, settings) != video_key(fixed, photo, settings)  # other sizes, other videos

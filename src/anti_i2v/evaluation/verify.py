@@ -101,7 +101,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"# Protection report: {Path(report['protected']).name}",
         "",
         f"Model `{report['model']}`, prompt \"{report['settings']['prompt']}\", seed {report['settings']['seed']}, "
-        f"{report['settings']['steps']} sampling steps.",
+        f"{report['settings']['steps']} sampling steps"
+        + (f", at {report['resolution'][0]}x{report['resolution'][1]}." if report.get("resolution") else "."),
         "",
         "## The protected photo",
         "",
@@ -201,6 +202,7 @@ def verify(
     report = {
         "model": model.name,
         "model_source": model.source,
+        "resolution": list(model.resolution_for(*clean_photo.size)),  # the size every video here ran at
         "original": str(original),
         "protected": str(protected),
         "settings": asdict(settings),
