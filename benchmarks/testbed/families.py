@@ -50,6 +50,7 @@ from transformers import (
 )
 
 from anti_i2v.models.cogvideox import _SCHEDULER as COGVIDEOX_SCHEDULER
+from anti_i2v.models.sampling import shifted_flow_sigmas
 from anti_i2v.models.svd import SCHEDULER as SVD_SCHEDULER
 
 from testbed.data import MOTIONS
@@ -428,13 +429,13 @@ class WanFamily:
         mask[:, :, 0] = 1  # the photo's latent frame
         prompts = torch.tensor([bank.prompts[i] for i in index.tolist()])
         prompts[torch.rand(len(index), generator=generator) < drop] = len(self.motions)  # the empty prompt
-        shift = WAN_SCHEDULER["flow_shift"]
-        s = torch.rand(len(index), generator=generator)
-        sigma = (shift * s / (1 + (shift - 1) * s)).view(-1, 1, 1, 1, 1)
+        steps = WAN_SCHEDULER["num_train_timesteps"]
+        t = torch.rand(len(index), generator=generator) * steps  # continuous, as flow matching trains
+        sigma = shifted_flow_sigmas(t, WAN_SCHEDULER["flow_shift"], steps).view(-1, 1, 1, 1, 1)
         noise = torch.randn(x0.shape, generator=generator)
         noisy = (1 - sigma) * x0 + sigma * noise
         out = transformer(hidden_states=torch.cat([noisy, mask, condition], dim=1),
-                          timestep=sigma.flatten() * WAN_SCHEDULER["num_train_timesteps"],
+                          timestep=sigma.flatten() * steps,
                           encoder_hidden_states=table[prompts], encoder_hidden_states_image=bank.extra["clip"][index].float(),
                           return_dict=False)[0]
         return F.mse_loss(out, noise - x0)

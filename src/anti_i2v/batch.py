@@ -145,11 +145,14 @@ def model_sizes(models: Sequence[VideoModel]) -> SizesFor:
     return lambda size: [tuple(m.resolution_for(*size)) for m in models]
 
 
+def _model_entries(recorded: Any) -> list[dict[str, Any]]:
+    """A sidecar's ``model`` entry as a list of one record per model (one model is recorded bare)."""
+    return [r for r in (recorded if isinstance(recorded, list) else [recorded]) if isinstance(r, dict)]
+
+
 def _same_sizes(record: dict[str, Any], sizes: SizesFor) -> bool:
     """Whether the models ran at the sizes ``sizes`` gives the recorded photo (records without sizes pass)."""
-    entries = record.get("model")
-    entries = [r for r in (entries if isinstance(entries, list) else [entries]) if isinstance(r, dict)]
-    recorded = [r.get("resolution") for r in entries]
+    recorded = [r.get("resolution") for r in _model_entries(record.get("model"))]
     if not record.get("input_size") or any(r is None for r in recorded):
         return True
     return [tuple(r) for r in recorded] == sizes(tuple(record["input_size"]))
@@ -157,7 +160,7 @@ def _same_sizes(record: dict[str, Any], sizes: SizesFor) -> bool:
 
 def _same_models(recorded: Any, models: list[ModelIdentity]) -> bool:
     """Whether a sidecar's ``model`` entry names these models (and their dtypes, where known)."""
-    entries = [r for r in (recorded if isinstance(recorded, list) else [recorded]) if isinstance(r, dict)]
+    entries = _model_entries(recorded)
     return len(entries) == len(models) and all(
         (r.get("name"), r.get("source")) == (name, source) and (dtype is None or r.get("dtype") == dtype)
         for r, (name, source, dtype) in zip(entries, models)

@@ -163,6 +163,9 @@ class VideoModel(ABC):
     # `--memory sequential` needs it: a block's weights are present only during its own call)
     checkpoints_whole_blocks: bool = True
     crops_photo: bool = False  # whether `prepare_image` crops (then the perturbation needs through_resize)
+    # the step (pixels) of the input sizes an adapter that sizes each photo runs at; None: one size only
+    size_multiple: int | None = None
+    _sizing_photo: bool = False  # inside `sized_for`
     compiled: bool = False  # set by `anti_i2v.acceleration`
     attention_kernel: str = "auto"
 
@@ -315,7 +318,7 @@ class VideoModel(ABC):
         """The (height, width) this model's pipeline runs a photo of ``height x width`` at, as its
         users size it. By default the configured `resolution` for every photo; adapters whose
         reference pipeline sizes each photo (e.g. by aspect ratio within a pixel area) override it
-        together with `set_resolution`."""
+        and set `size_multiple`."""
         return tuple(self.resolution)
 
     def size_summary(self) -> str:
@@ -323,9 +326,20 @@ class VideoModel(ABC):
         return f"{self.resolution[0]}x{self.resolution[1]}x{self.num_frames}"
 
     def set_resolution(self, resolution: tuple[int, int]) -> None:
-        """Run at ``resolution`` from now on (one `resolution_for` gave); fixed-size models refuse."""
-        if tuple(resolution) != tuple(self.resolution):
-            raise NotImplementedError(f"{type(self).__name__} runs at one resolution")
+        """Run at ``resolution`` (height, width) from now on: positive multiples of `size_multiple`
+        where the adapter has one (what it sizes photos within stays what it was built with);
+        fixed-size models refuse any other size."""
+        from anti_i2v.errors import ModelError
+
+        height, width = (int(v) for v in resolution)
+        step = self.size_multiple
+        if step is None:
+            if (height, width) != tuple(self.resolution):
+                raise NotImplementedError(f"{type(self).__name__} runs at one resolution")
+            return
+        if height < step or width < step or height % step or width % step:
+            raise ModelError(f"'{self.name}' runs at multiples of {step} pixels, not {height}x{width}")
+        self.resolution = (height, width)
 
     @contextlib.contextmanager
     def sized_for(self, height: int, width: int) -> Iterator[tuple[int, int]]:
@@ -333,7 +347,7 @@ class VideoModel(ABC):
         it), then at the one before. Inside another `sized_for` block the outer one's holds: an
         image prepared for the outer photo runs as it was prepared (call it with no other image)."""
         before = tuple(self.resolution)
-        if getattr(self, "_sizing_photo", False):  # nested (e.g. a reference video generated while
+        if self._sizing_photo:  # nested (e.g. a reference video generated while
             yield before  # protecting, from the already prepared image): the outer photo decides
             return
         size = tuple(self.resolution_for(height, width))

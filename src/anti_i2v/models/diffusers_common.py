@@ -46,15 +46,6 @@ def to_pil_8bit(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.round(array.clip(0, 1) * 255).astype(np.uint8))
 
 
-def checked_resolution(name: str, resolution: tuple[int, int], step: int) -> tuple[int, int]:
-    """``resolution`` (height, width) as ints, when both are positive multiples of ``step`` (the VAE
-    stride times the patch); else a `ModelError` naming the model."""
-    height, width = (int(v) for v in resolution)
-    if height < step or width < step or height % step or width % step:
-        raise ModelError(f"'{name}' runs at multiples of {step} pixels, not {height}x{width}")
-    return height, width
-
-
 def pipeline_image(model: VideoModel, image: torch.Tensor) -> Image.Image:
     """The 8-bit picture ``model``'s pipeline is given for ``image``: cropped first, as its reference code
     crops the 8-bit photo, where the model crops (`VideoModel.crops_photo`); else whole, for the

@@ -84,7 +84,6 @@ from anti_i2v.models.base import (
     VideoModel,
 )
 from anti_i2v.models.diffusers_common import (
-    checked_resolution,
     drop_text_encoders,
     load_diffusers_pipeline,
     pipeline_image,
@@ -286,7 +285,7 @@ class HunyuanVideoI2V(VideoModel):
             )
         self.text_path = text_path
         self.sizing = sizing
-        self._size_multiple = pipe.vae_scale_factor_spatial * self.transformer.config.patch_size
+        self.size_multiple = pipe.vae_scale_factor_spatial * self.transformer.config.patch_size
         self.set_resolution(resolution)
         # the bucket base size: the square root of the configured area, to 16 pixels (960 for 720x1280)
         self.bucket_base = round(math.sqrt(self.resolution[0] * self.resolution[1]) / 16) * 16
@@ -345,10 +344,6 @@ class HunyuanVideoI2V(VideoModel):
         """The bucket the reference code runs a ``height x width`` photo at, else the configured `resolution`."""
         return nearest_bucket(height, width, self.bucket_base) if self.sizing == "bucket" else tuple(self.resolution)
 
-    def set_resolution(self, resolution: tuple[int, int]) -> None:
-        """Run at ``resolution`` (height, width), multiples of the VAE stride times the patch. The bucket
-        base stays the one of the ``resolution`` the model was built with."""
-        self.resolution = checked_resolution(self.name, resolution, self._size_multiple)
 
     def prepare_image(self, rgb: torch.Tensor) -> torch.Tensor:
         """Under bucket sizing the short side scaled to the bucket's and the centre cropped, as the

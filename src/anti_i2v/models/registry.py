@@ -105,13 +105,12 @@ def _tiny_svd(source: str | None, device: torch.device, dtype: torch.dtype) -> V
     return StableVideoDiffusionI2V.tiny(seed=0, device=device, dtype=dtype)
 
 
-def _hunyuan(resolution: tuple[int, int] | None = None) -> Callable[..., VideoModel]:
-    """The released HunyuanVideo-I2V at ``resolution``, whose area sets its size buckets (None: 720p)."""
+def _hunyuan(resolution: tuple[int, int] = (720, 1280)) -> Callable[..., VideoModel]:
+    """The released HunyuanVideo-I2V at ``resolution`` (720p by default), whose area sets its size buckets."""
     def build(source: str | None, device: torch.device, dtype: torch.dtype) -> VideoModel:
         from anti_i2v.models.hunyuan import HunyuanVideoI2V
 
-        sized = {} if resolution is None else {"resolution": resolution}
-        return HunyuanVideoI2V.from_pretrained(source, device=device, dtype=dtype, **sized)
+        return HunyuanVideoI2V.from_pretrained(source, device=device, dtype=dtype, resolution=resolution)
 
     return build
 

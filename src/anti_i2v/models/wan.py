@@ -87,7 +87,6 @@ from anti_i2v.models.base import (
 )
 from anti_i2v.models.diffusers_common import (
     CachedPromptEmbeds,
-    checked_resolution,
     drop_text_encoders,
     load_diffusers_pipeline,
     pipeline_image,
@@ -328,7 +327,7 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
                 f"channels, not {expected}); use {HUB_ID}, {HUB_ID_22_A14B} or {HUB_ID_22_TI2V}"
             )
         self.sizing = sizing
-        self._size_multiple = pipe.vae_scale_factor_spatial * cfg.patch_size[1]
+        self.size_multiple = pipe.vae_scale_factor_spatial * cfg.patch_size[1]
         self.set_resolution(resolution)
         self.max_area = self.resolution[0] * self.resolution[1]
         self.num_frames = num_frames
@@ -414,7 +413,7 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
         if self.sizing == "fixed":
             return tuple(self.resolution)
         fit = closest_aspect_resolution if self.expand_timesteps else area_resolution
-        return fit(height, width, self.max_area, self._size_multiple)
+        return fit(height, width, self.max_area, self.size_multiple)
 
     def size_summary(self) -> str:
         """The frames and, under area sizing, the area each photo is sized within."""
@@ -424,10 +423,6 @@ class WanI2V(CachedPromptEmbeds, VideoModel):
         height, width = self.resolution
         return f"{self.num_frames} frames, each photo {fit} its aspect ratio within {height}x{width} pixels"
 
-    def set_resolution(self, resolution: tuple[int, int]) -> None:
-        """Run at ``resolution`` (height, width), multiples of the VAE stride times the patch. The area
-        photos are sized within stays the one of the ``resolution`` the model was built with."""
-        self.resolution = checked_resolution(self.name, resolution, self._size_multiple)
 
     @property
     def crops_photo(self) -> bool:
